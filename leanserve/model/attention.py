@@ -1,0 +1,178 @@
+"""Paged attention over a flat batch of tokens from many sequences.
+
+KV cache of one layer, K and V alike::
+
+    cache: (num_blocks, block_size, num_kv_heads, head_dim)
+    flat view: (num_blocks * block_size, num_kv_heads, head_dim); slot = block_id * block_size + offset
+
+A sequence's token at position p lives in slot block_table[p // block_size] * block_size + p % block_size.
+
+The flat batch holds, for each scheduled sequence, its new tokens (positions
+``context_len - query_len .. context_len - 1``) back to back. Each layer first writes the new
+tokens' K and V into their slots (``slot_mapping``) and then attends, so a sequence can read K/V that
+another sequence of the same step wrote (prefix-cache hits inside one step).
+
+Two implementations, tested against each other:
+- ``reference_attention``: a loop over sequences and explicit softmax in float32; obviously right.
+- ``paged_attention``: decode sequences (one query token) in one batched SDPA call over their
+  gathered, padded K/V; prefill chunks one SDPA call per sequence. Index tensors and masks are
+  built once per step in ``AttentionMetadata`` and shared by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSeq:
+    query_start: int  # first row of this sequence in the flat batch
+    query_len: int
+    slots: torch.Tensor  # (context_len,) slots of positions 0..context_len-1
+    masks: dict[int | None, torch.Tensor | None]  # window -> (query_len, context_len) bool, None: plain causal
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # (num_tokens,) where each new token's K/V is written
+    query_lens: list[int]  # per sequence, in batch order
+    context_lens: list[int]  # per sequence: tokens in its context after this step
+    block_tables: list[list[int]]  # per sequence
+    block_size: int
+    # fast path, built by `build`:
+    decode_rows: torch.Tensor | None = None  # (num_decode,) rows of decode tokens in the flat batch
+    decode_slots: torch.Tensor | None = None  # (num_decode, max_context_len) gathered slots, 0 where padded
+    decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # window -> (num_decode, 1, 1, max_ctx)
+    prefills: list[PrefillSeq] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        windows: set[int | None],
+        device: torch.device | str = "cpu",
+    ) -> "AttentionMetadata":
+        slot_chunks, decode_idx, prefills = [], [], []
+        row = 0
+        for i, (q_len, ctx_len, table) in enumerate(zip(query_lens, context_lens, block_tables)):
+            slots = _slots(table, ctx_len, block_size)
+            slot_chunks.append(slots[ctx_len - q_len:])
+            if q_len == 1:
+                decode_idx.append(i)
+            else:
+                prefills.append(PrefillSeq(row, q_len, slots, {w: _prefill_mask(q_len, ctx_len, w) for w in windows}))
+            row += q_len
+        meta = cls(torch.cat(slot_chunks), query_lens, context_lens, block_tables, block_size, prefills=prefills)
+        if decode_idx:
+            starts = torch.tensor(query_lens).cumsum(0) - 1
+            meta.decode_rows = starts[decode_idx]
+            lens = torch.tensor([context_lens[i] for i in decode_idx])
+            max_len = int(lens.max())
+            max_blocks = -(-max_len // block_size)
+            tables = torch.tensor([block_tables[i][:max_blocks] + [0] * (max_blocks - len(block_tables[i][:max_blocks]))
+                                   for i in decode_idx])  # (num_decode, max_blocks)
+            pos = torch.arange(max_len)
+            slots = tables[:, pos // block_size] * block_size + pos % block_size  # (num_decode, max_len)
+            valid = pos[None, :] < lens[:, None]
+            meta.decode_slots = torch.where(valid, slots, 0)
+            for w in windows:
+                mask = valid if w is None else valid & (pos[None, :] > (lens[:, None] - 1 - w))
+                meta.decode_masks[w] = mask[:, None, None, :]
+        return meta.to(device)
+
+    def to(self, device: torch.device | str) -> "AttentionMetadata":
+        if torch.device(device).type == "cpu":
+            return self
+        self.slot_mapping = self.slot_mapping.to(device, non_blocking=True)
+        if self.decode_rows is not None:
+            self.decode_rows = self.decode_rows.to(device, non_blocking=True)
+            self.decode_slots = self.decode_slots.to(device, non_blocking=True)
+            self.decode_masks = {w: m.to(device, non_blocking=True) for w, m in self.decode_masks.items()}
+        for p in self.prefills:
+            p.slots = p.slots.to(device, non_blocking=True)
+            p.masks = {w: (m.to(device, non_blocking=True) if m is not None else None) for w, m in p.masks.items()}
+        return self
+
+
+def _slots(table: list[int], length: int, block_size: int) -> torch.Tensor:
+    blocks = torch.tensor(table[: -(-length // block_size)], dtype=torch.long)
+    return (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:length]
+
+
+def _prefill_mask(q_len: int, ctx_len: int, window: int | None) -> torch.Tensor | None:
+    if q_len == ctx_len and window is None:
+        return None  # plain causal: SDPA's is_causal
+    q_pos = torch.arange(ctx_len - q_len, ctx_len)[:, None]
+    k_pos = torch.arange(ctx_len)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    # k, v: (num_tokens, num_kv_heads, head_dim) -> their slots in the flat cache
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention(
+    q: torch.Tensor,  # (num_tokens, num_heads, head_dim)
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:  # (num_tokens, num_heads, head_dim)
+    out = torch.empty_like(q)
+    k_flat = k_cache.view(-1, *k_cache.shape[2:])  # (num_slots, num_kv_heads, head_dim)
+    v_flat = v_cache.view(-1, *v_cache.shape[2:])
+    if meta.decode_rows is not None:
+        qd = q[meta.decode_rows].unsqueeze(2)  # (num_decode, num_heads, 1, head_dim)
+        kd = k_flat[meta.decode_slots].transpose(1, 2)  # (num_decode, num_kv_heads, max_ctx, head_dim)
+        vd = v_flat[meta.decode_slots].transpose(1, 2)
+        od = F.scaled_dot_product_attention(qd, kd.to(q.dtype), vd.to(q.dtype), attn_mask=meta.decode_masks[window],
+                                            scale=scale, enable_gqa=True)
+        out[meta.decode_rows] = od.squeeze(2)
+    for p in meta.prefills:
+        qp = q[p.query_start:p.query_start + p.query_len].transpose(0, 1)  # (num_heads, query_len, head_dim)
+        kp = k_flat[p.slots].transpose(0, 1).to(q.dtype)  # (num_kv_heads, context_len, head_dim)
+        vp = v_flat[p.slots].transpose(0, 1).to(q.dtype)
+        mask = p.masks[window]
+        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                            enable_gqa=True)
+        out[p.query_start:p.query_start + p.query_len] = op.transpose(0, 1)
+    return out
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Per sequence, per position, explicit float32 softmax(q k^T) v over the paged cache."""
+    out = torch.empty_like(q)
+    num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+    row = 0
+    for q_len, ctx_len, table in zip(meta.query_lens, meta.context_lens, meta.block_tables):
+        slots = _slots(table, ctx_len, meta.block_size).to(q.device)
+        k = k_cache.view(-1, *k_cache.shape[2:])[slots].float()  # (ctx_len, num_kv_heads, head_dim)
+        v = v_cache.view(-1, *v_cache.shape[2:])[slots].float()
+        k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)  # (ctx_len, num_heads, head_dim)
+        v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        for i in range(q_len):
+            pos = ctx_len - q_len + i
+            lo = 0 if window is None else max(0, pos - window + 1)
+            scores = torch.einsum("hd,khd->hk", q[row + i].float(), k[lo:pos + 1]) * scale
+            out[row + i] = torch.einsum("hk,khd->hd", scores.softmax(-1), v[lo:pos + 1]).to(q.dtype)
+        row += q_len
+    return out

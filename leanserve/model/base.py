@@ -1,0 +1,96 @@
+"""What every model family shares: the decoder stack around its layers, logits, weight loading."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from leanserve.model.attention import AttentionMetadata
+from leanserve.model.config import ModelConfig
+
+# HF checkpoint names of the separate projections -> (fused parameter, shard index)
+STACKED = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+
+
+class CausalLM(nn.Module):
+    """A decoder-only LM over a flat token batch. Subclasses build ``self.layers`` and may override
+    ``embed`` and ``rope_for``; names of parameters follow HF checkpoints (``model.layers.N...``)."""
+
+    norm_offset = 0.0  # RMSNorm weight stored as a delta from this (Gemma: 1.0)
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList()
+        from leanserve.model.layers import RMSNorm
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.norm_offset)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        # input_ids, positions: (num_tokens,) -> hidden states (num_tokens, hidden_size)
+        h = self.embed(input_ids)
+        for layer, kv_cache in zip(self.model.layers, kv_caches):
+            h = layer(h, positions, kv_cache, meta)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # (num_rows, hidden_size) -> (num_rows, vocab_size)
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return hidden @ weight.t()
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into the (partly fused) parameters; every parameter must be set."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb" in name or (self.lm_head is None and name.startswith("lm_head.")):
+                continue
+            parts = name.split(".")
+            shard = None
+            if len(parts) >= 2 and parts[-2] in STACKED:
+                fused, shard = STACKED[parts[-2]]
+                parts[-2] = fused
+            target = ".".join(parts)
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+            param = params[target]
+            if shard is None:
+                if param.shape != tensor.shape:
+                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
+                param.copy_(tensor)
+                loaded.add(target)
+            else:
+                sizes = self._shard_sizes(parts[-2])
+                start = sum(sizes[:shard])
+                if tensor.shape[0] != sizes[shard] or tensor.shape[1:] != param.shape[1:]:
+                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit shard {shard} of {target}")
+                param[start:start + sizes[shard]].copy_(tensor)
+                loaded.add(f"{target}#{shard}")
+        expected = set()
+        for pname in params:
+            fused = pname.split(".")[-2] if "." in pname else ""
+            if fused in ("qkv_proj", "gate_up_proj"):
+                expected.update(f"{pname}#{i}" for i in range(len(self._shard_sizes(fused))))
+            else:
+                expected.add(pname)
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+
+    def _shard_sizes(self, fused: str) -> list[int]:
+        c = self.cfg
+        if fused == "qkv_proj":
+            return [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
+        return [c.intermediate_size, c.intermediate_size]

@@ -1,0 +1,136 @@
+"""Building blocks shared by the model families: RMSNorm, rotary embedding, gated MLP."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanserve.model.attention import AttentionMetadata, paged_attention, write_kv
+from leanserve.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * (offset + weight), computed in float32 like the reference implementations.
+
+    Gemma stores the weight as a delta from 1 (offset=1.0); Llama stores it as is (offset=0.0).
+    """
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim), requires_grad=False)
+        self.eps = eps
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x32 * (self.offset + self.weight.float())).to(dtype)
+        return self.weight * x32.to(dtype)  # Llama casts before scaling
+
+
+def _inv_freq(head_dim: int, base: float, scaling: dict[str, Any] | None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies for each rotated pair, and the attention factor for cos/sin (1 unless YaRN)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq, 1.0
+    kind = scaling["rope_type"]
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "llama3":
+        low_ff, high_ff = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        # long wavelengths are slowed by `factor`, short ones kept, the band between interpolated
+        smooth = (old_len / wavelen - low_ff) / (high_ff - low_ff)
+        scaled = torch.where(wavelen > old_len / low_ff, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_len / low_ff) & (wavelen >= old_len / high_ff)
+        return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled), 1.0
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding in the "rotate half" layout (HF's), looked up by absolute position."""
+
+    def __init__(self, head_dim: int, max_positions: int, base: float, scaling: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        inv_freq, attn_factor = _inv_freq(head_dim, base, scaling)
+        t = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # (max_positions, head_dim / 2)
+        self.register_buffer("cos", (freqs.cos() * attn_factor), persistent=False)
+        self.register_buffer("sin", (freqs.sin() * attn_factor), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # q: (num_tokens, num_heads, head_dim), k: (num_tokens, num_kv_heads, head_dim)
+        cos = self.cos[positions].unsqueeze(1)  # (num_tokens, 1, head_dim / 2)
+        sin = self.sin[positions].unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x = [x1 | x2] halves; (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), in float32
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)); gate and up are one fused matmul (gate_up_proj)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str) -> None:
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unsupported activation {act!r} (supported: {', '.join(ACTIVATIONS)})")
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act = ACTIVATIONS[act]
+        self.intermediate_size = intermediate_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class SelfAttention(nn.Module):
+    """Fused QKV projection, optional per-head q/k RMSNorm, RoPE, paged attention, output projection."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, norm_offset: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, norm_offset)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, norm_offset)
+        else:
+            self.q_norm = self.k_norm = None
+        self.window = cfg.layer_windows[layer_idx]
+        self.scale = cfg.attention_scale
+        self.attn_impl = paged_attention
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)  # (num_tokens, num_heads, head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)  # (num_tokens, num_kv_heads, head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(positions, q, k)
+        write_kv(kv_cache[0], kv_cache[1], k, v, meta.slot_mapping)
+        out = self.attn_impl(q, kv_cache[0], kv_cache[1], meta, self.scale, self.window)
+        return self.o_proj(out.reshape(n, self.q_size))
