@@ -1,0 +1,5 @@
+import sys
+
+from leanserve.cli import main
+
+sys.exit(main())

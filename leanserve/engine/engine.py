@@ -1,0 +1,290 @@
+"""The step loop (schedule -> run -> update) and the offline `LLM` API.
+
+The engine is the one place where the scheduler, the runner and the tokenizer meet. A request with
+``n > 1`` is fanned out into n sequences (``<id>#<i>``) that share the prompt's KV blocks through
+the prefix cache; their outputs are gathered back into one RequestOutput.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from leanserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from leanserve.engine.kv_cache import KVCacheManager
+from leanserve.engine.runner import ModelRunner, kv_cache_block_bytes
+from leanserve.engine.scheduler import Scheduler
+from leanserve.model.loader import LoadedModel, load_model
+from leanserve.tokenizer import IncrementalDetokenizer
+from leanserve.types import (CompletionOutput, Priority, Request, RequestOutput, RequestStatus, SamplingParams,
+                             TokenLogprob)
+
+log = logging.getLogger("leanserve")
+
+DEFAULT_KV_CACHE_CPU = 1 << 30  # 1 GiB
+DEFAULT_KV_CACHE_FRACTION_CUDA = 0.8  # of the memory left after the weights
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU does not support bfloat16; use --dtype float16 or float32")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+@dataclass
+class _Sequence:
+    """Engine-side state of one sequence: text so far and how it stops."""
+
+    request: Request
+    parent: "_Group"
+    index: int
+    detok: IncrementalDetokenizer
+    text: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class _Group:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[_Sequence] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.request.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        device = resolve_device(config.device)
+        if loaded is None:
+            loaded = load_model(config.model, resolve_dtype(config.dtype, device), device)
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        mcfg = loaded.config
+        block_bytes = kv_cache_block_bytes(loaded, config.block_size)
+        kv_bytes = config.kv_cache_memory or self._default_kv_bytes(device)
+        num_blocks = kv_bytes // block_bytes
+        capacity = num_blocks * config.block_size
+        max_len = config.max_model_len or min(mcfg.max_position_embeddings, capacity)
+        if max_len > mcfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {max_len} exceeds the model's context length {mcfg.max_position_embeddings}")
+        if num_blocks < 1 or capacity < max_len:
+            raise ValueError(
+                f"the KV cache ({kv_bytes / 2**20:.0f} MiB = {capacity} tokens at {block_bytes // config.block_size} "
+                f"bytes/token) cannot hold one request of max_model_len={max_len} tokens: raise --kv-cache-memory "
+                f"to at least {-(-max_len // config.block_size) * block_bytes / 2**20:.0f} MiB or lower --max-model-len")
+        self.max_model_len = max_len
+        self.cache_config = CacheConfig(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler_config = SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, max_len)
+        self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.scheduler_config, self.kv_cache)
+        self.runner = ModelRunner(loaded, self.cache_config)
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(mcfg.eos_token_ids)
+        self._groups: dict[str, _Group] = {}
+        self._seqs: dict[str, _Sequence] = {}
+        self._ids = itertools.count()
+        torch.manual_seed(config.seed)
+
+    @staticmethod
+    def _default_kv_bytes(device: torch.device) -> int:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free * DEFAULT_KV_CACHE_FRACTION_CUDA)
+        return DEFAULT_KV_CACHE_CPU
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        return self.cache_config.num_tokens
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    priority: Priority = Priority.INTERACTIVE) -> None:
+        """Queue a request. ValueError (with a message for the user) if it can never run."""
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.loaded.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens "
+                             "and at least one must be left to generate")
+        group = _Group(request_id, ids, params)
+        for i in range(params.n):
+            rid = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(rid, ids, params, priority)
+            seq = _Sequence(req, group, i, IncrementalDetokenizer(self.tokenizer, ids),
+                            logprobs=[] if params.logprobs is not None else None)
+            group.seqs.append(seq)
+        for seq in group.seqs:
+            self.scheduler.add_request(seq.request)
+            self._seqs[seq.request.request_id] = seq
+        self._groups[request_id] = group
+
+    def abort_request(self, request_id: str) -> None:
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return
+        for seq in group.seqs:
+            self.scheduler.abort_request(seq.request.request_id)
+            self._drop(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._groups)
+
+    # ---- the step loop -----------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, apply the sampled tokens. Returns outputs of the requests
+        that made progress (finished ones last time they appear)."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        result = self.runner.execute(sched)
+        updated = self.scheduler.update(sched, result.sampled)
+        touched: dict[str, _Group] = {}
+        for req in updated:
+            seq = self._seqs[req.request_id]
+            self._append(seq, req.output_token_ids[-1], result.logprobs.get(req.request_id))
+            touched[seq.parent.request_id] = seq.parent
+        outputs = [self._output(g) for g in touched.values()]
+        for g in touched.values():
+            if g.finished:
+                del self._groups[g.request_id]
+        return outputs
+
+    def _append(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> None:
+        req, p = seq.request, seq.request.sampling_params
+        if logprob is not None and seq.logprobs is not None:
+            seq.logprobs.append(logprob)
+        n_out = req.num_output_tokens
+        status: RequestStatus | None = None
+        if token in self.eos_token_ids and not p.ignore_eos and n_out > p.min_tokens:
+            status = RequestStatus.FINISHED_STOPPED
+        elif token in p.stop_token_ids and n_out > p.min_tokens:
+            status, seq.stop_reason = RequestStatus.FINISHED_STOPPED, token
+        else:
+            seq.text += seq.detok.add(token)
+            if p.stop and n_out > p.min_tokens:
+                hit = _find_stop(seq.text, p.stop, seq.detok, p.include_stop_str_in_output)
+                if hit is not None:
+                    seq.text, seq.stop_reason = hit
+                    status = RequestStatus.FINISHED_STOPPED
+        if status is None and ((p.max_tokens is not None and n_out >= p.max_tokens) or req.num_tokens >= self.max_model_len):
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            self.scheduler.finish_request(req.request_id, status)
+            self._drop(seq)
+
+    def _drop(self, seq: _Sequence) -> None:
+        self._seqs.pop(seq.request.request_id, None)
+        self.runner.reset_request(seq.request.request_id)
+
+    def _output(self, g: _Group) -> RequestOutput:
+        outs = []
+        hold = max((len(s) for s in g.params.stop), default=1) - 1
+        for s in g.seqs:
+            done = s.request.is_finished
+            text = s.text if done or hold == 0 else s.text[:max(0, len(s.text) - hold)]  # a stop string may be forming
+            outs.append(CompletionOutput(s.index, text, list(s.request.output_token_ids),
+                                         s.request.status.value if done else None,
+                                         list(s.logprobs) if s.logprobs is not None else None, s.stop_reason))
+        cached = max(0, g.seqs[0].request.num_cached_tokens)
+        return RequestOutput(g.request_id, g.prompt_token_ids, outs, cached, g.finished, g.error)
+
+    # ---- stats -------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_cache_usage": self.kv_cache.usage,
+            "prefix_cache_queries": self.kv_cache.prefix_cache_queries,
+            "prefix_cache_hits": self.kv_cache.prefix_cache_hits,
+        }
+
+
+def _find_stop(text: str, stops: Sequence[str], detok: IncrementalDetokenizer, include: bool) -> tuple[str, str] | None:
+    """The earliest stop string in the text's recent tail -> (text cut before it, the stop string)."""
+    best: tuple[int, str] | None = None
+    for s in stops:
+        # only the last delta can have completed a stop string: search from just before it
+        i = text.find(s, max(0, len(text) - len(s) - 64))
+        if i != -1 and (best is None or i < best[0]):
+            best = (i, s)
+    if best is None:
+        return None
+    i, s = best
+    return (text[:i + len(s)] if include else text[:i]), s
+
+
+class LLM:
+    """Offline batch generation: ``LLM("smollm2-135m").generate(prompts, SamplingParams(...))``."""
+
+    def __init__(self, model: str = "smollm2-135m", loaded: LoadedModel | None = None, **kwargs: Any) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs), loaded)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: str | list[str] | list[list[int]], sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True, priority: Priority = Priority.INTERACTIVE) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = sampling_params or SamplingParams()
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+        ids = []
+        for prompt, p in zip(prompts, plist):
+            rid = self.engine.new_request_id()
+            self.engine.add_request(rid, prompt, p, priority)
+            ids.append(rid)
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.encode_chat(c) for c in conversations]  # type: ignore[arg-type]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        from tqdm import tqdm
+
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm or len(ids) < 2)
+        start, n_out = time.perf_counter(), 0
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    n_out += out.num_generated_tokens
+                    bar.update(1)
+                    bar.set_postfix_str(f"{n_out / (time.perf_counter() - start):.1f} out tok/s")
+        bar.close()
+        return [done[i] for i in ids]

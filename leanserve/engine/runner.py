@@ -1,0 +1,95 @@
+"""SchedulerOutput -> one flat batch -> one model forward -> sampled tokens (StepOutput).
+
+The flat batch, for scheduled requests A (prefill chunk of 3) and B, C (decode)::
+
+    input_ids : a0 a1 a2 | b7 | c4        positions: 0 1 2 | 7 | 4
+    slot_mapping: where each token's K/V goes (see model/attention.py)
+    sample rows : the last row of each request whose chunk reaches its end (a2 if A's prompt is
+                  done, b7, c4); only those rows go through the LM head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from leanserve.config import CacheConfig
+from leanserve.model.attention import AttentionMetadata
+from leanserve.model.loader import LoadedModel
+from leanserve.sampling.sampler import Sampler, SamplingRow
+from leanserve.types import Request, SchedulerOutput, StepOutput
+
+
+def kv_cache_block_bytes(loaded: LoadedModel, block_size: int) -> int:
+    itemsize = torch.empty(0, dtype=loaded.dtype).element_size()
+    return loaded.config.kv_bytes_per_token * itemsize * block_size
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, cache_config: CacheConfig) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.device = loaded.device
+        self.block_size = cache_config.block_size
+        cfg = loaded.config
+        shape = (cache_config.num_blocks, cache_config.block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=loaded.dtype, device=self.device),
+                           torch.zeros(shape, dtype=loaded.dtype, device=self.device)) for _ in range(cfg.num_layers)]
+        self.windows = set(cfg.layer_windows)
+        eos = set(loaded.tokenizer.eos_token_ids) | set(cfg.eos_token_ids)
+        self.sampler = Sampler(cfg.vocab_size, eos)
+        self.generators: dict[str, torch.Generator] = {}
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> StepOutput:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        query_lens, context_lens, tables = [], [], []
+        sample_rows: list[int] = []
+        sampling: list[Request] = []
+        for s in out.scheduled:
+            r, start, n = s.request, s.request.num_computed_tokens, s.num_new_tokens
+            input_ids += _token_slice(r, start, n)
+            positions += range(start, start + n)
+            query_lens.append(n)
+            context_lens.append(start + n)
+            tables.append(s.block_ids)
+            if s.samples:
+                sample_rows.append(len(input_ids) - 1)
+                sampling.append(r)
+        meta = AttentionMetadata.build(query_lens, context_lens, tables, self.block_size, self.windows, self.device)
+        ids_t = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
+        pos_t = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
+        hidden = self.model(ids_t, pos_t, meta, self.kv_caches)  # (num_tokens, hidden_size)
+        result = StepOutput()
+        if not sampling:
+            return result
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden[rows])  # (num_sampling, vocab_size)
+        sampled = self.sampler(logits, [self._sampling_row(r) for r in sampling])
+        for r, token, lp in zip(sampling, sampled.token_ids, sampled.logprobs):
+            result.sampled[r.request_id] = token
+            if lp is not None:
+                result.logprobs[r.request_id] = lp
+        return result
+
+    def _sampling_row(self, r: Request) -> SamplingRow:
+        p = r.sampling_params
+        gen = None
+        if p.seed is not None and not p.greedy:
+            gen = self.generators.get(r.request_id)
+            if gen is None:
+                gen = self.generators[r.request_id] = torch.Generator(device=self.device).manual_seed(p.seed)
+        return SamplingRow(p, r.prompt_token_ids, r.output_token_ids, gen)
+
+    def reset_request(self, request_id: str) -> None:
+        """A finished request's generator goes; a preempted one's restarts so recompute is exact."""
+        self.generators.pop(request_id, None)
+
+
+def _token_slice(r: Request, start: int, n: int) -> list[int]:
+    p = r.num_prompt_tokens
+    if start >= p:  # decode: only generated tokens, no concatenation of the whole history
+        return r.output_token_ids[start - p:start - p + n]
+    if start + n <= p:
+        return r.prompt_token_ids[start:start + n]
+    return r.prompt_token_ids[start:] + r.output_token_ids[:start + n - p]
