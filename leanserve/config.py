@@ -34,7 +34,7 @@ class SchedulerConfig:
     """Per-step limits. ``max_num_batched_tokens`` is the token budget of one model forward."""
 
     max_num_batched_tokens: int = 512
-    max_num_seqs: int = 64
+    max_num_seqs: int = 128
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
 
@@ -60,7 +60,7 @@ class EngineConfig:
     block_size: int = 16
     enable_prefix_caching: bool = True
     max_num_batched_tokens: int = 512
-    max_num_seqs: int = 64
+    max_num_seqs: int = 128
     max_model_len: int | None = None  # None: the model's own context length, capped by the KV cache
     seed: int = 0
 

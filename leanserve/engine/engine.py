@@ -7,6 +7,7 @@ the prefix cache; their outputs are gathered back into one RequestOutput.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -23,7 +24,7 @@ from leanserve.engine.scheduler import Scheduler
 from leanserve.model.loader import LoadedModel, load_model
 from leanserve.tokenizer import IncrementalDetokenizer
 from leanserve.types import (CompletionOutput, Priority, Request, RequestOutput, RequestStatus, SamplingParams,
-                             TokenLogprob)
+                             SchedulerOutput, TokenLogprob)
 
 log = logging.getLogger("leanserve")
 
@@ -104,6 +105,9 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._seqs: dict[str, _Sequence] = {}
         self._ids = itertools.count()
+        # What the latest step() scheduled, so a caller can tell which requests a step that raised
+        # was running (the async engine fails exactly those and keeps serving).
+        self.last_scheduler_output: SchedulerOutput | None = None
         torch.manual_seed(config.seed)
 
     @staticmethod
@@ -139,7 +143,9 @@ class LLMEngine:
         group = _Group(request_id, ids, params)
         for i in range(params.n):
             rid = request_id if params.n == 1 else f"{request_id}#{i}"
-            req = Request(rid, ids, params, priority)
+            # n seeded samples must differ from each other and still be reproducible: seed + i
+            child = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
+            req = Request(rid, ids, child, priority)
             seq = _Sequence(req, group, i, IncrementalDetokenizer(self.tokenizer, ids),
                             logprobs=[] if params.logprobs is not None else None)
             group.seqs.append(seq)
@@ -165,6 +171,7 @@ class LLMEngine:
         """Schedule, run the model once, apply the sampled tokens. Returns outputs of the requests
         that made progress (finished ones last time they appear)."""
         sched = self.scheduler.schedule()
+        self.last_scheduler_output = sched
         if sched.is_empty:
             return []
         result = self.runner.execute(sched)
@@ -228,6 +235,7 @@ class LLMEngine:
             "kv_cache_usage": self.kv_cache.usage,
             "prefix_cache_queries": self.kv_cache.prefix_cache_queries,
             "prefix_cache_hits": self.kv_cache.prefix_cache_hits,
+            "num_preemptions": self.scheduler.num_preemptions_total,
         }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from leanserve.config import CacheConfig
-from leanserve.model.attention import AttentionMetadata
+from leanserve.model.attention import AttentionMetadata, GatherWorkspace
 from leanserve.model.loader import LoadedModel
 from leanserve.sampling.sampler import Sampler, SamplingRow
 from leanserve.types import Request, SchedulerOutput, StepOutput
@@ -38,6 +38,7 @@ class ModelRunner:
         eos = set(loaded.tokenizer.eos_token_ids) | set(cfg.eos_token_ids)
         self.sampler = Sampler(cfg.vocab_size, eos)
         self.generators: dict[str, torch.Generator] = {}
+        self.workspace = GatherWorkspace()
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepOutput:
@@ -57,6 +58,7 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
                 sampling.append(r)
         meta = AttentionMetadata.build(query_lens, context_lens, tables, self.block_size, self.windows, self.device)
+        meta.workspace = self.workspace
         ids_t = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
         pos_t = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
         hidden = self.model(ids_t, pos_t, meta, self.kv_caches)  # (num_tokens, hidden_size)

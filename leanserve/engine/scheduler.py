@@ -44,6 +44,7 @@ class Scheduler:
         self._waiting: dict[Priority, deque[Request]] = {p: deque() for p in Priority}
         self._seq: dict[str, int] = {}  # add order, breaks arrival_time ties
         self._counter = itertools.count()
+        self.num_preemptions_total = 0
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -242,6 +243,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
+        self.num_preemptions_total += 1
         self._running.remove(request)
         self._waiting[request.priority].appendleft(request)
         step.preempted_ids.append(request.request_id)

@@ -15,8 +15,9 @@ another sequence of the same step wrote (prefix-cache hits inside one step).
 Two implementations, tested against each other:
 - ``reference_attention``: a loop over sequences and explicit softmax in float32; obviously right.
 - ``paged_attention``: decode sequences (one query token) in one batched SDPA call over their
-  gathered, padded K/V; prefill chunks one SDPA call per sequence. Index tensors and masks are
-  built once per step in ``AttentionMetadata`` and shared by every layer.
+  K/V gathered a whole block at a time (block tables padded to the longest), with the query heads
+  of each KV head grouped so no K/V is repeated for GQA; prefill chunks one SDPA call per sequence.
+  Index tensors and masks are built once per step in ``AttentionMetadata`` and shared by every layer.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import torch.nn.functional as F
 class PrefillSeq:
     query_start: int  # first row of this sequence in the flat batch
     query_len: int
-    slots: torch.Tensor  # (context_len,) slots of positions 0..context_len-1
+    context_len: int
+    blocks: torch.Tensor  # (num_blocks,) the blocks holding positions 0..context_len-1
     masks: dict[int | None, torch.Tensor | None]  # window -> (query_len, context_len) bool, None: plain causal
 
 
@@ -44,9 +46,10 @@ class AttentionMetadata:
     block_size: int
     # fast path, built by `build`:
     decode_rows: torch.Tensor | None = None  # (num_decode,) rows of decode tokens in the flat batch
-    decode_slots: torch.Tensor | None = None  # (num_decode, max_context_len) gathered slots, 0 where padded
-    decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # window -> (num_decode, 1, 1, max_ctx)
+    decode_tables: torch.Tensor | None = None  # (num_decode, max_blocks) block tables, padded with block 0
+    decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # window -> (num_decode, 1, 1, max_blocks * block_size)
     prefills: list[PrefillSeq] = field(default_factory=list)
+    workspace: "GatherWorkspace | None" = None  # reusable gather buffers (the runner keeps one)
 
     @classmethod
     def build(
@@ -61,12 +64,13 @@ class AttentionMetadata:
         slot_chunks, decode_idx, prefills = [], [], []
         row = 0
         for i, (q_len, ctx_len, table) in enumerate(zip(query_lens, context_lens, block_tables)):
-            slots = _slots(table, ctx_len, block_size)
-            slot_chunks.append(slots[ctx_len - q_len:])
+            slot_chunks.append(_slots(table, ctx_len, block_size)[ctx_len - q_len:])
             if q_len == 1:
                 decode_idx.append(i)
             else:
-                prefills.append(PrefillSeq(row, q_len, slots, {w: _prefill_mask(q_len, ctx_len, w) for w in windows}))
+                blocks = torch.tensor(table[: -(-ctx_len // block_size)], dtype=torch.long)
+                prefills.append(PrefillSeq(row, q_len, ctx_len, blocks,
+                                           {w: _prefill_mask(q_len, ctx_len, w) for w in windows}))
             row += q_len
         meta = cls(torch.cat(slot_chunks), query_lens, context_lens, block_tables, block_size, prefills=prefills)
         if decode_idx:
@@ -75,12 +79,13 @@ class AttentionMetadata:
             lens = torch.tensor([context_lens[i] for i in decode_idx])
             max_len = int(lens.max())
             max_blocks = -(-max_len // block_size)
-            tables = torch.tensor([block_tables[i][:max_blocks] + [0] * (max_blocks - len(block_tables[i][:max_blocks]))
-                                   for i in decode_idx])  # (num_decode, max_blocks)
-            pos = torch.arange(max_len)
-            slots = tables[:, pos // block_size] * block_size + pos % block_size  # (num_decode, max_len)
+            rows = []
+            for i in decode_idx:
+                used = block_tables[i][: -(-context_lens[i] // block_size)]
+                rows.append(used + [0] * (max_blocks - len(used)))
+            meta.decode_tables = torch.tensor(rows)  # (num_decode, max_blocks)
+            pos = torch.arange(max_blocks * block_size)
             valid = pos[None, :] < lens[:, None]
-            meta.decode_slots = torch.where(valid, slots, 0)
             for w in windows:
                 mask = valid if w is None else valid & (pos[None, :] > (lens[:, None] - 1 - w))
                 meta.decode_masks[w] = mask[:, None, None, :]
@@ -92,10 +97,10 @@ class AttentionMetadata:
         self.slot_mapping = self.slot_mapping.to(device, non_blocking=True)
         if self.decode_rows is not None:
             self.decode_rows = self.decode_rows.to(device, non_blocking=True)
-            self.decode_slots = self.decode_slots.to(device, non_blocking=True)
+            self.decode_tables = self.decode_tables.to(device, non_blocking=True)
             self.decode_masks = {w: m.to(device, non_blocking=True) for w, m in self.decode_masks.items()}
         for p in self.prefills:
-            p.slots = p.slots.to(device, non_blocking=True)
+            p.blocks = p.blocks.to(device, non_blocking=True)
             p.masks = {w: (m.to(device, non_blocking=True) if m is not None else None) for w, m in p.masks.items()}
         return self
 
@@ -131,24 +136,53 @@ def paged_attention(
     window: int | None,
 ) -> torch.Tensor:  # (num_tokens, num_heads, head_dim)
     out = torch.empty_like(q)
-    k_flat = k_cache.view(-1, *k_cache.shape[2:])  # (num_slots, num_kv_heads, head_dim)
-    v_flat = v_cache.view(-1, *v_cache.shape[2:])
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    group = q.shape[1] // num_kv_heads
     if meta.decode_rows is not None:
-        qd = q[meta.decode_rows].unsqueeze(2)  # (num_decode, num_heads, 1, head_dim)
-        kd = k_flat[meta.decode_slots].transpose(1, 2)  # (num_decode, num_kv_heads, max_ctx, head_dim)
-        vd = v_flat[meta.decode_slots].transpose(1, 2)
+        n = meta.decode_rows.shape[0]
+        # query head h reads KV head h // group: (n, num_kv_heads, group, head_dim)
+        qd = q[meta.decode_rows].view(n, num_kv_heads, group, head_dim)
+        ws = meta.workspace
+        kd = _gather_blocks(k_cache, meta.decode_tables, ws and ws.get(0, k_cache, meta.decode_tables.numel()))
+        vd = _gather_blocks(v_cache, meta.decode_tables, ws and ws.get(1, v_cache, meta.decode_tables.numel()))
+        kd = kd.view(n, -1, num_kv_heads, head_dim).transpose(1, 2)  # (n, num_kv_heads, max_blocks * block_size, head_dim)
+        vd = vd.view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
         od = F.scaled_dot_product_attention(qd, kd.to(q.dtype), vd.to(q.dtype), attn_mask=meta.decode_masks[window],
-                                            scale=scale, enable_gqa=True)
-        out[meta.decode_rows] = od.squeeze(2)
+                                            scale=scale)
+        out[meta.decode_rows] = od.reshape(n, -1, head_dim)
     for p in meta.prefills:
         qp = q[p.query_start:p.query_start + p.query_len].transpose(0, 1)  # (num_heads, query_len, head_dim)
-        kp = k_flat[p.slots].transpose(0, 1).to(q.dtype)  # (num_kv_heads, context_len, head_dim)
-        vp = v_flat[p.slots].transpose(0, 1).to(q.dtype)
+        kp = _gather_blocks(k_cache, p.blocks).view(-1, num_kv_heads, head_dim)[:p.context_len].transpose(0, 1).to(q.dtype)
+        vp = _gather_blocks(v_cache, p.blocks).view(-1, num_kv_heads, head_dim)[:p.context_len].transpose(0, 1).to(q.dtype)
         mask = p.masks[window]
         op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None, scale=scale,
                                             enable_gqa=True)
         out[p.query_start:p.query_start + p.query_len] = op.transpose(0, 1)
     return out
+
+
+def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    # whole blocks as rows of a 2-D view: index_select copies each block in one piece, ~5x faster on
+    # CPU than advanced indexing of the 4-D cache
+    rows = cache.view(cache.shape[0], -1)
+    if out is None:
+        return torch.index_select(rows, 0, blocks.flatten())
+    return torch.index_select(rows, 0, blocks.flatten(), out=out)
+
+
+class GatherWorkspace:
+    """Buffers for gathered K/V blocks, reused by every layer and step. A fresh tens-of-MB tensor
+    per layer costs more in page faults on CPU than the copy itself (measured: 6.5 ms vs 1.3 ms)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    def get(self, slot: int, cache: torch.Tensor, num_blocks: int) -> torch.Tensor:
+        width = cache[0].numel()
+        buf = self.buffers.get(slot)
+        if buf is None or buf.numel() < num_blocks * width or buf.dtype != cache.dtype or buf.device != cache.device:
+            buf = self.buffers[slot] = torch.empty(num_blocks * width, dtype=cache.dtype, device=cache.device)
+        return buf[: num_blocks * width].view(num_blocks, width)
 
 
 def reference_attention(

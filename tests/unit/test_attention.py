@@ -39,8 +39,9 @@ def test_slot_mapping_points_at_new_tokens():
     meta = AttentionMetadata.build([2, 1], [6, 3], [[5, 2], [7]], 4, {None})
     assert meta.slot_mapping.tolist() == [2 * 4 + 0, 2 * 4 + 1, 7 * 4 + 2]
     assert meta.decode_rows.tolist() == [2]
-    assert meta.decode_slots.tolist() == [[28, 29, 30]]
-    assert len(meta.prefills) == 1 and meta.prefills[0].slots.tolist() == [20, 21, 22, 23, 8, 9]
+    assert meta.decode_tables.tolist() == [[7]]
+    assert meta.decode_masks[None][0, 0, 0].tolist() == [True, True, True, False]  # the block's 4th slot is empty
+    assert len(meta.prefills) == 1 and meta.prefills[0].blocks.tolist() == [5, 2]
 
 
 def test_write_kv_then_attention_reads_it():
@@ -54,5 +55,5 @@ def test_write_kv_then_attention_reads_it():
 
 def test_decode_window_mask_keeps_exactly_the_window():
     meta = AttentionMetadata.build([1], [10], [[0, 1, 2]], 4, {None, 3})
-    assert meta.decode_masks[None][0, 0, 0].tolist() == [True] * 10
-    assert meta.decode_masks[3][0, 0, 0].tolist() == [False] * 7 + [True] * 3
+    assert meta.decode_masks[None][0, 0, 0].tolist() == [True] * 10 + [False] * 2
+    assert meta.decode_masks[3][0, 0, 0].tolist() == [False] * 7 + [True] * 3 + [False] * 2

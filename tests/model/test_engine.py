@@ -1,0 +1,140 @@
+"""The engine on the real SmolLM2-135M: stop conditions, n > 1, seeds, logprobs, preemption, abort."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from leanserve.engine.engine import LLM
+from leanserve.model.loader import load_model
+from leanserve.types import SamplingParams
+from tests.conftest import mt_bench_prompts, require_model
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    require_model("smollm2-135m")
+    return load_model("smollm2-135m", torch.float32)
+
+
+@pytest.fixture
+def llm(loaded):
+    return LLM("smollm2-135m", loaded=loaded)
+
+
+@pytest.fixture(scope="module")
+def chats(loaded):
+    return [loaded.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in mt_bench_prompts(6)]
+
+
+def greedy(max_tokens: int = 32, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw)
+
+
+def test_stop_string_cuts_text_before_it(llm, chats):
+    full = llm.generate(chats[0], greedy(40, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    stop = full.text[20:26]
+    assert len(stop.strip()) > 0
+    out = llm.generate(chats[0], greedy(40, ignore_eos=True, stop=[stop, "zzzz-never"]), use_tqdm=False)[0].outputs[0]
+    assert out.text == full.text[:full.text.index(stop)]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    kept = llm.generate(chats[0], greedy(40, ignore_eos=True, stop=[stop], include_stop_str_in_output=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert kept.text == full.text[:full.text.index(stop) + len(stop)]
+
+
+def test_stop_token_ids_and_length(llm, chats):
+    full = llm.generate(chats[1], greedy(20, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert full.finish_reason == "length" and len(full.token_ids) == 20
+    stop_tok = full.token_ids[7]
+    first = full.token_ids.index(stop_tok)
+    out = llm.generate(chats[1], greedy(20, ignore_eos=True, stop_token_ids=[stop_tok]), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == full.token_ids[:first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_tok
+
+
+def test_min_tokens_holds_back_eos(llm, loaded):
+    short = loaded.tokenizer.encode_chat([{"role": "user", "content": "Answer with one word: is the sky blue?"}])
+    natural = llm.generate(short, greedy(60), use_tqdm=False)[0].outputs[0]
+    assert natural.finish_reason == "stop"  # ends on EOS by itself
+    n = len(natural.token_ids)
+    longer = llm.generate(short, greedy(60, min_tokens=n + 5), use_tqdm=False)[0].outputs[0]
+    assert len(longer.token_ids) >= n + 5
+
+
+def test_n_samples_share_prompt_blocks_and_differ(llm, chats):
+    before = llm.engine.kv_cache.prefix_cache_hits
+    out = llm.generate(chats[3], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=16), use_tqdm=False)[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) == 3
+    full_blocks = (len(chats[3]) - 1) // llm.engine.cache_config.block_size
+    # samples 1 and 2 read the prompt blocks that sample 0 wrote in the same step
+    assert llm.engine.kv_cache.prefix_cache_hits - before >= 2 * full_blocks * llm.engine.cache_config.block_size
+    again = llm.generate(chats[3], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=16), use_tqdm=False)[0]
+    assert [o.token_ids for o in again.outputs] == [o.token_ids for o in out.outputs]
+
+
+def test_seed_gives_same_text_whatever_the_batch(llm, chats):
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=24, ignore_eos=True)
+    alone = llm.generate(chats[0], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    noise = SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True)
+    mixed = llm.generate([chats[4], chats[0], chats[5]], [noise, seeded, noise], use_tqdm=False)
+    assert mixed[1].outputs[0].token_ids == alone
+    other_seed = llm.generate(chats[0], SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=24,
+                                                       ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
+    assert other_seed != alone
+
+
+def test_logprobs_are_the_model_distribution(llm, loaded, chats):
+    out = llm.generate(chats[1], greedy(6, logprobs=3), use_tqdm=False)[0].outputs[0]
+    assert len(out.logprobs) == len(out.token_ids) == 6
+    for tok, lp in zip(out.token_ids, out.logprobs):
+        assert lp.token_id == tok and lp.logprob <= 0.0
+        assert len(lp.top) == 3 and lp.top[0][0] == tok  # greedy picks the most likely token
+        assert [p for _, p in lp.top] == sorted((p for _, p in lp.top), reverse=True)
+        assert sum(math.exp(p) for _, p in lp.top) <= 1.0 + 1e-5
+
+
+def test_preemption_by_recompute_keeps_greedy_output(loaded, chats):
+    roomy = LLM("smollm2-135m", loaded=loaded)
+    want = [o.outputs[0].token_ids for o in roomy.generate(chats, greedy(48, ignore_eos=True), use_tqdm=False)]
+    # 16 blocks of 16 tokens cannot hold six ~100-token requests growing by 48: the scheduler must
+    # preempt and recompute; recomputed KV must give the same tokens
+    block_bytes = loaded.config.kv_bytes_per_token * 4 * 16
+    tight = LLM("smollm2-135m", loaded=loaded, kv_cache_memory=40 * block_bytes, max_model_len=512)
+    got = tight.generate(chats, greedy(48, ignore_eos=True), use_tqdm=False)
+    assert tight.engine.scheduler.num_preemptions_total > 0
+    assert [o.outputs[0].token_ids for o in got] == want
+    assert tight.engine.kv_cache.usage == 0.0
+    tight.engine.scheduler.check_integrity()
+
+
+def test_abort_frees_every_block(llm, chats):
+    eng = llm.engine
+    eng.add_request("a", chats[0], greedy(100))
+    eng.add_request("b", chats[1], SamplingParams(n=2, temperature=1.0, max_tokens=100))
+    for _ in range(3):
+        eng.step()
+    assert eng.kv_cache.usage > 0
+    eng.abort_request("a")
+    eng.abort_request("b")
+    assert not eng.has_unfinished()
+    assert eng.kv_cache.usage == 0.0
+    eng.scheduler.check_integrity()
+
+
+def test_bad_requests_are_value_errors(llm):
+    eng = llm.engine
+    with pytest.raises(ValueError, match="empty"):
+        eng.add_request("x", [], greedy())
+    with pytest.raises(ValueError, match="token ids must be in"):
+        eng.add_request("y", [10**9], greedy())
+    with pytest.raises(ValueError, match="context"):
+        eng.add_request("z", [1] * eng.max_model_len, greedy())
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    assert not eng.has_unfinished()
