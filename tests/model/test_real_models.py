@@ -70,12 +70,17 @@ def _generate(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
 
 
+def _load_both(name: str):
+    """The same GGUF file loaded by leanserve and by transformers, both float32."""
+    require_model(name)
+    path = resolve(name).path
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return load_model(name, torch.float32), hf.eval()
+
+
 @pytest.fixture(scope="module")
 def smollm():
-    require_model("smollm2-135m")
-    loaded = load_model("smollm2-135m", torch.float32)
-    path = resolve("smollm2-135m").path
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    loaded, hf = _load_both("smollm2-135m")
     prompts = _prompt_ids(loaded.tokenizer, chat=True)
     return loaded, hf, prompts, _hf_reference(hf.eval(), prompts)
 
@@ -125,10 +130,7 @@ def test_smollm2_hf_folder_matches_transformers(smollm, tmp_path):
 
 
 def test_gemma3_matches_transformers():
-    require_model("gemma3-270m")
-    loaded = load_model("gemma3-270m", torch.float32)
-    path = resolve("gemma3-270m").path
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    loaded, hf = _load_both("gemma3-270m")
     prompts = _prompt_ids(loaded.tokenizer, chat=False)
     refs = _hf_reference(hf.eval(), prompts)
     llm = LLM("gemma3-270m", loaded=loaded)
