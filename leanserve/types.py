@@ -187,6 +187,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     finished: bool = False
     error: str | None = None
+    machine_seconds: float = 0.0  # engine time charged to this request so far (leanserve.cost.meter)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from leanserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from leanserve.cost.meter import CostMeter
 from leanserve.engine.kv_cache import KVCacheManager
 from leanserve.engine.runner import ModelRunner, kv_cache_block_bytes
 from leanserve.engine.scheduler import Scheduler
@@ -108,6 +109,7 @@ class LLMEngine:
         # What the latest step() scheduled, so a caller can tell which requests a step that raised
         # was running (the async engine fails exactly those and keeps serving).
         self.last_scheduler_output: SchedulerOutput | None = None
+        self.meter = CostMeter()
         torch.manual_seed(config.seed)
 
     @staticmethod
@@ -154,13 +156,15 @@ class LLMEngine:
             self._seqs[seq.request.request_id] = seq
         self._groups[request_id] = group
 
-    def abort_request(self, request_id: str) -> None:
+    def abort_request(self, request_id: str) -> float:
+        """Stop a request and free its blocks. Returns the machine-seconds its work cost so far."""
         group = self._groups.pop(request_id, None)
         if group is None:
-            return
+            return 0.0
         for seq in group.seqs:
             self.scheduler.abort_request(seq.request.request_id)
             self._drop(seq)
+        return self.meter.pop(request_id)
 
     def has_unfinished(self) -> bool:
         return bool(self._groups)
@@ -170,10 +174,15 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, apply the sampled tokens. Returns outputs of the requests
         that made progress (finished ones last time they appear)."""
+        start = time.perf_counter()
         sched = self.scheduler.schedule()
         self.last_scheduler_output = sched
         if sched.is_empty:
             return []
+        work: dict[str, int] = {}  # tokens computed per request group (n > 1 samples bill as one)
+        for s in sched.scheduled:
+            gid = self._seqs[s.request.request_id].parent.request_id
+            work[gid] = work.get(gid, 0) + s.num_new_tokens
         result = self.runner.execute(sched)
         updated = self.scheduler.update(sched, result.sampled)
         touched: dict[str, _Group] = {}
@@ -181,10 +190,12 @@ class LLMEngine:
             seq = self._seqs[req.request_id]
             self._append(seq, req.output_token_ids[-1], result.logprobs.get(req.request_id))
             touched[seq.parent.request_id] = seq.parent
+        self.meter.record_step(time.perf_counter() - start, work)
         outputs = [self._output(g) for g in touched.values()]
         for g in touched.values():
             if g.finished:
                 del self._groups[g.request_id]
+                self.meter.pop(g.request_id)
         return outputs
 
     def _append(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> None:
@@ -224,7 +235,8 @@ class LLMEngine:
                                          s.request.status.value if done else None,
                                          list(s.logprobs) if s.logprobs is not None else None, s.stop_reason))
         cached = max(0, g.seqs[0].request.num_cached_tokens)
-        return RequestOutput(g.request_id, g.prompt_token_ids, outs, cached, g.finished, g.error)
+        return RequestOutput(g.request_id, g.prompt_token_ids, outs, cached, g.finished, g.error,
+                             self.meter.charged(g.request_id))
 
     # ---- stats -------------------------------------------------------------------------------
 

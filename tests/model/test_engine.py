@@ -138,3 +138,20 @@ def test_bad_requests_are_value_errors(llm):
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
     assert not eng.has_unfinished()
+
+
+def test_request_charges_add_up_to_busy_time(loaded, chats):
+    llm = LLM("smollm2-135m", loaded=loaded)
+    busy0 = llm.engine.meter.snapshot().busy_seconds
+    outs = llm.generate(chats[:4], [greedy(8), greedy(12), SamplingParams(n=2, max_tokens=6), greedy(4)], use_tqdm=False)
+    busy = llm.engine.meter.snapshot().busy_seconds - busy0
+    assert all(o.machine_seconds > 0 for o in outs)
+    assert sum(o.machine_seconds for o in outs) == pytest.approx(busy, rel=0.02)
+
+
+def test_cached_prompt_is_charged_less(llm):
+    long_prompt = " ".join(mt_bench_prompts(12)) * 2  # several hundred tokens
+    first = llm.generate(long_prompt, greedy(4, ignore_eos=True), use_tqdm=False)[0]
+    again = llm.generate(long_prompt, greedy(4, ignore_eos=True), use_tqdm=False)[0]
+    assert again.num_cached_tokens > 0.9 * first.num_prompt_tokens
+    assert again.machine_seconds < 0.5 * first.machine_seconds
