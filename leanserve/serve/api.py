@@ -1,0 +1,382 @@
+"""The OpenAI-compatible HTTP API: FastAPI app around an `AsyncEngine`.
+
+A request's path: validate the body (protocol.py; a 400 in OpenAI's format for anything wrong) ->
+check the model name -> tokenize (the chat template for chat) -> check the prompt against the
+context -> build SamplingParams -> admission (429 with Retry-After when the queue is full) ->
+the engine thread -> a JSON answer, or server-sent events as tokens come. A client that goes away
+aborts its request, which frees its KV blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request, Security
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+import leanserve
+from leanserve.engine.async_engine import (AsyncEngine, EngineDeadError, EngineStepError, InvalidRequestError,
+                                           QueueFullError, RequestStream, RequestTimeoutError)
+from leanserve.serve import responses as R
+from leanserve.serve.auth import APIKeyAuth, _bearer
+from leanserve.serve.errors import APIError, from_value_error, install_error_handlers, invalid
+from leanserve.serve.metrics import CONTENT_TYPE, ServerMetrics
+from leanserve.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse,
+                                      CompletionRequest, CompletionResponse, ErrorResponse, ModelCard, ModelList)
+from leanserve.tokenizer import ChatTemplateError
+from leanserve.types import Priority, RequestOutput, SamplingParams
+
+OPEN_PATHS = frozenset({"/health", "/version", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_name: str  # the name clients send as "model"
+    api_key_digests: frozenset[str] = frozenset()  # sha256 hex digests; empty: no auth
+    request_timeout: float | None = 600.0  # seconds from arrival; None or 0: no limit
+
+
+def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    text = {400: "invalid request (OpenAI error format)", 401: "missing or invalid API key", 404: "unknown model",
+            429: "the waiting queue is full: retry after the Retry-After header's seconds",
+            500: "the model step failed", 504: "the request ran past --request-timeout"}
+    return {c: {"model": ErrorResponse, "description": text[c]} for c in codes}
+
+
+class _AuthMiddleware:
+    """Checks the API key before anything else (body parsing included). Pure ASGI: no buffering."""
+
+    def __init__(self, app: Any, auth: APIKeyAuth) -> None:
+        self.app = app
+        self.auth = auth
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+            if not self.auth.check(header):
+                err = APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'" if header is None
+                               else "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                await err.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class OpenAIServer:
+    """The request handlers; `build_app` wires them into FastAPI."""
+
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.model = settings.model_name
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.vocab_size
+        self.token_text = R.TokenText.for_tokenizer(self.tokenizer)
+        self.metrics = ServerMetrics(engine, self.model)
+        self.created = int(time.time())
+
+    # ---- checks shared by both endpoints -------------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model!r} "
+                                "(GET /v1/models)", param="model", code="model_not_found")
+
+    def check_length(self, num_prompt: int, max_tokens: int | None, param: str) -> None:
+        m = self.max_model_len
+        if num_prompt >= m:
+            raise APIError(400, f"This model's maximum context length is {m} tokens, but the {param} has {num_prompt} "
+                                f"tokens and at least one token must be left for the completion. Please shorten the "
+                                f"{param}.", param=param, code="context_length_exceeded")
+        if max_tokens is not None and num_prompt + max_tokens > m:
+            raise APIError(400, f"This model's maximum context length is {m} tokens. However, you requested "
+                                f"{num_prompt + max_tokens} tokens ({num_prompt} in the {param}, {max_tokens} in the "
+                                f"completion). Please reduce the length of the {param} or max_tokens (at most "
+                                f"{m - num_prompt} here).", param="max_tokens", code="context_length_exceeded")
+
+    def sampling_params(self, body: CompletionRequest | ChatCompletionRequest, num_prompt: int,
+                        logprobs: int | None) -> SamplingParams:
+        max_tokens = body.max_output_tokens
+        if max_tokens is None:  # as vLLM: up to the context
+            max_tokens = self.max_model_len - num_prompt
+        bias = None
+        if body.logit_bias:
+            bias = {int(k): float(v) for k, v in body.logit_bias.items()}
+            bad = [t for t in bias if t >= self.vocab_size]
+            if bad:
+                raise invalid(f"logit_bias: token id {bad[0]} is out of range (the vocabulary has {self.vocab_size} "
+                              "tokens)", "logit_bias", "invalid_value")
+        stop_ids = tuple(body.stop_token_ids or ())
+        if any(t >= self.vocab_size for t in stop_ids):
+            raise invalid(f"stop_token_ids: token ids must be < {self.vocab_size}", "stop_token_ids", "invalid_value")
+        try:
+            return SamplingParams(
+                n=body.n, max_tokens=max_tokens, min_tokens=body.min_tokens, temperature=body.temperature,
+                top_p=body.top_p, top_k=body.top_k, min_p=body.min_p, presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
+                logit_bias=bias, seed=body.seed, stop=tuple(body.stop_list), stop_token_ids=stop_ids,
+                ignore_eos=body.ignore_eos, logprobs=logprobs,
+                include_stop_str_in_output=body.include_stop_str_in_output)
+        except ValueError as e:
+            raise from_value_error(e) from None
+
+    # ---- endpoints -------------------------------------------------------------------------------
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        self.check_model(body.model)
+        prompt = body.prompt_input
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            bad = next((t for t in prompt if t >= self.vocab_size), None)
+            if bad is not None:
+                raise invalid(f"prompt: token id {bad} is out of range (the vocabulary has {self.vocab_size} tokens)",
+                              "prompt", "invalid_value")
+            ids = prompt
+        if not ids:
+            raise invalid("prompt: the prompt is empty", "prompt", "invalid_value")
+        self.check_length(len(ids), body.max_tokens, "prompt")
+        params = self.sampling_params(body, len(ids), body.logprobs)
+        return await self._generate(request, body, ids, params, chat=False)
+
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        self.check_model(body.model)
+        if not self.tokenizer.has_chat_template:
+            raise invalid(f"the model {self.model!r} has no chat template; use /v1/completions", "messages",
+                          "chat_template_missing")
+        try:
+            ids = self.tokenizer.encode_chat([m.to_template() for m in body.messages])
+        except ChatTemplateError as e:
+            raise invalid(f"messages: {e}", "messages", "invalid_value") from None
+        self.check_length(len(ids), body.max_output_tokens, "messages")
+        params = self.sampling_params(body, len(ids), body.num_logprobs)
+        return await self._generate(request, body, ids, params, chat=True)
+
+    # ---- generation --------------------------------------------------------------------------
+
+    async def _generate(self, request: Request, body: CompletionRequest | ChatCompletionRequest, ids: list[int],
+                        params: SamplingParams, chat: bool) -> Response:
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        priority = Priority.BATCH if body.priority == "batch" else Priority.INTERACTIVE
+        try:
+            stream = self.engine.add_request(rid, ids, params, priority, timeout=self.settings.request_timeout)
+        except QueueFullError as e:
+            self.metrics.failure("rejected")
+            raise APIError(429, str(e), code="queue_full",
+                           headers={"Retry-After": str(math.ceil(e.retry_after))}) from None
+        except EngineDeadError as e:
+            raise APIError(503, f"{e}; the server is shutting down or failed", code="engine_dead") from None
+        except ValueError as e:
+            raise from_value_error(e) from None
+        created = int(time.time())
+        if body.stream:
+            gen = self._stream(rid, created, stream, body, chat)
+            return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
+        out = await self._collect(rid, stream, request)
+        build = R.chat_response if chat else R.completion_response
+        return JSONResponse(build(rid, created, self.model, out, self.token_text))
+
+    def _error_for(self, e: BaseException) -> APIError:
+        if isinstance(e, RequestTimeoutError):
+            self.metrics.failure("timeout")
+            return APIError(504, str(e), code="timeout", type="timeout_error")
+        if isinstance(e, InvalidRequestError):
+            self.metrics.failure("invalid")
+            return from_value_error(e)
+        self.metrics.failure("engine")
+        return APIError(500, str(e) if isinstance(e, EngineStepError) else f"internal error: {type(e).__name__}: {e}",
+                        code="engine_error", type="server_error")
+
+    async def _collect(self, rid: str, stream: RequestStream, request: Request) -> RequestOutput:
+        """Wait for the final output; abort if the client disconnects first."""
+
+        async def consume() -> RequestOutput:
+            last = None
+            async for out in stream:
+                last = out
+            assert last is not None
+            return last
+
+        async def disconnected() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        task = asyncio.ensure_future(consume())
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():  # the client went away
+                self.metrics.finished(stream, None, "abort", time.monotonic())
+                raise APIError(499, "client disconnected", code="client_disconnected")
+            try:
+                out = task.result()
+            except (InvalidRequestError, EngineStepError, RequestTimeoutError) as e:
+                raise self._error_for(e) from None
+            failure = R.engine_failure(out)
+            if failure is not None:
+                raise self._error_for(EngineStepError(failure))
+            self.metrics.finished(stream, out, out.outputs[0].finish_reason or "stop", time.monotonic())
+            return out
+        finally:
+            watch.cancel()
+            if not task.done():
+                task.cancel()
+            self.engine.abort(rid)  # no-op once finished
+
+    async def _stream(self, rid: str, created: int, stream: RequestStream,
+                      body: CompletionRequest | ChatCompletionRequest, chat: bool) -> AsyncIterator[bytes]:
+        model, tt, include_usage = self.model, self.token_text, body.include_usage
+        cursors = [R.ChoiceCursor() for _ in range(body.n)]
+        done = False
+        try:
+            if chat:
+                for i in range(body.n):
+                    yield R.sse(R.chat_chunk(rid, created, model, i, {"role": "assistant", "content": ""}, None, None,
+                                             include_usage))
+            while True:
+                try:
+                    out = await stream.get()
+                except (InvalidRequestError, EngineStepError, RequestTimeoutError) as e:
+                    err = self._error_for(e)
+                    done = True
+                    yield R.error_event(err.message, err.type, err.code, err.param)
+                    yield R.SSE_DONE
+                    return
+                failure = R.engine_failure(out)
+                if failure is not None:
+                    err = self._error_for(EngineStepError(failure))
+                    done = True
+                    yield R.error_event(err.message, err.type, err.code)
+                    yield R.SSE_DONE
+                    return
+                for c in out.outputs:
+                    cur = cursors[c.index]
+                    text, lps, finish = cur.advance(c)
+                    if not text and finish is None and not lps:
+                        continue
+                    stop_reason = c.stop_reason if finish is not None else None
+                    if chat:
+                        lp = R.chat_logprobs(lps, tt) if lps is not None else None
+                        yield R.sse(R.chat_chunk(rid, created, model, c.index, {"content": text} if text else {}, lp,
+                                                 finish, include_usage, stop_reason))
+                    else:
+                        lp = None
+                        if lps is not None:
+                            lp, cur.text_offset = R.completion_logprobs(lps, tt, cur.text_offset)
+                        yield R.sse(R.completion_chunk(rid, created, model, c.index, text, lp, finish, include_usage,
+                                                       stop_reason))
+                if out.finished:
+                    break
+            done = True
+            self.metrics.finished(stream, out, out.outputs[0].finish_reason or "stop", time.monotonic())
+            if include_usage:
+                yield R.sse(R.usage_chunk(rid, created, model, "chat.completion.chunk" if chat else "text_completion",
+                                          out))
+            yield R.SSE_DONE
+        finally:
+            if not done:  # the client went away (the response task was cancelled) or a send failed
+                self.metrics.finished(stream, None, "abort", time.monotonic())
+            self.engine.abort(rid)  # no-op once finished
+
+    # ---- the rest ----------------------------------------------------------------------------
+
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.model, "object": "model", "created": self.created, "owned_by": "leanserve",
+                "max_model_len": self.max_model_len}
+
+
+def build_app(engine: AsyncEngine, settings: ServerSettings, on_ready: Callable[[], None] | None = None) -> FastAPI:
+    """The app; its lifespan starts the engine thread (if not started) and stops it at shutdown."""
+    server = OpenAIServer(engine, settings)
+    auth = APIKeyAuth(settings.api_key_digests)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not engine.is_running:
+            engine.start()
+        if on_ready is not None:
+            on_ready()
+        yield
+        engine.shutdown()
+
+    app = FastAPI(
+        title="leanserve", version=leanserve.__version__, lifespan=lifespan,
+        summary="OpenAI-compatible LLM server focused on cost per token",
+        description=f"Serving `{settings.model_name}`. Errors use OpenAI's format `{{\"error\": {{\"message\", \"type\", "
+                    "\"param\", \"code\"}}}`. Streams are server-sent events ending with `data: [DONE]`. "
+                    "See docs/serving.md.")
+    app.state.server = server
+    install_error_handlers(app)
+    if auth.enabled:
+        app.add_middleware(_AuthMiddleware, auth=auth)
+    secured = [Security(_bearer)] if auth.enabled else []  # the check is the middleware; this documents it
+
+    @app.get("/health", tags=["ops"], summary="200 when the engine loop is running")
+    async def health() -> Response:
+        if not engine.is_running:
+            return APIError(503, "the engine loop is not running", code="engine_dead").response()
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/version", tags=["ops"])
+    async def version() -> dict[str, str]:
+        return {"version": leanserve.__version__}
+
+    @app.get("/metrics", tags=["ops"], dependencies=secured, summary="Prometheus metrics (leanserve: prefix)")
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", tags=["openai"], dependencies=secured, response_model=ModelList,
+             responses=_error_responses(401))
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [server.model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", tags=["openai"], dependencies=secured, response_model=ModelCard,
+             responses=_error_responses(401, 404))
+    async def get_model(model_id: str) -> dict[str, Any]:
+        server.check_model(model_id)
+        return server.model_card()
+
+    @app.post("/v1/completions", tags=["openai"], dependencies=secured,
+              responses={200: {"model": CompletionResponse, "description": "the completion; with stream: true, "
+                               "text/event-stream of chunks in this shape (usage null), then data: [DONE]",
+                               "content": {"text/event-stream": {}}},
+                         **_error_responses(400, 401, 404, 429, 500, 504)})
+    async def create_completion(body: CompletionRequest, request: Request) -> Response:
+        return await server.completions(body, request)
+
+    @app.post("/v1/chat/completions", tags=["openai"], dependencies=secured,
+              responses={200: {"model": ChatCompletionResponse, "description": "the completion; with stream: true, "
+                               "text/event-stream of chat.completion.chunk objects, then data: [DONE]",
+                               "content": {"text/event-stream": {}}},
+                         **_error_responses(400, 401, 404, 429, 500, 504)})
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+        return await server.chat_completions(body, request)
+
+    _drop_422_from_openapi(app)
+    return app
+
+
+def _drop_422_from_openapi(app: FastAPI) -> None:
+    """FastAPI documents a 422 for every body; this server answers bad bodies with a 400 instead."""
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = base()
+            for path in schema.get("paths", {}).values():
+                for op in path.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,148 @@
+"""`leanserve serve [MODEL]`: load the model, start the engine thread, serve the OpenAI API.
+
+The port is bound before the model loads, so a busy port is a one-line error at once rather than
+after the load; connections are accepted once the engine is ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not v >= 0 or math.isnan(v):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v}")
+    return v
+
+
+def _port(text: str) -> int:
+    v = _nonneg_int(text)
+    if v > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {v}")
+    return v
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from leanserve.cli import _add_engine_args
+
+    p = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                    "/v1/models, /metrics). With no model, serves the default built-in model, pulling it if needed.",
+        epilog="Full guide: docs/serving.md")
+    _add_engine_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; 0.0.0.0 for all)")
+    g.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free port)")
+    g.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the name clients send as 'model' (default: the model argument)")
+    g.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 and /metrics (repeatable)")
+    g.add_argument("--api-keys-file", type=Path, default=None, metavar="FILE",
+                   help="accepted keys as sha256 hex digests, one per line, # comments (printf %%s KEY | sha256sum)")
+    g.add_argument("--max-queue", type=_nonneg_int, default=256, metavar="N",
+                   help="sequences that may wait beyond a full batch (--max-num-seqs); past it: 429 with Retry-After "
+                        "(default 256)")
+    g.add_argument("--request-timeout", type=_nonneg_float, default=600.0, metavar="S",
+                   help="abort a request S seconds after it arrived: 504, or an error event when streaming "
+                        "(default 600; 0: no limit)")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    from leanserve.cli import CLIError
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise CLIError(f"cannot resolve --host {host!r}: {e.strerror}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e} (is another server running? try --port)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from leanserve.cli import CLIError
+    from leanserve.serve.auth import key_digest, read_keys_file
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    digests = {key_digest(k) for k in args.api_key if k}
+    if any(not k for k in args.api_key):
+        raise CLIError("--api-key must not be empty")
+    if args.api_keys_file is not None:
+        digests |= read_keys_file(args.api_keys_file)
+        if not digests:
+            raise CLIError(f"{args.api_keys_file} holds no key digest")
+    sock = _bind(args.host, args.port)
+    t0 = time.perf_counter()
+    try:
+        return _serve(args, sock, frozenset(digests), t0)
+    finally:
+        sock.close()
+
+
+def _serve(args: argparse.Namespace, sock: socket.socket, digests: frozenset[str], t0: float) -> int:
+    import uvicorn
+
+    from leanserve.cli import _engine_kwargs, ensure_model
+    from leanserve.config import EngineConfig
+    from leanserve.engine.async_engine import AsyncEngine
+    from leanserve.engine.engine import LLMEngine
+    from leanserve.serve.api import ServerSettings, build_app
+
+    ensure_model(args.model)
+    engine = LLMEngine(EngineConfig(model=args.model, **_engine_kwargs(args)))
+    async_engine = AsyncEngine(engine, max_queue=args.max_queue)
+    name = args.served_model_name or args.model
+    settings = ServerSettings(model_name=name, api_key_digests=digests,
+                              request_timeout=args.request_timeout or None)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+
+    def ready() -> None:
+        auth = f", API keys: {len(digests)}" if digests else ", no API key required"
+        print(f"leanserve: serving {name} at http://{shown}:{port}/v1 ({async_engine.dtype} on {async_engine.device}, "
+              f"KV cache {async_engine.kv_cache_tokens:,} tokens, max_model_len {async_engine.max_model_len:,}, "
+              f"max_num_seqs {async_engine.max_num_seqs}, max_queue {async_engine.max_queue}{auth}); "
+              f"ready in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    app = build_app(async_engine, settings, on_ready=ready)
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log, timeout_graceful_shutdown=5,
+                            lifespan="on")
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    return 0

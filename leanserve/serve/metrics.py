@@ -1,0 +1,111 @@
+"""Prometheus metrics under vLLM's names with a ``leanserve:`` prefix, one registry per app.
+
+Gauges (running/waiting requests, KV-cache usage) and the prefix-cache counters are read at scrape
+time from the engine thread's latest stats snapshot; the rest are counted by the HTTP layer as
+requests finish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from leanserve.engine.async_engine import AsyncEngine, RequestStream
+    from leanserve.types import RequestOutput
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# vLLM's buckets
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                   480.0, 960.0, 1920.0, 7680.0)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, engine: AsyncEngine, model: str) -> None:
+        self.engine = engine
+        self.model = model
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.engine.stats
+        labels = ["model_name"]
+        for name, doc, value in (
+            ("num_requests_running", "Sequences in the running batch.", s.get("num_running", 0)),
+            ("num_requests_waiting", "Sequences waiting to be scheduled.", s.get("num_waiting", 0)),
+            ("kv_cache_usage_perc", "Fraction of KV-cache blocks held by requests (1 = full).", s.get("kv_cache_usage", 0.0)),
+            ("num_requests_in_flight", "Requests accepted by the server and not finished (leanserve).",
+             self.engine.num_requests_in_flight),
+        ):
+            g = GaugeMetricFamily(f"leanserve:{name}", doc, labels=labels)
+            g.add_metric([self.model], float(value))
+            yield g
+        for name, doc, value in (
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.get("prefix_cache_queries", 0)),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.get("prefix_cache_hits", 0)),
+            ("engine_step_failures", "Model steps that raised (their requests failed; serving went on).",
+             self.engine.num_failed_steps),
+        ):
+            c = CounterMetricFamily(f"leanserve:{name}", doc, labels=labels)
+            c.add_metric([self.model], float(value))
+            yield c
+
+
+class ServerMetrics:
+    def __init__(self, engine: AsyncEngine, model: str) -> None:
+        self.model = model
+        self.registry = CollectorRegistry()
+        r, m = self.registry, ["model_name"]
+        self.prompt_tokens = Counter("leanserve:prompt_tokens", "Prompt tokens of finished requests.", m, registry=r)
+        self.generation_tokens = Counter("leanserve:generation_tokens", "Generated tokens of finished requests.", m,
+                                         registry=r)
+        self.request_success = Counter("leanserve:request_success", "Finished requests by finish reason "
+                                       "(abort: the client went away or the request timed out).",
+                                       m + ["finished_reason"], registry=r)
+        self.request_failure = Counter("leanserve:request_failure", "Requests answered with an error, by kind "
+                                       "(invalid, rejected, timeout, engine).", m + ["reason"], registry=r)
+        self.ttft = Histogram("leanserve:time_to_first_token_seconds", "Request arrival to its first output.", m,
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("leanserve:time_per_output_token_seconds", "Per request: (e2e - ttft) / (tokens - 1).",
+                              m, buckets=TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("leanserve:e2e_request_latency_seconds", "Request arrival to its last output.", m,
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("leanserve:request_queue_time_seconds", "Request arrival to its first scheduling.",
+                                    m, buckets=LATENCY_BUCKETS, registry=r)
+        self.registry.register(_EngineCollector(engine, model))
+        for reason in ("stop", "length", "abort"):  # export zeros so dashboards see the series from the start
+            self.request_success.labels(model, reason)
+        for reason in ("invalid", "rejected", "timeout", "engine"):
+            self.request_failure.labels(model, reason)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def failure(self, reason: str) -> None:
+        self.request_failure.labels(self.model, reason).inc()
+
+    def finished(self, stream: RequestStream, out: RequestOutput | None, finished_reason: str, now: float) -> None:
+        """Record one request that ended (completed, or aborted after it was accepted)."""
+        m = self.model
+        if out is not None:
+            self.prompt_tokens.labels(m).inc(out.num_prompt_tokens)
+            self.generation_tokens.labels(m).inc(out.num_generated_tokens)
+        self.request_success.labels(m, finished_reason).inc()
+        if stream.queue_time is not None:
+            self.queue_time.labels(m).observe(stream.queue_time)
+        if finished_reason == "abort" or out is None:
+            return
+        e2e = now - stream.arrival_time
+        self.e2e.labels(m).observe(e2e)
+        if stream.first_output_time is not None:
+            ttft = stream.first_output_time - stream.arrival_time
+            self.ttft.labels(m).observe(ttft)
+            n = max(len(c.token_ids) for c in out.outputs) if out.outputs else 0
+            if n > 1:
+                self.tpot.labels(m).observe((e2e - ttft) / (n - 1))
