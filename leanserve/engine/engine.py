@@ -139,6 +139,11 @@ class LLMEngine:
         vocab = self.loaded.config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        # one request's out-of-range id would fail the whole batch's step: refuse it here
+        if any(t >= vocab for t in (params.logit_bias or {})):
+            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens "
                              "and at least one must be left to generate")

@@ -135,6 +135,10 @@ def test_bad_requests_are_value_errors(llm):
         eng.add_request("y", [10**9], greedy())
     with pytest.raises(ValueError, match="context"):
         eng.add_request("z", [1] * eng.max_model_len, greedy())
+    with pytest.raises(ValueError, match="logit_bias keys"):
+        eng.add_request("b", [1, 2], greedy(logit_bias={10**7: 1.0}))
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        eng.add_request("s", [1, 2], greedy(stop_token_ids=[10**7]))
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
     assert not eng.has_unfinished()
