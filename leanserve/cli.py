@@ -127,6 +127,11 @@ def _optional_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
         adders.append(add_serve)
     except ImportError:
         pass
+    try:
+        from leanserve.cost.cli import add_parser as add_usage
+        adders.append(add_usage)
+    except ImportError:
+        pass
     return adders
 
 

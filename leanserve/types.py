@@ -188,6 +188,7 @@ class RequestOutput:
     finished: bool = False
     error: str | None = None
     machine_seconds: float = 0.0  # engine time charged to this request so far (leanserve.cost.meter)
+    prefill_seconds: float = 0.0  # of machine_seconds, the share of its prompt tokens (the rest: decode)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -14,6 +14,12 @@ the newest one. A request the engine rejects (ValueError in ``add_request``) fai
 the prefix cache is reset (blocks named in the failed step were never written) and the loop goes
 on. When there is nothing to do the thread sleeps on a condition variable.
 
+Cost accounting: every request that reached the engine leaves it exactly once -- finished, aborted
+or failed -- and at that moment, on the engine thread, ``on_request_done(output, meta)`` is called
+(if set) with its last output (``machine_seconds`` final; unfinished choices end with "abort" or
+"error") and the ``meta`` given to ``add_request``. It is called before the output is handed to the
+event loop, so the hook must be quick (the server bills and queues a ledger row).
+
 Admission control is counted in sequences (a request with ``n`` choices counts n): at most
 ``max_num_seqs + max_queue`` may be in the server at once; past that `QueueFullError`.
 """
@@ -25,7 +31,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +111,7 @@ class _Add:
     prompt: str | list[int]
     params: SamplingParams
     priority: Priority
+    meta: Any = None
 
 
 @dataclass
@@ -134,6 +141,9 @@ class AsyncEngine:
         self.stats: dict[str, Any] = dict(engine.stats())
         self.num_steps = 0
         self.num_failed_steps = 0
+        # called on the engine thread when a request leaves the engine (see the module docstring)
+        self.on_request_done: Callable[[RequestOutput, Any], None] | None = None
+        self._meta: dict[str, Any] = {}  # engine thread only: request id -> meta
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -199,7 +209,8 @@ class AsyncEngine:
         return self.max_num_seqs + self.max_queue
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    priority: Priority = Priority.INTERACTIVE, timeout: float | None = None) -> RequestStream:
+                    priority: Priority = Priority.INTERACTIVE, timeout: float | None = None,
+                    meta: Any = None) -> RequestStream:
         """Queue a request for the engine thread; its outputs arrive on the returned stream.
 
         Call from the event loop. Raises QueueFullError when the waiting queue is full,
@@ -223,7 +234,7 @@ class AsyncEngine:
         if timeout is not None and timeout > 0 and math.isfinite(timeout):
             assert self._loop is not None
             stream._timer = self._loop.call_later(timeout, self._expire, request_id, timeout)
-        self._submit(_Add(request_id, prompt, params, priority))
+        self._submit(_Add(request_id, prompt, params, priority, meta))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -295,7 +306,7 @@ class AsyncEngine:
                 log.exception("engine loop iteration failed")
                 outputs = [(rid, EngineStepError(f"the engine failed: {type(e).__name__}: {e}")) for rid in live]
                 for rid in list(live):
-                    self._safe_abort(rid)
+                    self._safe_abort(rid, "error")
                 live.clear()
                 pending_schedule.clear()
                 scheduled, busy, stepped = [], False, True
@@ -326,6 +337,8 @@ class AsyncEngine:
                 else:
                     live.add(cmd.request_id)
                     pending_schedule.add(cmd.request_id)
+                    if cmd.meta is not None:
+                        self._meta[cmd.request_id] = cmd.meta
             else:
                 if cmd.request_id in live:
                     live.discard(cmd.request_id)
@@ -360,14 +373,31 @@ class AsyncEngine:
                     if out.finished:
                         live.discard(out.request_id)
                         pending_schedule.discard(out.request_id)
+                        self._done(out.request_id, out)
         self.stats = engine.stats()
         return bool(live), stepped, outputs, scheduled
 
-    def _safe_abort(self, request_id: str) -> None:
+    def _safe_abort(self, request_id: str, reason: str = "abort") -> None:
+        out = None
         try:
-            self.engine.abort_request(request_id)
+            abort_output = getattr(self.engine, "abort_request_output", None)
+            if abort_output is not None:
+                out = abort_output(request_id, reason)
+            else:
+                self.engine.abort_request(request_id)
         except Exception:  # noqa: BLE001
             log.exception("aborting request %s failed", request_id)
+        self._done(request_id, out)
+
+    def _done(self, request_id: str, out: RequestOutput | None) -> None:
+        """The request left the engine: tell the cost hook (engine thread)."""
+        meta = self._meta.pop(request_id, None)
+        if out is None or self.on_request_done is None:
+            return
+        try:
+            self.on_request_done(out, meta)
+        except Exception:  # noqa: BLE001 - accounting must not stop serving
+            log.exception("the request-done hook failed for %s", request_id)
 
     def _fail_step(self, error: Exception, live: set[str]) -> list[str]:
         """After ``step()`` raised: abort the requests of that step, forget every block name."""
@@ -380,6 +410,6 @@ class AsyncEngine:
         log.error("engine step failed (%s: %s); failing the %d request(s) of that step", type(error).__name__, error,
                   len(failed), exc_info=error)
         for rid in failed:
-            self._safe_abort(rid)
+            self._safe_abort(rid, "error")
         self.engine.kv_cache.reset_prefix_cache()
         return failed

