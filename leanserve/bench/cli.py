@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from leanserve.argtypes import nonneg_float, nonneg_int, positive_float, positive_int
+
 PROG = "leanserve bench"
 EPILOG = "Full guide: docs/bench.md. Results use the field names of `vllm bench serve`."
 
@@ -33,50 +35,14 @@ def _one_line_error(parser: argparse.ArgumentParser):
     return error
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {v}")
-    return v
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (v > 0):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (v >= 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return v
 
 
 def _rate(text: str) -> float:
     if text.strip().lower() in ("inf", "infinity"):
         return math.inf
-    return _positive_float(text)
+    return positive_float(text)
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -111,7 +77,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="/v1/chat/completions (default) or /v1/completions")
     g.add_argument("--model", help="model name to request (default: the first id from GET /v1/models)")
     g.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY if set)")
-    g.add_argument("--timeout", type=_positive_float, default=600.0, metavar="S",
+    g.add_argument("--timeout", type=positive_float, default=600.0, metavar="S",
                    help="give up on a request after S seconds without any byte from the server (default 600)")
 
     g = p.add_argument_group("workload")
@@ -121,41 +87,41 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset-path", type=Path, help="a ShareGPT-format .json/.jsonl file (implies --workload sharegpt)")
     g.add_argument("--data-dir", type=Path, help="folder with mt_bench_questions.jsonl (default: ../shared/data "
                                                  "relative to the repository root)")
-    g.add_argument("--num-prompts", type=_positive_int, metavar="N",
+    g.add_argument("--num-prompts", type=positive_int, metavar="N",
                    help="conversations to send per run (default: 80 for MT-Bench workloads, 100 random, 1000 sharegpt); "
                         "a multi-turn conversation is 2 requests")
-    g.add_argument("--duration", type=_positive_float, metavar="S",
+    g.add_argument("--duration", type=positive_float, metavar="S",
                    help="stop starting requests after S seconds (with or without --num-prompts)")
     g.add_argument("--seed", type=int, default=0, help="seeds prompt order, lengths and arrivals (default 0)")
     out = g.add_mutually_exclusive_group()
-    out.add_argument("--output-len", type=_positive_int, metavar="N", help="max_tokens for every request")
+    out.add_argument("--output-len", type=positive_int, metavar="N", help="max_tokens for every request")
     out.add_argument("--output-len-range", type=_range, metavar="LO:HI",
                      help="max_tokens uniform in [LO, HI] (default for random: 100:1024; MT-Bench workloads: 128)")
     inp = g.add_mutually_exclusive_group()
-    inp.add_argument("--input-len", type=_positive_int, metavar="N", help="random workload: ~N input tokens")
+    inp.add_argument("--input-len", type=positive_int, metavar="N", help="random workload: ~N input tokens")
     inp.add_argument("--input-len-range", type=_range, metavar="LO:HI",
                      help="random workload: ~input tokens uniform in [LO, HI] (default 100:1024)")
-    g.add_argument("--shared-prefix-len", type=_positive_int, default=1500, metavar="N",
+    g.add_argument("--shared-prefix-len", type=positive_int, default=1500, metavar="N",
                    help="shared-prefix workload: ~tokens of shared system prompt (default 1500)")
     g.add_argument("--ignore-eos", action="store_true",
                    help="send ignore_eos: true so every request produces exactly max_tokens")
-    g.add_argument("--temperature", type=_nonneg_float, default=0.0, help="sampling temperature (default 0: greedy)")
+    g.add_argument("--temperature", type=nonneg_float, default=0.0, help="sampling temperature (default 0: greedy)")
 
     g = p.add_argument_group("load")
-    g.add_argument("--concurrency", type=_positive_int, metavar="N",
+    g.add_argument("--concurrency", type=positive_int, metavar="N",
                    help="at most N requests in flight (closed loop when no --request-rate)")
     g.add_argument("--request-rate", type=_rate, default=math.inf, metavar="R",
                    help="Poisson arrivals at R requests/s (default inf: all at once, bounded by --concurrency)")
-    g.add_argument("--burstiness", type=_positive_float, default=1.0,
+    g.add_argument("--burstiness", type=positive_float, default=1.0,
                    help="gamma shape of inter-arrival times: 1 Poisson, <1 burstier, >1 steadier (default 1)")
     g.add_argument("--sweep", action="store_true",
                    help="ramp concurrency 1,2,4,... until throughput stops growing, then measure Poisson rates below it")
-    g.add_argument("--sweep-max-concurrency", type=_positive_int, default=64, metavar="N")
-    g.add_argument("--sweep-threshold", type=_nonneg_float, default=0.10, metavar="F",
+    g.add_argument("--sweep-max-concurrency", type=positive_int, default=64, metavar="N")
+    g.add_argument("--sweep-threshold", type=nonneg_float, default=0.10, metavar="F",
                    help="saturated when doubling concurrency adds less than this fraction of throughput (default 0.10)")
     g.add_argument("--sweep-rates", type=_floats, default=(0.25, 0.5, 0.75, 0.9), metavar="F,F,...",
                    help="request rates to measure, as fractions of the saturation rate (default 0.25,0.5,0.75,0.9)")
-    g.add_argument("--warmup-requests", type=_nonneg_int, default=1, metavar="N",
+    g.add_argument("--warmup-requests", type=nonneg_int, default=1, metavar="N",
                    help="short requests sent before measuring (default 1; 0 to skip)")
 
     g = p.add_argument_group("metrics and cost")
@@ -163,10 +129,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="SLOs for goodput, e.g. --goodput ttft:500 tpot:50 e2el:10000 (a request counts if it meets all)")
     g.add_argument("--percentiles", type=_floats, default=(90.0, 99.0), metavar="P,P",
                    help="percentiles to report besides the median (default 90,99)")
-    g.add_argument("--price-per-hour", type=_nonneg_float, metavar="USD", help="your price per device-hour")
+    g.add_argument("--price-per-hour", type=nonneg_float, metavar="USD", help="your price per device-hour")
     g.add_argument("--hardware", metavar="NAME",
                    help="catalog entry for the price (leanserve/data/hardware.json), e.g. h100-sxm, l4, cpu-local")
-    g.add_argument("--num-devices", type=_positive_int, default=1, metavar="N",
+    g.add_argument("--num-devices", type=positive_int, default=1, metavar="N",
                    help="devices the server uses (multiplies the price per hour; default 1)")
 
     g = p.add_argument_group("output")

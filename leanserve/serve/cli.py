@@ -8,42 +8,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from leanserve.argtypes import nonneg_float, nonneg_int, port
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 
 
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not v >= 0 or math.isnan(v):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return v
 
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v}")
-    return v
-
-
-def _port(text: str) -> int:
-    v = _nonneg_int(text)
-    if v > 65535:
-        raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {v}")
-    return v
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -57,24 +34,24 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     _add_engine_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; 0.0.0.0 for all)")
-    g.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free port)")
+    g.add_argument("--port", type=port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free port)")
     g.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the name clients send as 'model' (default: the model argument)")
     g.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1 and /metrics (repeatable)")
     g.add_argument("--api-keys-file", type=Path, default=None, metavar="FILE",
                    help="accepted keys as sha256 hex digests, one per line, # comments (printf %%s KEY | sha256sum)")
-    g.add_argument("--max-queue", type=_nonneg_int, default=256, metavar="N",
+    g.add_argument("--max-queue", type=nonneg_int, default=256, metavar="N",
                    help="sequences that may wait beyond a full batch (--max-num-seqs); past it: 429 with Retry-After "
                         "(default 256)")
-    g.add_argument("--request-timeout", type=_nonneg_float, default=600.0, metavar="S",
+    g.add_argument("--request-timeout", type=nonneg_float, default=600.0, metavar="S",
                    help="abort a request S seconds after it arrived: 504, or an error event when streaming "
                         "(default 600; 0: no limit)")
     c = p.add_argument_group("cost (docs/cost.md)")
     c.add_argument("--hardware", default=None, metavar="NAME",
                    help="the hardware catalog entry for the price and the peak FLOP/s and bandwidth (default: the "
                         "detected GPU if the catalog knows it, else cpu-local, whose price is a labelled default)")
-    c.add_argument("--price-per-hour", type=_nonneg_float, default=None, metavar="USD",
+    c.add_argument("--price-per-hour", type=nonneg_float, default=None, metavar="USD",
                    help="your $ per machine hour; overrides the catalog price (combine with --hardware for its peaks)")
     c.add_argument("--ledger", type=Path, default=None, metavar="PATH",
                    help="SQLite file recording every request's cost (default: $LEANSERVE_HOME/ledger.sqlite, "
