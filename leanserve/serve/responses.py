@@ -172,23 +172,23 @@ def engine_failure(out: RequestOutput) -> str | None:
 
 def completion_chunk(rid: str, created: int, model: str, index: int, text: str, logprobs: dict[str, Any] | None,
                      finish: str | None, include_usage: bool, stop_reason: str | int | None = None) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-    if finish is not None:
-        choice["stop_reason"] = stop_reason
-    chunk = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    return _stream_chunk("text_completion", rid, created, model, choice, include_usage, stop_reason)
 
 
 def chat_chunk(rid: str, created: int, model: str, index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None,
                finish: str | None, include_usage: bool, stop_reason: str | int | None = None) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-    if finish is not None:
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    return _stream_chunk("chat.completion.chunk", rid, created, model, choice, include_usage, stop_reason)
+
+
+def _stream_chunk(obj: str, rid: str, created: int, model: str, choice: dict[str, Any], include_usage: bool,
+                  stop_reason: str | int | None) -> dict[str, Any]:
+    if choice["finish_reason"] is not None:
         choice["stop_reason"] = stop_reason
-    chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+    chunk: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
     if include_usage:
-        chunk["usage"] = None
+        chunk["usage"] = None  # OpenAI: null on every chunk but the final usage chunk
     return chunk
 
 
