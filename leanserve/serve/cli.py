@@ -20,9 +20,6 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 
 
-
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from leanserve.cli import _add_engine_args
 
