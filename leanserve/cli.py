@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from leanserve.argtypes import positive_int
 from leanserve.config import parse_bytes
 
 
@@ -28,13 +29,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="CPU threads for the model (default: one per core, torch's choice; stated at start-up)")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-                enable_prefix_caching=not args.no_prefix_caching)
+                enable_prefix_caching=not args.no_prefix_caching, threads=args.threads)
 
 
 def ensure_model(name: str) -> None:

@@ -63,6 +63,7 @@ class EngineConfig:
     max_num_seqs: int = 128
     max_model_len: int | None = None  # None: the model's own context length, capped by the KV cache
     seed: int = 0
+    threads: int | None = None  # CPU threads for torch and the native kernels; None: torch's default (one per core)
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
@@ -74,6 +75,7 @@ class EngineConfig:
         _require(self.max_num_batched_tokens >= 1, f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         _require(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         _require(self.max_model_len is None or self.max_model_len >= 1, f"max_model_len must be >= 1, got {self.max_model_len}")
+        _require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
 
 
 def parse_bytes(text: str) -> int:

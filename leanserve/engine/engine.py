@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import logging
 import time
 from collections.abc import Sequence
@@ -79,6 +80,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
         device = resolve_device(config.device)
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
         if loaded is None:
             loaded = load_model(config.model, resolve_dtype(config.dtype, device), device)
         self.loaded = loaded
@@ -118,6 +121,18 @@ class LLMEngine:
             free, _ = torch.cuda.mem_get_info(device)
             return int(free * DEFAULT_KV_CACHE_FRACTION_CUDA)
         return DEFAULT_KV_CACHE_CPU
+
+    def describe_runtime(self) -> str:
+        """One line on how the model runs here: threads, native kernels, weight formats."""
+        if self.loaded.device.type != "cpu":
+            return f"{self.loaded.dtype} on {self.loaded.device}"
+        from leanserve import kernels
+
+        line = f"{torch.get_num_threads()} CPU threads ({os.cpu_count()} logical CPUs); {kernels.status()}"
+        q = self.loaded.model.quantized_summary()
+        if q:
+            line += f"; {q}"
+        return line
 
     @property
     def kv_cache_tokens(self) -> int:

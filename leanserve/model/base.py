@@ -9,6 +9,7 @@ from torch import nn
 
 from leanserve.model.attention import AttentionMetadata
 from leanserve.model.config import ModelConfig
+from leanserve.model.quant import MAX_KERNEL_ROWS_LM_HEAD, QuantWeight, qlinear
 
 # HF checkpoint names of the separate projections -> (fused parameter, shard index)
 STACKED = {
@@ -31,7 +32,9 @@ class CausalLM(nn.Module):
         self.model.layers = nn.ModuleList()
         from leanserve.model.layers import RMSNorm
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.norm_offset)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        from leanserve.model.layers import Linear
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head_q: QuantWeight | None = None  # tied LM head in quantized blocks
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
@@ -46,8 +49,53 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # (num_rows, hidden_size) -> (num_rows, vocab_size)
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return hidden @ weight.t()
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        if self.lm_head_q is not None and hidden.shape[0] <= self.lm_head_q.max_rows:
+            return qlinear(hidden, self.lm_head_q)
+        return hidden @ self.model.embed_tokens.weight.t()
+
+    def attach_quantized(self, weights: Iterable[tuple[str, QuantWeight]]) -> None:
+        """Give Linear layers (and a tied LM head) the quantized blocks of their float weights, so
+        small batches read those; a fused layer gets them only if all its parts have them alike."""
+        modules = dict(self.named_modules())
+        parts: dict[str, dict[int, QuantWeight]] = {}
+        for name, qw in weights:
+            if name == "model.embed_tokens.weight" or name == "lm_head.weight":
+                qw.max_rows = MAX_KERNEL_ROWS_LM_HEAD
+                if name == "lm_head.weight" or self.lm_head is None:
+                    self._set_qweight(modules, "lm_head" if self.lm_head is not None else None, qw)
+                continue
+            path = name.removesuffix(".weight").split(".")
+            fused, shard = STACKED.get(path[-1], (path[-1], 0))
+            parts.setdefault(".".join(path[:-1] + [fused]), {})[shard] = qw
+        for module_name, shards in parts.items():
+            sizes = self._shard_sizes(module_name.split(".")[-1]) if module_name.split(".")[-1] in ("qkv_proj", "gate_up_proj") else [0]
+            if len(shards) == len(sizes):
+                qw = QuantWeight.cat([shards[i] for i in range(len(sizes))])
+                if qw is not None:
+                    self._set_qweight(modules, module_name, qw)
+
+    def quantized_summary(self) -> str:
+        """E.g. '121 of 121 matmuls also in 4/8-bit GGUF blocks (115 MB), read ... up to 16/48 rows'; '' if none."""
+        linears = [m for m in self.modules() if hasattr(m, "qweight")]
+        quant = [m.qweight for m in linears if m.qweight is not None] + ([self.lm_head_q] if self.lm_head_q else [])
+        if not quant:
+            return ""
+        total = len(linears) + (1 if self.lm_head is None else 0)
+        bits = "/".join(str(b) for b in sorted({q.bits for q in quant}))
+        rows = "/".join(str(r) for r in sorted({q.max_rows for q in quant}))
+        return (f"{len(quant)} of {total} matmuls also in {bits}-bit GGUF blocks ({sum(q.nbytes for q in quant) / 1e6:.0f} MB), "
+                f"read by the native kernel up to {rows} rows")
+
+    def _set_qweight(self, modules: dict[str, nn.Module], module_name: str | None, qw: QuantWeight) -> None:
+        weight = self.model.embed_tokens.weight if module_name is None else modules[module_name].weight
+        if tuple(weight.shape) != qw.shape:
+            raise ValueError(f"quantized {module_name or 'lm_head'}: shape {qw.shape} != float weight {tuple(weight.shape)}")
+        if module_name is None:
+            self.lm_head_q = qw
+        else:
+            modules[module_name].qweight = qw
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -11,6 +11,22 @@ from torch import nn
 
 from leanserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from leanserve.model.config import ModelConfig
+from leanserve.model.quant import QuantWeight, qlinear
+
+
+class Linear(nn.Linear):
+    """nn.Linear that may also keep its weight in GGUF's quantized blocks (``qweight``, attached by
+    the loader). Up to ``qweight.max_rows`` rows, which are memory-bound, run the native kernel over
+    the 4-8x smaller blocks; more rows are compute-bound and use BLAS on the float weight."""
+
+    qweight: QuantWeight | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qw = self.qweight
+        if qw is not None and x.shape[0] <= qw.max_rows:
+            y = qlinear(x, qw)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -93,8 +109,8 @@ class GatedMLP(nn.Module):
         super().__init__()
         if act not in ACTIVATIONS:
             raise ValueError(f"unsupported activation {act!r} (supported: {', '.join(ACTIVATIONS)})")
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
         self.act = ACTIVATIONS[act]
         self.intermediate_size = intermediate_size
 
@@ -110,8 +126,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, norm_offset)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, norm_offset)

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from leanserve import kernels
 from leanserve.model.config import ModelConfig
+from leanserve.model.quant import QuantWeight, from_gguf_blocks
 from leanserve.model.registry import BUILTIN_MODELS, builtin_path, is_pulled, model_class
 from leanserve.tokenizer import LeanTokenizer
 
@@ -157,6 +159,23 @@ def iter_gguf_weights(reader: Any, cfg: ModelConfig, arch: str) -> Iterator[tupl
         yield name, torch.from_numpy(np.array(w, copy=True) if not w.flags.writeable else np.ascontiguousarray(w))
 
 
+def iter_gguf_quantized(reader: Any, cfg: ModelConfig, arch: str) -> Iterator[tuple[str, QuantWeight]]:
+    """The 2-D tensors whose GGUF type the native kernel reads as is (model/quant.py), in their
+    quantized blocks, rows arranged like ``iter_gguf_weights`` arranges the float ones."""
+    for t in reader.tensors:
+        if len(t.shape) != 2 or t.name == "rope_freqs.weight":
+            continue
+        n, k = (int(d) for d in reversed(t.shape))
+        qw = from_gguf_blocks(t.data, t.tensor_type.name, n, k)
+        if qw is None:
+            continue
+        name = gguf_tensor_name(t.name, arch)
+        if arch in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = cfg.num_heads if name.endswith("q_proj.weight") else cfg.num_kv_heads
+            qw = qw.rows(_unpermute_rope(np.arange(n)[:, None], heads)[:, 0])
+        yield name, qw
+
+
 # ---- HF folders -------------------------------------------------------------------------------
 
 def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -237,6 +256,8 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, device: torch.dev
     else:
         weights = iter_safetensors(source.path)
     net = build_model(cfg, weights, dtype, device)
+    if reader is not None and device.type == "cpu" and dtype == torch.float32 and kernels.ops() is not None:
+        net.attach_quantized(iter_gguf_quantized(reader, cfg, arch))
     return LoadedModel(source, cfg, net, tokenizer, dtype, device)
 
 

@@ -153,6 +153,7 @@ def _serve(args: argparse.Namespace, sock: socket.socket, digests: frozenset[str
               f"ready in {time.perf_counter() - t0:.1f} s", flush=True)
         where = f"ledger {ledger.path}" + (" (with text)" if ledger.store_text else "") if ledger else "no ledger"
         print(f"leanserve: {basis.describe()}; {where}; GET /v1/cost", flush=True)
+        print(f"leanserve: {engine.describe_runtime()}", flush=True)
 
     app = build_app(async_engine, settings, on_ready=ready)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log, timeout_graceful_shutdown=5,

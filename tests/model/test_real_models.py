@@ -91,6 +91,24 @@ def test_smollm2_gguf_batch_matches_transformers(smollm):
     assert_same_greedy(_generate(llm, prompts), refs, prompts, hf, "smollm2 gguf, one batch")
 
 
+def _require_quantized(loaded) -> None:
+    from leanserve import kernels
+
+    if kernels.ops() is None:
+        pytest.skip(kernels.status())
+    assert loaded.model.model.layers[0].mlp.gate_up_proj.qweight is not None, "GGUF blocks not attached"
+
+
+def test_smollm2_native_quantized_path_matches_transformers(smollm):
+    """At most 3 sequences in a batch: every decode matmul runs the native kernel over the GGUF's
+    Q4_1 / Q8_0 blocks (prefill, with more rows, runs BLAS on the float weights)."""
+    loaded, hf, prompts, refs = smollm
+    _require_quantized(loaded)
+    assert loaded.model.lm_head_q is not None and loaded.model.lm_head_q.bits == 8
+    llm = LLM("smollm2-135m", loaded=loaded, max_num_seqs=3)
+    assert_same_greedy(_generate(llm, prompts), refs, prompts, hf, "smollm2 gguf, native Q4_1 kernel")
+
+
 def test_chunked_prefill_gives_the_same_tokens(smollm):
     loaded, hf, prompts, refs = smollm
     whole = LLM("smollm2-135m", loaded=loaded, max_num_batched_tokens=2048)
@@ -135,3 +153,6 @@ def test_gemma3_matches_transformers():
     refs = _hf_reference(hf.eval(), prompts)
     llm = LLM("gemma3-270m", loaded=loaded)
     assert_same_greedy(_generate(llm, prompts), refs, prompts, hf, "gemma3 gguf, one batch")
+    _require_quantized(loaded)  # Q5_0 / Q8_0 layers in 8-bit blocks; Q4_K / Q6_K stay float only
+    small = LLM("gemma3-270m", loaded=loaded, max_num_seqs=4)
+    assert_same_greedy(_generate(small, prompts[:8]), refs[:8], prompts[:8], hf, "gemma3 gguf, native kernels")

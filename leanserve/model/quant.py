@@ -1,0 +1,114 @@
+"""Weights kept in GGUF's quantized blocks, for the native ``qlinear`` kernel (kernels/csrc/qlinear.cpp).
+
+Decoding one sequence on a CPU reads every weight once per token, so its speed is memory
+bandwidth over weight bytes. GGUF files already hold the weights in blocks of 32 with a float16
+scale (and a min): Q4_1 is 0.625 bytes a weight against 4 for float32. leanserve keeps those blocks
+next to the float32 weights and small batches read them instead; big batches are compute-bound and
+use the float32 weights with BLAS.
+
+One format covers the simple GGUF types exactly: per block of 32, ``w = scale * q + min`` with q
+of 4 bits (packed two to a byte, GGUF's order) or 8 bits (int8):
+
+    Q4_0  w = d * (q - 8)        -> 4-bit, scale d, min -8d
+    Q4_1  w = d * q + m          -> 4-bit, scale d, min m
+    Q5_0  w = d * (q - 16)       -> 8-bit, q - 16, scale d, min 0
+    Q5_1  w = d * q + m          -> 8-bit, scale d, min m
+    Q8_0  w = d * q              -> 8-bit, scale d, min 0
+
+Every ``scale * q`` is exact in float32 (a float16 scale times at most 8 bits), so ``dequantize``
+equals gguf's own dequantization bit for bit (tests check it). K-quants (Q4_K, Q6_K, ...) have other
+block layouts; their tensors stay float32 only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+BLOCK = 32
+# Rows of x up to which qlinear beats BLAS on the float32 weights, measured on a 2-core AVX2 EPYC
+# (benchmarks/qlinear.py): per-layer shapes cross over near 24 rows; the 49152-row LM head, where
+# BLAS is slow, near 64.
+MAX_KERNEL_ROWS = 16
+MAX_KERNEL_ROWS_LM_HEAD = 48
+
+
+@dataclass
+class QuantWeight:
+    qs: torch.Tensor  # (N, K / 2) uint8 for 4 bits, (N, K) int8 for 8 bits
+    scales: torch.Tensor  # (N, K / 32) float32
+    mins: torch.Tensor  # (N, K / 32) float32
+    bits: int
+    max_rows: int = MAX_KERNEL_ROWS  # the Linear layer uses the kernel up to this many rows of x
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qs.shape[0], self.scales.shape[1] * BLOCK
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.scales, self.mins))
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.shape
+        if self.bits == 4:
+            b = self.qs.view(n, k // BLOCK, 16)
+            q = torch.cat((b & 0x0F, b >> 4), dim=-1).float()  # (N, groups, 32): low nibbles first
+        else:
+            q = self.qs.view(n, k // BLOCK, BLOCK).float()
+        return torch.addcmul(self.mins[..., None], q, self.scales[..., None]).reshape(n, k)
+
+    def rows(self, index: np.ndarray) -> "QuantWeight":
+        idx = torch.from_numpy(np.asarray(index, dtype=np.int64))
+        return QuantWeight(self.qs[idx].contiguous(), self.scales[idx].contiguous(), self.mins[idx].contiguous(), self.bits)
+
+    @staticmethod
+    def cat(parts: list["QuantWeight"]) -> "QuantWeight | None":
+        """Row-wise concatenation (fused q/k/v, gate/up); None if the parts differ in format."""
+        if len({p.bits for p in parts}) != 1 or len({p.shape[1] for p in parts}) != 1:
+            return None
+        return QuantWeight(torch.cat([p.qs for p in parts]), torch.cat([p.scales for p in parts]),
+                           torch.cat([p.mins for p in parts]), parts[0].bits)
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)[..., 0]
+
+
+def from_gguf_blocks(raw: np.ndarray, type_name: str, n: int, k: int) -> QuantWeight | None:
+    """Raw GGUF bytes of an (n, k) tensor -> QuantWeight, or None for a type this format can't hold."""
+    layouts = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34}
+    if type_name not in layouts or k % BLOCK:
+        return None
+    b = np.asarray(raw, dtype=np.uint8).reshape(n, k // BLOCK, layouts[type_name])
+    d = _f16(b[..., 0:2])
+    zeros = np.zeros_like(d)
+    if type_name == "Q4_0":
+        return _make(b[..., 2:18].reshape(n, k // 2), d, -8.0 * d, 4)
+    if type_name == "Q4_1":
+        return _make(b[..., 4:20].reshape(n, k // 2), d, _f16(b[..., 2:4]), 4)
+    if type_name == "Q8_0":
+        return _make(b[..., 2:34].view(np.int8).reshape(n, k), d, zeros, 8)
+    # Q5_x: 16 bytes of low nibbles (as Q4) plus 32 high bits, element j's bit is bit j of qh
+    mins, qh_at, qs_at = (zeros, 2, 6) if type_name == "Q5_0" else (_f16(b[..., 2:4]), 4, 8)
+    qh = np.ascontiguousarray(b[..., qh_at:qh_at + 4]).view("<u4")  # (n, groups, 1)
+    high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4  # (n, groups, 32)
+    lo = b[..., qs_at:qs_at + 16]
+    q = np.concatenate((lo & 0x0F, lo >> 4), axis=-1) | high  # 0..31
+    if type_name == "Q5_0":
+        q = q.astype(np.int16) - 16
+    return _make(q.astype(np.int8).reshape(n, k), d, mins, 8)
+
+
+def _make(qs: np.ndarray, scales: np.ndarray, mins: np.ndarray, bits: int) -> QuantWeight:
+    return QuantWeight(torch.from_numpy(np.ascontiguousarray(qs)), torch.from_numpy(np.ascontiguousarray(scales, np.float32)),
+                       torch.from_numpy(np.ascontiguousarray(mins, np.float32)), bits)
+
+
+def qlinear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """x (M, K) float32 @ dequantize(w).T with the native kernel; (M, N)."""
+    from leanserve.kernels import ops
+
+    return ops().qlinear(x, w.qs, w.scales, w.mins, w.bits)

@@ -1,0 +1,106 @@
+"""GGUF blocks in leanserve's quantized format, and the native qlinear kernel against float32 math."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from leanserve import kernels
+from leanserve.model.layers import Linear
+from leanserve.model.quant import QuantWeight, from_gguf_blocks, qlinear
+
+TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+
+
+def _gguf(name: str, n: int = 48, k: int = 576, seed: int = 0) -> tuple[np.ndarray, torch.Tensor]:
+    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
+    raw = quantize(w, GGMLQuantizationType[name])
+    return raw, torch.from_numpy(dequantize(raw, GGMLQuantizationType[name]))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_blocks_dequantize_exactly_like_gguf(name):
+    raw, ref = _gguf(name)
+    qw = from_gguf_blocks(raw, name, *ref.shape)
+    assert qw.bits == (4 if name in ("Q4_0", "Q4_1") else 8)
+    assert qw.shape == tuple(ref.shape)
+    assert torch.equal(qw.dequantize(), ref)  # bit for bit, not approximately
+    assert qw.nbytes == ref.numel() * qw.bits // 8 + 2 * 4 * ref.numel() // 32
+
+
+def test_unsupported_types_and_shapes_stay_float():
+    raw, ref = _gguf("Q4_1")
+    assert from_gguf_blocks(raw, "Q4_K", *ref.shape) is None
+    assert from_gguf_blocks(np.zeros((4, 20), np.uint8), "Q4_1", 4, 40) is None  # not whole blocks
+
+
+def test_rows_and_cat():
+    raw, ref = _gguf("Q4_1", n=8)
+    qw = from_gguf_blocks(raw, "Q4_1", *ref.shape)
+    perm = np.array([3, 1, 2, 0, 7, 6, 5, 4])
+    assert torch.equal(qw.rows(perm).dequantize(), ref[perm])
+    both = QuantWeight.cat([qw, qw.rows(perm)])
+    assert torch.equal(both.dequantize(), torch.cat([ref, ref[perm]]))
+    raw8, ref8 = _gguf("Q8_0", n=8)
+    assert QuantWeight.cat([qw, from_gguf_blocks(raw8, "Q8_0", *ref8.shape)]) is None  # 4-bit + 8-bit
+
+
+needs_kernels = pytest.mark.skipif(kernels.ops() is None, reason=kernels.status())
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+def test_qlinear_matches_float_matmul(name, rows):
+    raw, ref = _gguf(name, n=40, k=1536, seed=rows)
+    qw = from_gguf_blocks(raw, name, *ref.shape)
+    x = torch.randn(rows, 1536, generator=torch.Generator().manual_seed(rows))
+    want = x.double() @ ref.double().t()
+    got = qlinear(x, qw)
+    assert got.shape == (rows, 40) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernels
+def test_qlinear_non_contiguous_input():
+    raw, ref = _gguf("Q4_1", n=16, k=64)
+    qw = from_gguf_blocks(raw, "Q4_1", *ref.shape)
+    x = torch.randn(64, 3).t()  # (3, 64), strided
+    torch.testing.assert_close(qlinear(x, qw), x @ ref.t(), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_qlinear_rejects_bad_input():
+    raw, ref = _gguf("Q4_1", n=16, k=64)
+    qw = from_gguf_blocks(raw, "Q4_1", *ref.shape)
+    ops = kernels.ops()
+    with pytest.raises(RuntimeError, match="must be a 2-D float32"):
+        ops.qlinear(torch.randn(2, 64, dtype=torch.float64), qw.qs, qw.scales, qw.mins, 4)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        ops.qlinear(torch.randn(2, 48), qw.qs, qw.scales, qw.mins, 4)
+    with pytest.raises(RuntimeError, match="qs must be contiguous bytes"):
+        ops.qlinear(torch.randn(2, 64), qw.qs, qw.scales, qw.mins, 8)  # 4-bit data read as 8-bit
+    with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
+        ops.qlinear(torch.randn(2, 64), qw.qs, qw.scales, qw.mins, 5)
+
+
+@needs_kernels
+def test_linear_uses_the_kernel_only_up_to_max_rows(monkeypatch):
+    raw, ref = _gguf("Q8_0", n=32, k=64)
+    layer = Linear(64, 32, bias=True)
+    with torch.no_grad():
+        layer.weight.copy_(ref)
+        layer.bias.copy_(torch.arange(32.0))
+    layer.qweight = from_gguf_blocks(raw, "Q8_0", *ref.shape)
+    layer.qweight.max_rows = 4
+    calls = []
+    import leanserve.model.layers as layers
+
+    monkeypatch.setattr(layers, "qlinear", lambda x, w: calls.append(x.shape[0]) or qlinear(x, w))
+    for rows in (1, 4, 5, 32):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(layer(x), x @ ref.t() + torch.arange(32.0), rtol=1e-5, atol=1e-4)
+    assert calls == [1, 4]
