@@ -37,7 +37,7 @@ MAX_KERNEL_ROWS_LM_HEAD = 48
 
 @dataclass
 class QuantWeight:
-    qs: torch.Tensor  # (N, K / 2) uint8 for 4 bits, (N, K) int8 for 8 bits
+    qs: torch.Tensor  # 4 bits: (N, ceil(K / 64) * 8) int32, see _pack4; 8 bits: (N, K) int8
     scales: torch.Tensor  # (N, K / 32) float32
     mins: torch.Tensor  # (N, K / 32) float32
     bits: int
@@ -54,8 +54,7 @@ class QuantWeight:
     def dequantize(self) -> torch.Tensor:
         n, k = self.shape
         if self.bits == 4:
-            b = self.qs.view(n, k // BLOCK, 16)
-            q = torch.cat((b & 0x0F, b >> 4), dim=-1).float()  # (N, groups, 32): low nibbles first
+            q = torch.from_numpy(_unpack4(self.qs.numpy(), k)).view(n, k // BLOCK, BLOCK).float()
         else:
             q = self.qs.view(n, k // BLOCK, BLOCK).float()
         return torch.addcmul(self.mins[..., None], q, self.scales[..., None]).reshape(n, k)
@@ -85,10 +84,11 @@ def from_gguf_blocks(raw: np.ndarray, type_name: str, n: int, k: int) -> QuantWe
     b = np.asarray(raw, dtype=np.uint8).reshape(n, k // BLOCK, layouts[type_name])
     d = _f16(b[..., 0:2])
     zeros = np.zeros_like(d)
-    if type_name == "Q4_0":
-        return _make(b[..., 2:18].reshape(n, k // 2), d, -8.0 * d, 4)
-    if type_name == "Q4_1":
-        return _make(b[..., 4:20].reshape(n, k // 2), d, _f16(b[..., 2:4]), 4)
+    if type_name in ("Q4_0", "Q4_1"):
+        lo = b[..., 2:18] if type_name == "Q4_0" else b[..., 4:20]  # byte i: element i, i + 16
+        q = np.concatenate((lo & 0x0F, lo >> 4), axis=-1).reshape(n, k)
+        mins = -8.0 * d if type_name == "Q4_0" else _f16(b[..., 2:4])
+        return _make(_pack4(q), d, mins, 4)
     if type_name == "Q8_0":
         return _make(b[..., 2:34].view(np.int8).reshape(n, k), d, zeros, 8)
     # Q5_x: 16 bytes of low nibbles (as Q4) plus 32 high bits, element j's bit is bit j of qh
@@ -100,6 +100,24 @@ def from_gguf_blocks(raw: np.ndarray, type_name: str, n: int, k: int) -> QuantWe
     if type_name == "Q5_0":
         q = q.astype(np.int16) - 16
     return _make(q.astype(np.int8).reshape(n, k), d, mins, 8)
+
+
+def _pack4(q: np.ndarray) -> np.ndarray:
+    """(N, K) values 0..15 -> the kernel's 4-bit layout: blocks in pairs (64 weights), nibble s of
+    32-bit lane i holding weight 8s + i, so the kernel gets 8 consecutive weights with one shift and
+    one mask; an odd last block is padded with zeros (nibbles 4-7, never read)."""
+    n, k = q.shape
+    pairs = -(-k // 64)
+    q = np.pad(q.astype(np.uint32), ((0, 0), (0, pairs * 64 - k))).reshape(n, pairs, 8, 8)  # (N, pair, s, i)
+    lanes = np.bitwise_or.reduce(q << (4 * np.arange(8, dtype=np.uint32))[None, None, :, None], axis=2)
+    return lanes.reshape(n, pairs * 8).view(np.int32)
+
+
+def _unpack4(qs: np.ndarray, k: int) -> np.ndarray:
+    n = qs.shape[0]
+    lanes = qs.view(np.uint32).reshape(n, -1, 1, 8)
+    q = (lanes >> (4 * np.arange(8, dtype=np.uint32))[None, None, :, None]) & 0xF  # (N, pair, s, i)
+    return q.reshape(n, -1)[:, :k].astype(np.uint8)
 
 
 def _make(qs: np.ndarray, scales: np.ndarray, mins: np.ndarray, bits: int) -> QuantWeight:

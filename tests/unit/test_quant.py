@@ -37,6 +37,18 @@ def test_unsupported_types_and_shapes_stay_float():
     assert from_gguf_blocks(np.zeros((4, 20), np.uint8), "Q4_1", 4, 40) is None  # not whole blocks
 
 
+@pytest.mark.parametrize("k", [32, 64, 96, 576])  # odd and even block counts
+def test_4bit_layout_round_trips(k):
+    from leanserve.model.quant import _pack4, _unpack4
+
+    q = np.random.default_rng(k).integers(0, 16, (3, k)).astype(np.uint8)
+    packed = _pack4(q)
+    assert packed.shape == (3, -(-k // 64) * 8) and packed.dtype == np.int32
+    assert np.array_equal(_unpack4(packed, k), q)
+    # nibble s of lane i is weight 8s + i of the pair of blocks
+    assert (packed[0, 1].view(np.uint32) >> 8) & 0xF == q[0, 17]
+
+
 def test_rows_and_cat():
     raw, ref = _gguf("Q4_1", n=8)
     qw = from_gguf_blocks(raw, "Q4_1", *ref.shape)
@@ -55,9 +67,9 @@ needs_kernels = pytest.mark.skipif(kernels.ops() is None, reason=kernels.status(
 @pytest.mark.parametrize("name", TYPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
 def test_qlinear_matches_float_matmul(name, rows):
-    raw, ref = _gguf(name, n=40, k=1536, seed=rows)
+    raw, ref = _gguf(name, n=40, k=1568, seed=rows)  # 49 blocks: an odd last block
     qw = from_gguf_blocks(raw, name, *ref.shape)
-    x = torch.randn(rows, 1536, generator=torch.Generator().manual_seed(rows))
+    x = torch.randn(rows, 1568, generator=torch.Generator().manual_seed(rows))
     want = x.double() @ ref.double().t()
     got = qlinear(x, qw)
     assert got.shape == (rows, 40) and got.dtype == torch.float32
@@ -81,7 +93,7 @@ def test_qlinear_rejects_bad_input():
         ops.qlinear(torch.randn(2, 64, dtype=torch.float64), qw.qs, qw.scales, qw.mins, 4)
     with pytest.raises(RuntimeError, match="multiple of 32"):
         ops.qlinear(torch.randn(2, 48), qw.qs, qw.scales, qw.mins, 4)
-    with pytest.raises(RuntimeError, match="qs must be contiguous bytes"):
+    with pytest.raises(RuntimeError, match="qs must be contiguous int8 rows of 64 bytes"):
         ops.qlinear(torch.randn(2, 64), qw.qs, qw.scales, qw.mins, 8)  # 4-bit data read as 8-bit
     with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
         ops.qlinear(torch.randn(2, 64), qw.qs, qw.scales, qw.mins, 5)

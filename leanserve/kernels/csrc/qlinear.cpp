@@ -5,15 +5,18 @@
 // dequantized weights only in summation order.
 //
 //   x      : (M, K) float32, K % 32 == 0
-//   qs     : 4-bit: (N, K / 2) uint8, byte i of a block = element i (low nibble), i + 16 (high)
-//            8-bit: (N, K) int8
+//   qs     : 4-bit: (N, ceil(K / 64) * 8) int32 read as uint32. Blocks go in pairs (64 weights,
+//            one 256-bit load); nibble s of 32-bit lane i is weight 8s + i of the pair, so a shift
+//            and a mask give 8 consecutive weights in 8 lanes with no byte shuffles. An odd last
+//            block fills nibbles 0-3 only.
+//            8-bit: (N, K) int8, in order.
 //   scales : (N, K / 32) float32
 //   mins   : (N, K / 32) float32 (zeros for symmetric formats)
 //   y      : (M, N) float32
 //
 // Output rows are split over threads (at::parallel_for); each thread walks its rows of W once per
-// group of up to 4 rows of x, so W streams from memory once per call for M <= 4 (decode of one to
-// four sequences is memory-bound: this is where the 4-8x smaller weights pay).
+// group of up to 8 rows of x, so W streams from memory once per call for M <= 8 (decode of a few
+// sequences is memory-bound: this is where the 4-8x smaller weights pay) and from cache after that.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -29,47 +32,45 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// The 32 weights of one block as four vectors of 8 floats.
-template <bool Q4>
-inline void dequant_block(const uint8_t* q, __m256 d, __m256 m, __m256 w[4]) {
-  if constexpr (Q4) {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(bytes, mask);                     // elements 0..15
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);  // elements 16..31
-    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), d, m);
-    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), d, m);
-    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), d, m);
-    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), d, m);
-  } else {
-    for (int j = 0; j < 4; ++j) {
-      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * j));
-      w[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), d, m);
-    }
-  }
+// Rows [n0, n1) of W against MR rows of x: each dequantized vector of weights feeds MR FMAs, so
+// the dequantization is paid once per MR rows. A rows: accumulators per row of x; FMA latency needs
+// about 8 independent chains to keep both FMA units busy (one row: 4; two or three: 2 each; more: 1).
+template <int MR, int A>
+inline void fma_rows(const float* x, int64_t ldx, __m256 w, int j, __m256 (&acc)[MR][A]) {
+  for (int r = 0; r < MR; ++r) acc[r][j % A] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * ldx + 8 * j), w, acc[r][j % A]);
 }
 
-// Rows [n0, n1) of W against MR rows of x. One row uses four accumulators (the FMA latency chain
-// would otherwise bound it); more rows use two each, to stay within 16 vector registers.
-template <bool Q4, int MR>
+template <bool Q4, int MR, int A = (MR == 1 ? 4 : MR <= 3 ? 2 : 1)>
 void rows_kernel(const float* x, int64_t ldx, const uint8_t* qs, const float* scales, const float* mins,
                  int64_t K, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  constexpr int A = MR == 1 ? 4 : 2;
   const int64_t groups = K / 32;
-  const int64_t qbytes = Q4 ? 16 : 32;
+  const int64_t row_bytes = Q4 ? (groups + 1) / 2 * 32 : K;
+  const __m256i nibble = _mm256_set1_epi32(0xF);
   for (int64_t n = n0; n < n1; ++n) {
     __m256 acc[MR][A];
     for (int r = 0; r < MR; ++r)
       for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
-    const uint8_t* q = qs + n * groups * qbytes;
+    const uint8_t* q = qs + n * row_bytes;
     const float* sc = scales + n * groups;
     const float* mn = mins + n * groups;
-    for (int64_t g = 0; g < groups; ++g) {
-      __m256 w[4];
-      dequant_block<Q4>(q + g * qbytes, _mm256_set1_ps(sc[g]), _mm256_set1_ps(mn[g]), w);
-      for (int r = 0; r < MR; ++r) {
-        const float* xr = x + r * ldx + g * 32;
-        for (int j = 0; j < 4; ++j) acc[r][j % A] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8 * j), w[j], acc[r][j % A]);
+    if constexpr (Q4) {
+      for (int64_t g = 0; g < groups; g += 2) {
+        const __m256i lanes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * 16));
+        for (int64_t b = 0; b < 2 && g + b < groups; ++b) {
+          const __m256 d = _mm256_set1_ps(sc[g + b]), m = _mm256_set1_ps(mn[g + b]);
+          for (int j = 0; j < 4; ++j) {
+            const __m256i qi = _mm256_and_si256(_mm256_srli_epi32(lanes, 16 * b + 4 * j), nibble);
+            fma_rows<MR, A>(x + (g + b) * 32, ldx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(qi), d, m), j, acc);
+          }
+        }
+      }
+    } else {
+      for (int64_t g = 0; g < groups; ++g) {
+        const __m256 d = _mm256_set1_ps(sc[g]), m = _mm256_set1_ps(mn[g]);
+        for (int j = 0; j < 4; ++j) {
+          const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + g * 32 + 8 * j));
+          fma_rows<MR, A>(x + g * 32, ldx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), d, m), j, acc);
+        }
       }
     }
     for (int r = 0; r < MR; ++r) {
@@ -84,17 +85,23 @@ template <bool Q4>
 void qlinear_impl(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* scales, const float* mins,
                   float* y, int64_t N) {
   // ~16 KB of 4-bit weights per task: small enough to balance, large enough to amortize the spawn
-  const int64_t grain = std::max<int64_t>(8, 16384 / std::max<int64_t>(1, K / 2));
+  const int64_t grain = std::max<int64_t>(8, 16384 / std::max<int64_t>(1, K / 2));  // rows per task
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t m = 0; m < M;) {
+    for (int64_t m = 0; m < M;) {  // rows of x in groups of 8, then the rest
       const float* xm = x + m * K;
       float* ym = y + m * N;
-      switch (std::min<int64_t>(4, M - m)) {
-        case 4: rows_kernel<Q4, 4>(xm, K, qs, scales, mins, K, ym, N, n0, n1); m += 4; break;
-        case 3: rows_kernel<Q4, 3>(xm, K, qs, scales, mins, K, ym, N, n0, n1); m += 3; break;
-        case 2: rows_kernel<Q4, 2>(xm, K, qs, scales, mins, K, ym, N, n0, n1); m += 2; break;
-        default: rows_kernel<Q4, 1>(xm, K, qs, scales, mins, K, ym, N, n0, n1); m += 1; break;
+      const int64_t mr = std::min<int64_t>(8, M - m);
+      switch (mr) {
+        case 8: rows_kernel<Q4, 8>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
+        case 7: rows_kernel<Q4, 7>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
+        case 6: rows_kernel<Q4, 6>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
+        case 5: rows_kernel<Q4, 5>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
+        case 4: rows_kernel<Q4, 4>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
+        case 3: rows_kernel<Q4, 3>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
+        case 2: rows_kernel<Q4, 2>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
+        default: rows_kernel<Q4, 1>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
       }
+      m += mr;
     }
   });
 }
@@ -106,8 +113,10 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
   TORCH_CHECK(x.device().is_cpu() && qs.device().is_cpu(), "qlinear: CPU tensors only");
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
   TORCH_CHECK(K % 32 == 0, "qlinear: in_features must be a multiple of 32, got ", K);
-  TORCH_CHECK(qs.dim() == 2 && qs.size(1) == (bits == 4 ? K / 2 : K) && qs.element_size() == 1 && qs.is_contiguous(),
-              "qlinear: qs must be contiguous bytes of shape (N, ", bits == 4 ? K / 2 : K, ")");
+  const int64_t row_bytes = bits == 4 ? (K / 32 + 1) / 2 * 32 : K;
+  TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && qs.size(1) * qs.element_size() == row_bytes &&
+                  qs.element_size() == (bits == 4 ? 4 : 1),
+              "qlinear: qs must be contiguous ", bits == 4 ? "int32" : "int8", " rows of ", row_bytes, " bytes");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N * (K / 32),
               "qlinear: scales must be contiguous float32 of shape (N, K / 32)");
   TORCH_CHECK(mins.scalar_type() == at::kFloat && mins.is_contiguous() && mins.numel() == N * (K / 32),
