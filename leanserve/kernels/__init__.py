@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ def _build(source: Path) -> None:
     from torch.utils import cpp_extension
 
     build = _build_dir(source)
+    if not (build / f"leanserve_{source.stem}.so").exists():
+        print(f"leanserve: compiling native kernel {source.name} (once; cached in {build.parent})", file=sys.stderr, flush=True)
     build.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name=f"leanserve_{source.stem}", sources=[str(source)],
