@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanserve import kernels
 from leanserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from leanserve.model.config import ModelConfig
 from leanserve.model.quant import QuantWeight, qlinear
@@ -42,6 +43,8 @@ class RMSNorm(nn.Module):
         self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cpu and x.dtype == torch.float32 and (ops := _fused_ops()) is not None:  # one native call
+            return ops.rms_norm(x, self.weight, self.eps, self.offset)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -83,7 +86,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", (freqs.sin() * attn_factor), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: (num_tokens, num_heads, head_dim), k: (num_tokens, num_kv_heads, head_dim)
+        # q: (num_tokens, num_heads, head_dim), k: (num_tokens, num_kv_heads, head_dim). The native
+        # kernel rotates q and k in place (callers pass temporaries): use the returned tensors.
+        if (q.is_cpu and q.dtype == k.dtype == self.cos.dtype == torch.float32 and positions.dtype == torch.int64
+                and (ops := _fused_ops()) is not None):
+            ops.rotary_(q, k, self.cos, self.sin, positions)
+            return q, k
         cos = self.cos[positions].unsqueeze(1)  # (num_tokens, 1, head_dim / 2)
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
@@ -95,11 +103,20 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
+def _fused_ops() -> Any | None:
+    """``torch.ops.leanserve`` with the fused float32 CPU kernels (kernels/csrc/fused.cpp) for
+    RMSNorm, RoPE and the MLP activation, or None: then the PyTorch code runs. Asked only for
+    float32 CPU tensors, so CUDA never builds the CPU kernels; tests patch it to None."""
+    return kernels.ops()
+
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu": F.gelu,
 }
+# activations the native act_mul computes (its `act` code); others run in PyTorch
+_ACT_KERNEL = {ACTIVATIONS["silu"]: 0, ACTIVATIONS["gelu_pytorch_tanh"]: 1}
 
 
 class GatedMLP(nn.Module):
@@ -115,7 +132,11 @@ class GatedMLP(nn.Module):
         self.intermediate_size = intermediate_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        act = _ACT_KERNEL.get(self.act)
+        if act is not None and gate_up.is_cpu and gate_up.dtype == torch.float32 and (ops := _fused_ops()) is not None:
+            return self.down_proj(ops.act_mul(gate_up, act))  # act(gate) * up in one native call
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 
