@@ -12,12 +12,18 @@ The flat batch holds, for each scheduled sequence, its new tokens (positions
 tokens' K and V into their slots (``slot_mapping``) and then attends, so a sequence can read K/V that
 another sequence of the same step wrote (prefix-cache hits inside one step).
 
-Two implementations, tested against each other:
+Implementations, tested against each other:
 - ``reference_attention``: a loop over sequences and explicit softmax in float32; obviously right.
-- ``paged_attention``: decode sequences (one query token) in one batched SDPA call over their
-  K/V gathered a whole block at a time (block tables padded to the longest), with the query heads
-  of each KV head grouped so no K/V is repeated for GQA; prefill chunks one SDPA call per sequence.
-  Index tensors and masks are built once per step in ``AttentionMetadata`` and shared by every layer.
+- ``paged_attention``: decode sequences (one query token) and prefill chunks separately.
+  Decode, float32 on CPU with the native kernels (``leanserve.kernels.ops()``): one call of
+  ``paged_attention_decode`` (kernels/csrc/paged_attention.cpp), which reads each sequence's K/V rows
+  in place through its block table (no gather, no padding, no mask) with the query heads of a KV
+  head sharing each row (GQA). Otherwise (CUDA, other dtypes, no kernels): one batched SDPA call over
+  the K/V gathered a whole block at a time (block tables padded to the longest) with masks, the
+  query heads of each KV head grouped so no K/V is repeated. Prefill chunks: one SDPA call per
+  sequence. Index tensors are built once per step in ``AttentionMetadata`` and shared by every
+  layer; the SDPA decode masks only when first asked for (``DecodeMasks``), so the kernel path never
+  builds them, nor fills the gather workspace.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from leanserve import kernels
 
 
 @dataclass
@@ -47,7 +55,9 @@ class AttentionMetadata:
     # fast path, built by `build`:
     decode_rows: torch.Tensor | None = None  # (num_decode,) rows of decode tokens in the flat batch
     decode_tables: torch.Tensor | None = None  # (num_decode, max_blocks) block tables, padded with block 0
-    decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # window -> (num_decode, 1, 1, max_blocks * block_size)
+    decode_lens: torch.Tensor | None = None  # (num_decode,) context lengths (int64)
+    # window -> (num_decode, 1, 1, max_blocks * block_size), for the SDPA path; built on first use
+    decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
     prefills: list[PrefillSeq] = field(default_factory=list)
     workspace: "GatherWorkspace | None" = None  # reusable gather buffers (the runner keeps one)
 
@@ -84,11 +94,8 @@ class AttentionMetadata:
                 used = block_tables[i][: -(-context_lens[i] // block_size)]
                 rows.append(used + [0] * (max_blocks - len(used)))
             meta.decode_tables = torch.tensor(rows)  # (num_decode, max_blocks)
-            pos = torch.arange(max_blocks * block_size)
-            valid = pos[None, :] < lens[:, None]
-            for w in windows:
-                mask = valid if w is None else valid & (pos[None, :] > (lens[:, None] - 1 - w))
-                meta.decode_masks[w] = mask[:, None, None, :]
+            meta.decode_lens = lens
+            meta.decode_masks = DecodeMasks(lens, max_blocks * block_size)
         return meta.to(device)
 
     def to(self, device: torch.device | str) -> "AttentionMetadata":
@@ -98,11 +105,36 @@ class AttentionMetadata:
         if self.decode_rows is not None:
             self.decode_rows = self.decode_rows.to(device, non_blocking=True)
             self.decode_tables = self.decode_tables.to(device, non_blocking=True)
-            self.decode_masks = {w: m.to(device, non_blocking=True) for w, m in self.decode_masks.items()}
+            self.decode_lens = self.decode_lens.to(device, non_blocking=True)
+            self.decode_masks = self.decode_masks.to(device)
         for p in self.prefills:
             p.blocks = p.blocks.to(device, non_blocking=True)
             p.masks = {w: (m.to(device, non_blocking=True) if m is not None else None) for w, m in p.masks.items()}
         return self
+
+
+class DecodeMasks(dict):
+    """window -> (num_decode, 1, 1, width) bool mask of the padded decode K/V for SDPA: True at the
+    positions a sequence's query sees. Built the first time a window is asked for (then shared by
+    every layer of the step), on the device of ``lens``: the native decode kernel needs no masks."""
+
+    def __init__(self, lens: torch.Tensor, width: int) -> None:
+        super().__init__()
+        self.lens, self.width = lens, width  # (num_decode,) context lengths; max_blocks * block_size
+
+    def __missing__(self, window: int | None) -> torch.Tensor:
+        pos = torch.arange(self.width, device=self.lens.device)[None, :]
+        lens = self.lens[:, None]
+        mask = pos < lens
+        if window is not None:
+            mask &= pos > lens - 1 - window
+        self[window] = mask[:, None, None, :]
+        return self[window]
+
+    def to(self, device: torch.device | str) -> "DecodeMasks":
+        moved = DecodeMasks(self.lens.to(device, non_blocking=True), self.width)
+        moved.update({w: m.to(device, non_blocking=True) for w, m in self.items()})
+        return moved
 
 
 def _slots(table: list[int], length: int, block_size: int) -> torch.Tensor:
@@ -135,10 +167,16 @@ def paged_attention(
     scale: float,
     window: int | None,
 ) -> torch.Tensor:  # (num_tokens, num_heads, head_dim)
-    out = torch.empty_like(q)
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     group = q.shape[1] // num_kv_heads
-    if meta.decode_rows is not None:
+    ops = _decode_kernel(q, k_cache, v_cache) if meta.decode_rows is not None else None
+    kernel_args = (k_cache, v_cache, meta.decode_tables, meta.decode_lens, scale, window or 0)  # window 0: full
+    if ops is not None and not meta.prefills:  # decode only: the decode rows are the whole batch, in order
+        return ops.paged_attention_decode(q, *kernel_args)
+    out = torch.empty_like(q)
+    if ops is not None:  # the native kernel reads K/V in place: no gather, no masks
+        out[meta.decode_rows] = ops.paged_attention_decode(q[meta.decode_rows], *kernel_args)
+    elif meta.decode_rows is not None:
         n = meta.decode_rows.shape[0]
         # query head h reads KV head h // group: (n, num_kv_heads, group, head_dim)
         qd = q[meta.decode_rows].view(n, num_kv_heads, group, head_dim)
@@ -159,6 +197,15 @@ def paged_attention(
                                             enable_gqa=True)
         out[p.query_start:p.query_start + p.query_len] = op.transpose(0, 1)
     return out
+
+
+def _decode_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
+    """``torch.ops.leanserve`` when the native decode kernel applies (float32 on CPU, head_dim a
+    multiple of 8), else None."""
+    if (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and q.is_cpu and k_cache.is_cpu
+            and q.shape[-1] % 8 == 0):
+        return kernels.ops()
+    return None
 
 
 def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
