@@ -29,10 +29,10 @@ import torch
 
 BLOCK = 32
 # Rows of x up to which qlinear beats BLAS on the float32 weights, measured on a 2-core AVX2 EPYC
-# (benchmarks/qlinear.py): per-layer shapes cross over near 24 rows; the 49152-row LM head, where
-# BLAS is slow, near 64.
-MAX_KERNEL_ROWS = 16
-MAX_KERNEL_ROWS_LM_HEAD = 48
+# (benchmarks/qlinear.py): SmolLM2's layers together break even near 32 rows (1.3x faster at 16);
+# its 49152-row LM head, where BLAS is slow, was still 1.4x faster at 128.
+MAX_KERNEL_ROWS = 24
+MAX_KERNEL_ROWS_LM_HEAD = 256
 
 
 @dataclass

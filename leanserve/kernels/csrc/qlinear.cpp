@@ -54,15 +54,23 @@ void rows_kernel(const float* x, int64_t ldx, const uint8_t* qs, const float* sc
     const float* sc = scales + n * groups;
     const float* mn = mins + n * groups;
     if constexpr (Q4) {
+      // shift counts are compile-time constants (immediate shifts), hence the unrolled pair
+      auto block = [&](__m256i lanes, int64_t g, auto first) {
+        const __m256 d = _mm256_set1_ps(sc[g]), m = _mm256_set1_ps(mn[g]);
+        constexpr int base = decltype(first)::value ? 0 : 16;
+        const __m256i q0 = _mm256_and_si256(_mm256_srli_epi32(lanes, base + 0), nibble);
+        const __m256i q1 = _mm256_and_si256(_mm256_srli_epi32(lanes, base + 4), nibble);
+        const __m256i q2 = _mm256_and_si256(_mm256_srli_epi32(lanes, base + 8), nibble);
+        const __m256i q3 = _mm256_and_si256(_mm256_srli_epi32(lanes, base + 12), nibble);
+        fma_rows<MR, A>(x + g * 32, ldx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q0), d, m), 0, acc);
+        fma_rows<MR, A>(x + g * 32, ldx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1), d, m), 1, acc);
+        fma_rows<MR, A>(x + g * 32, ldx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q2), d, m), 2, acc);
+        fma_rows<MR, A>(x + g * 32, ldx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q3), d, m), 3, acc);
+      };
       for (int64_t g = 0; g < groups; g += 2) {
         const __m256i lanes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * 16));
-        for (int64_t b = 0; b < 2 && g + b < groups; ++b) {
-          const __m256 d = _mm256_set1_ps(sc[g + b]), m = _mm256_set1_ps(mn[g + b]);
-          for (int j = 0; j < 4; ++j) {
-            const __m256i qi = _mm256_and_si256(_mm256_srli_epi32(lanes, 16 * b + 4 * j), nibble);
-            fma_rows<MR, A>(x + (g + b) * 32, ldx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(qi), d, m), j, acc);
-          }
-        }
+        block(lanes, g, std::true_type{});
+        if (g + 1 < groups) block(lanes, g + 1, std::false_type{});
       }
     } else {
       for (int64_t g = 0; g < groups; ++g) {
