@@ -8,6 +8,7 @@ the other, per shape and row count.
 
     .venv/bin/python benchmarks/qlinear.py
     .venv/bin/python benchmarks/qlinear.py --rows 1,4 --repeats 100
+    .venv/bin/python benchmarks/qlinear.py --dtype bfloat16     # against bfloat16 weights (AMX where present)
 """
 
 from __future__ import annotations
@@ -48,23 +49,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,2,4,8,16,24,32,48,64")
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="activations and the dense weight (bfloat16: the kernel widens x, oneDNN/AMX on the weight)")
     args = ap.parse_args()
     if kernels.ops() is None:
         raise SystemExit(f"qlinear benchmark: {kernels.status()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {kernels.status()}\n")
-    print("| matmul | format | rows | qlinear µs | BLAS fp32 µs | BLAS / qlinear | qlinear GB/s | fp32 GB/s |")
+    dtype = getattr(torch, args.dtype)
+    d = {"float32": "fp32", "bfloat16": "bf16"}[args.dtype]
+    print(f"| matmul | format | rows | qlinear µs | BLAS {d} µs | BLAS / qlinear | qlinear GB/s | {d} GB/s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     rng = np.random.default_rng(0)
     for name, fmt, n, k in SHAPES:
         raw = quantize(rng.standard_normal((n, k)).astype(np.float32), GGMLQuantizationType[fmt])
-        w = torch.from_numpy(dequantize(raw, GGMLQuantizationType[fmt]))
+        w = torch.from_numpy(dequantize(raw, GGMLQuantizationType[fmt])).to(dtype)
         qw = from_gguf_blocks(raw, fmt, n, k)
         for rows in (int(r) for r in args.rows.split(",")):
-            x = torch.randn(rows, k)
+            x = torch.randn(rows, k).to(dtype)
             tq = median_time(lambda: qlinear(x, qw), args.repeats)
             tf = median_time(lambda: x @ w.t(), args.repeats)
             print(f"| {name} {n}x{k} | {fmt} | {rows} | {tq * 1e6:.0f} | {tf * 1e6:.0f} | {tf / tq:.2f} | "
-                  f"{qw.nbytes / tq / 1e9:.1f} | {w.numel() * 4 / tf / 1e9:.1f} |", flush=True)
+                  f"{qw.nbytes / tq / 1e9:.1f} | {w.nbytes / tf / 1e9:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

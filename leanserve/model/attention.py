@@ -15,7 +15,7 @@ another sequence of the same step wrote (prefix-cache hits inside one step).
 Implementations, tested against each other:
 - ``reference_attention``: a loop over sequences and explicit softmax in float32; obviously right.
 - ``paged_attention``: decode sequences (one query token) and prefill chunks separately.
-  Decode, float32 on CPU with the native kernels (``leanserve.kernels.ops()``): one call of
+  Decode, float32 or bfloat16 on CPU with the native kernels (``leanserve.kernels.ops()``): one call of
   ``paged_attention_decode`` (kernels/csrc/paged_attention.cpp), which reads each sequence's K/V rows
   in place through its block table (no gather, no padding, no mask) with the query heads of a KV
   head sharing each row (GQA). Otherwise (CUDA, other dtypes, no kernels): one batched SDPA call over
@@ -200,10 +200,10 @@ def paged_attention(
 
 
 def _decode_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
-    """``torch.ops.leanserve`` when the native decode kernel applies (float32 on CPU, head_dim a
-    multiple of 8), else None."""
-    if (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and q.is_cpu and k_cache.is_cpu
-            and q.shape[-1] % 8 == 0):
+    """``torch.ops.leanserve`` when the native decode kernel applies (q and the caches all float32 or
+    all bfloat16, on CPU, head_dim a multiple of 8), else None."""
+    if (q.dtype == k_cache.dtype == v_cache.dtype and q.dtype in (torch.float32, torch.bfloat16) and q.is_cpu
+            and k_cache.is_cpu and q.shape[-1] % 8 == 0):
         return kernels.ops()
     return None
 

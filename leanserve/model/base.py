@@ -9,7 +9,7 @@ from torch import nn
 
 from leanserve.model.attention import AttentionMetadata
 from leanserve.model.config import ModelConfig
-from leanserve.model.quant import MAX_KERNEL_ROWS_LM_HEAD, QuantWeight, qlinear
+from leanserve.model.quant import KERNEL_ROWS, QuantWeight, qlinear
 
 # HF checkpoint names of the separate projections -> (fused parameter, shard index)
 STACKED = {
@@ -60,9 +60,11 @@ class CausalLM(nn.Module):
         small batches read those; a fused layer gets them only if all its parts have them alike."""
         modules = dict(self.named_modules())
         parts: dict[str, dict[int, QuantWeight]] = {}
+        layer_rows, head_rows = KERNEL_ROWS[self.model.embed_tokens.weight.dtype]
         for name, qw in weights:
+            qw.max_rows = layer_rows
             if name == "model.embed_tokens.weight" or name == "lm_head.weight":
-                qw.max_rows = MAX_KERNEL_ROWS_LM_HEAD
+                qw.max_rows = head_rows
                 if name == "lm_head.weight" or self.lm_head is None:
                     self._set_qweight(modules, "lm_head" if self.lm_head is not None else None, qw)
                 continue

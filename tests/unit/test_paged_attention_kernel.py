@@ -1,5 +1,6 @@
 """The native decode kernel (kernels/csrc/paged_attention.cpp), through ``paged_attention``, against
-``reference_attention`` and against the SDPA path it replaces on CPU; and its input checks."""
+``reference_attention`` and against the SDPA path it replaces on CPU, in float32 and bfloat16; and its
+input checks."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ OPS = kernels.ops()
 pytestmark = pytest.mark.skipif(OPS is None, reason=f"native CPU kernels unavailable: {kernels.status()}")
 
 SCALE = 0.125
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 
 
-def _case(query_lens, context_lens, block_size, heads, kv_heads, dim, seed=0, spare_blocks=7):
+def _case(query_lens, context_lens, block_size, heads, kv_heads, dim, seed=0, spare_blocks=7,
+          dtype=torch.float32):
     """Random caches; each sequence gets scattered blocks from a shuffled pool, with spare blocks of
     noise around them (a read outside the table shows up as a wrong result)."""
     g = torch.Generator().manual_seed(seed)
@@ -33,7 +36,17 @@ def _case(query_lens, context_lens, block_size, heads, kv_heads, dim, seed=0, sp
         tables.append(perm[used:used + n])
         used += n
     q = torch.randn(sum(query_lens), heads, dim, generator=g) * 3  # peaky softmax: max subtraction matters
-    return q, k, v, tables
+    return q.to(dtype), k.to(dtype), v.to(dtype), tables
+
+
+def _assert_one_rounding(got, ref32):
+    """bfloat16 ``got`` is the float32 result ``ref32`` rounded once, to nearest even."""
+    assert got.dtype == torch.bfloat16
+    # half a bf16 ulp is at most 2**-8 relative; atol for the float32 differences
+    torch.testing.assert_close(got.float(), ref32, atol=1e-5, rtol=2**-8)
+    # and it is torch's rounding: bit-equal but where the float32 differences straddle a rounding
+    # boundary (truncation would miss about half)
+    assert (got == ref32.to(torch.bfloat16)).float().mean() > 0.99
 
 
 def _sdpa_path(monkeypatch, q, k, v, meta, window):
@@ -43,8 +56,9 @@ def _sdpa_path(monkeypatch, q, k, v, meta, window):
         return paged_attention(q, k, v, meta, SCALE, window)
 
 
-def _check(monkeypatch, qlens, clens, block_size, heads, kv_heads, dim, window, q_transform=None):
-    q, k, v, tables = _case(qlens, clens, block_size, heads, kv_heads, dim)
+def _check(monkeypatch, qlens, clens, block_size, heads, kv_heads, dim, window, q_transform=None,
+           dtype=torch.float32):
+    q, k, v, tables = _case(qlens, clens, block_size, heads, kv_heads, dim, dtype=dtype)
     if q_transform is not None:
         q = q_transform(q)
     meta = AttentionMetadata.build(qlens, clens, tables, block_size, {window})
@@ -55,68 +69,140 @@ def _check(monkeypatch, qlens, clens, block_size, heads, kv_heads, dim, window, 
         got = paged_attention(q, k, v, meta, SCALE, window)
     assert calls and real(q, k, v) is not None, "the native kernel path was not taken"
     assert not meta.decode_masks, "the kernel path built SDPA decode masks it does not need"
-    torch.testing.assert_close(got, reference_attention(q, k, v, meta, SCALE, window), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got, _sdpa_path(monkeypatch, q, k, v, meta, window), atol=1e-5, rtol=1e-5)
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, reference_attention(q, k, v, meta, SCALE, window), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, _sdpa_path(monkeypatch, q, k, v, meta, window), atol=1e-5, rtol=1e-5)
+        return
+    # bf16: the decode rows (the kernel's) against float32 attention over the same bf16 inputs; the
+    # prefill rows are SDPA's in either path, and SDPA in bf16 is a few bf16 ulps off the kernel
+    rows = meta.decode_rows
+    ref32 = reference_attention(q.float(), k.float(), v.float(), meta, SCALE, window)
+    _assert_one_rounding(got[rows], ref32[rows])
+    torch.testing.assert_close(got, _sdpa_path(monkeypatch, q, k, v, meta, window), atol=2e-2, rtol=2e-2)
 
 
+@DTYPES
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("window", [None, 1, 5, 16, 33, 4096])
-def test_decode_gqa_lengths_around_block_edges(monkeypatch, block_size, window):
+def test_decode_gqa_lengths_around_block_edges(monkeypatch, block_size, window, dtype):
     # GQA 9 heads / 3 KV heads, head_dim 64 (SmolLM2); lengths 1, bs-1, bs, bs+1, long
     clens = [1, block_size - 1, block_size, block_size + 1, 517, 3 * block_size, 2]
-    _check(monkeypatch, [1] * len(clens), clens, block_size, 9, 3, 64, window)
+    _check(monkeypatch, [1] * len(clens), clens, block_size, 9, 3, 64, window, dtype=dtype)
 
 
+@DTYPES
 @pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 64), (8, 2, 256), (6, 1, 8), (2, 1, 24)])
 @pytest.mark.parametrize("window", [None, 7, 600])
-def test_decode_mha_mqa_and_head_dims(monkeypatch, heads, kv_heads, dim, window):
+def test_decode_mha_mqa_and_head_dims(monkeypatch, heads, kv_heads, dim, window, dtype):
     clens = [1, 15, 16, 17, 530]
-    _check(monkeypatch, [1] * len(clens), clens, 16, heads, kv_heads, dim, window)
+    _check(monkeypatch, [1] * len(clens), clens, 16, heads, kv_heads, dim, window, dtype=dtype)
 
 
+@DTYPES
 @pytest.mark.parametrize("window", [None, 4, 20])
-def test_mixed_batch_decode_rows_use_the_kernel(monkeypatch, window):
+def test_mixed_batch_decode_rows_use_the_kernel(monkeypatch, window, dtype):
     # decodes between prefill chunks (a chunk mid-prompt, a whole prompt): decode rows go through the
     # kernel, the chunks through SDPA
     qlens = [1, 7, 1, 40, 1, 1]
     clens = [33, 20, 1, 40, 16, 300]
-    _check(monkeypatch, qlens, clens, 16, 9, 3, 64, window)
+    _check(monkeypatch, qlens, clens, 16, 9, 3, 64, window, dtype=dtype)
 
 
-def test_non_contiguous_q(monkeypatch):
+@DTYPES
+def test_non_contiguous_q(monkeypatch, dtype):
     # q as the model makes it: a slice of a wider projection output (row stride > heads * dim)
     def slice_of_wider(q):
-        wide = torch.randn(q.shape[0], q.shape[1] + 3, q.shape[2])
+        wide = torch.randn(q.shape[0], q.shape[1] + 3, q.shape[2]).to(q.dtype)
         wide[:, :q.shape[1]] = q
         return wide[:, :q.shape[1]]
 
     clens = [5, 40, 100]
     for qlens in ([1, 1, 1], [1, 9, 1]):
-        _check(monkeypatch, qlens, clens, 16, 9, 3, 64, 30, q_transform=slice_of_wider)
+        _check(monkeypatch, qlens, clens, 16, 9, 3, 64, 30, q_transform=slice_of_wider, dtype=dtype)
 
 
-def test_large_scores_need_the_max_subtraction():
+@DTYPES
+def test_large_scores_need_the_max_subtraction(dtype):
     # scores in the hundreds: exp overflows float32 unless the max is subtracted first
     clens = [1, 9, 300]
-    q, k, v, tables = _case([1, 1, 1], clens, 16, 9, 3, 64)
+    q, k, v, tables = _case([1, 1, 1], clens, 16, 9, 3, 64, dtype=dtype)
     q = q * 20
     meta = AttentionMetadata.build([1, 1, 1], clens, tables, 16, {None})
     got = paged_attention(q, k, v, meta, SCALE, None)
     assert got.isfinite().all()
-    torch.testing.assert_close(got, reference_attention(q, k, v, meta, SCALE, None), atol=1e-4, rtol=1e-4)
+    ref32 = reference_attention(q.float(), k.float(), v.float(), meta, SCALE, None)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref32, atol=1e-4, rtol=1e-4)
+    else:
+        _assert_one_rounding(got, ref32)
 
 
-def test_kernel_direct_with_padded_tables():
+@DTYPES
+def test_kernel_direct_with_padded_tables(dtype):
     # block tables padded past each sequence's used blocks (here with an out-of-range id: never read)
     clens = [3, 40, 17]
-    q, k, v, tables = _case([1, 1, 1], clens, 16, 9, 3, 64)
+    q, k, v, tables = _case([1, 1, 1], clens, 16, 9, 3, 64, dtype=dtype)
     padded = torch.tensor([t + [10**6] * (5 - len(t)) for t in tables])
     meta = AttentionMetadata.build([1, 1, 1], clens, tables, 16, {None, 10})
     for window in (None, 10):
         got = OPS.paged_attention_decode(q, k, v, padded, torch.tensor(clens), SCALE, window or 0)
-        torch.testing.assert_close(got, reference_attention(q, k, v, meta, SCALE, window), atol=1e-5, rtol=1e-5)
+        ref32 = reference_attention(q.float(), k.float(), v.float(), meta, SCALE, window)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, ref32, atol=1e-5, rtol=1e-5)
+        else:
+            _assert_one_rounding(got, ref32)
     empty = OPS.paged_attention_decode(q[:0], k, v, padded[:0], torch.tensor([], dtype=torch.long), SCALE, 0)
-    assert empty.shape == (0, 9, 64)
+    assert empty.shape == (0, 9, 64) and empty.dtype == dtype
+
+
+def test_bf16_output_rounds_to_nearest_even():
+    # q = 0: equal weights, so each output is the mean of 2, 4 or 8 V rows. V holds integers below 256
+    # (exact in bf16) scaled by 2**-6: the float32 means are exact and often fall between two bf16
+    # values, ties included, so the one rounding must be torch's (nearest, ties to even) bit for bit.
+    g = torch.Generator().manual_seed(3)
+    clens = [2, 4, 8, 8]
+    k = torch.randn(4, 8, 2, 64, generator=g).bfloat16()
+    v = (torch.randint(-255, 256, (4, 8, 2, 64), generator=g) * 2.0**-6).bfloat16()
+    q = torch.zeros(4, 6, 64, dtype=torch.bfloat16)
+    tables = torch.tensor([[3], [1], [0], [2]])
+    got = OPS.paged_attention_decode(q, k, v, tables, torch.tensor(clens), SCALE, 0)
+    assert got.dtype == torch.bfloat16
+    mean = torch.stack([v[b, :n].float().mean(0) for b, n in zip(tables[:, 0].tolist(), clens)])  # (4, 2, 64)
+    want = mean.repeat_interleave(3, dim=1)  # query heads 3j..3j+2 read KV head j
+    bits = want.view(torch.int32)
+    truncated = (bits & ~0xFFFF).view(torch.float32).bfloat16()
+    half_up = ((bits + 0x8000) & ~0xFFFF).view(torch.float32).bfloat16()
+    # the case tells nearest-even from truncation and from rounding ties up
+    assert (want.bfloat16() != truncated).any() and (want.bfloat16() != half_up).any()
+    assert torch.equal(got.view(torch.int16), want.bfloat16().view(torch.int16))
+
+
+@DTYPES
+def test_nan_in_v_reaches_only_the_rows_that_see_it(dtype):
+    # a NaN V row reaches the outputs of sequences that attend to it (bf16: still NaN, not inf), and
+    # no others: rows outside the window or the table are never read
+    q, k, v, tables = _case([1, 1], [20, 5], 16, 9, 3, 64, dtype=dtype)
+    v[tables[0][0], 2, 1] = float("nan")  # sequence 0, position 2, KV head 1
+    bt = torch.tensor([tables[0], tables[1] + [0]])
+    full = OPS.paged_attention_decode(q, k, v, bt, torch.tensor([20, 5]), SCALE, 0)
+    assert full[0, 3:6].isnan().all() and not full[0, :3].isnan().any() and not full[0, 6:].isnan().any()
+    assert not full[1].isnan().any()
+    windowed = OPS.paged_attention_decode(q, k, v, bt, torch.tensor([20, 5]), SCALE, 10)  # sees 10 .. 19
+    assert not windowed.isnan().any()
+
+
+@pytest.mark.parametrize("q_dtype,cache_dtype,ok", [
+    (torch.float32, torch.float32, True), (torch.bfloat16, torch.bfloat16, True),
+    (torch.bfloat16, torch.float32, False), (torch.float32, torch.bfloat16, False),
+    (torch.float16, torch.float16, False), (torch.float64, torch.float64, False),
+])
+def test_decode_kernel_dtypes(q_dtype, cache_dtype, ok):
+    q, cache = torch.zeros(2, 4, 64, dtype=q_dtype), torch.zeros(3, 16, 2, 64, dtype=cache_dtype)
+    assert (attention._decode_kernel(q, cache, cache) is not None) == ok
+    other = cache.bfloat16() if cache_dtype == torch.float32 else cache.float()
+    assert attention._decode_kernel(q, cache, other) is None  # v_cache's dtype counts too
+    assert attention._decode_kernel(q[..., :12], cache[..., :12], cache[..., :12]) is None
 
 
 def test_metadata_builds_masks_only_on_demand():
@@ -134,11 +220,18 @@ def _good():
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda a: a.update(q=a["q"].double()), "q must be a (num_seqs, num_heads, head_dim) float32"),
-    (lambda a: a.update(q=a["q"][0]), "q must be a (num_seqs, num_heads, head_dim) float32"),
-    (lambda a: a.update(k_cache=a["k_cache"].half()), "k_cache must be a contiguous"),
+    (lambda a: a.update(q=a["q"].double()), "q must be a (num_seqs, num_heads, head_dim) float32 or bfloat16"),
+    (lambda a: a.update(q=a["q"][0]), "q must be a (num_seqs, num_heads, head_dim) float32 or bfloat16"),
+    (lambda a: a.update({n: a[n].half() for n in a if n.endswith(("q", "cache"))}),
+     "float32 or bfloat16 CPU tensor, got [2, 9, 64] Half"),
+    (lambda a: a.update(q=a["q"].bfloat16()), "same dtype, got q BFloat16, k_cache Float, v_cache Float"),
+    (lambda a: a.update(k_cache=a["k_cache"].bfloat16()), "same dtype, got q Float, k_cache BFloat16, v_cache Float"),
+    (lambda a: a.update(v_cache=a["v_cache"].bfloat16()), "same dtype, got q Float, k_cache Float, v_cache BFloat16"),
+    (lambda a: a.update(k_cache=a["k_cache"].half()), "same dtype, got q Float, k_cache Half, v_cache Float"),
     (lambda a: a.update(k_cache=a["k_cache"].transpose(1, 2)), "k_cache must be a contiguous"),
-    (lambda a: a.update(v_cache=a["v_cache"][:, :8]), "v_cache must be contiguous float32 of k_cache's shape"),
+    (lambda a: a.update({n: a[n].bfloat16() for n in a if n.endswith(("q", "cache"))},
+                        k_cache=a["k_cache"].bfloat16().transpose(1, 2)), "k_cache must be a contiguous"),
+    (lambda a: a.update(v_cache=a["v_cache"][:, :8]), "v_cache must be contiguous of k_cache's shape"),
     (lambda a: a.update(q=a["q"][:, :, :32]), "head_dim of q (32) and cache (64) differ"),
     (lambda a: a.update(q=a["q"][:, :8]), "num_heads (8) must be a multiple of num_kv_heads (3)"),
     (lambda a: a.update(block_tables=a["block_tables"].int()), "block_tables must be (num_seqs=2, max_blocks) int64"),

@@ -77,6 +77,18 @@ def test_qlinear_matches_float_matmul(name, rows):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_qlinear_bfloat16_rows_are_widened_and_the_result_rounded_once(rows):
+    raw, ref = _gguf("Q4_0", n=40, k=576, seed=rows)
+    qw = from_gguf_blocks(raw, "Q4_0", *ref.shape)
+    x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    got = qlinear(x, qw)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 40)
+    # the float32 kernel on the widened rows, rounded to bfloat16 once: the same bits
+    assert torch.equal(got, qlinear(x.float(), qw).bfloat16())
+
+
+@needs_kernels
 def test_qlinear_non_contiguous_input():
     raw, ref = _gguf("Q4_1", n=16, k=64)
     qw = from_gguf_blocks(raw, "Q4_1", *ref.shape)
@@ -89,7 +101,7 @@ def test_qlinear_rejects_bad_input():
     raw, ref = _gguf("Q4_1", n=16, k=64)
     qw = from_gguf_blocks(raw, "Q4_1", *ref.shape)
     ops = kernels.ops()
-    with pytest.raises(RuntimeError, match="must be a 2-D float32"):
+    with pytest.raises(RuntimeError, match="must be a 2-D float32 or bfloat16"):
         ops.qlinear(torch.randn(2, 64, dtype=torch.float64), qw.qs, qw.scales, qw.mins, 4)
     with pytest.raises(RuntimeError, match="multiple of 32"):
         ops.qlinear(torch.randn(2, 48), qw.qs, qw.scales, qw.mins, 4)

@@ -67,7 +67,7 @@ def test_plain_greedy_batch_is_one_argmax() -> None:
     rows = [make_row(temperature=0.0, seed=i, prompt=[1, 2]) for i in range(4)]
     with _RecordOps() as rec:
         out = Sampler(30, [EOS])(logits, rows)
-    assert rec.ops == ["aten.argmax.default"]
+    assert rec.ops == ["aten.max.dim"]  # one reduction: max's indices (see _argmax)
     assert out.token_ids == logits.float().argmax(-1).tolist()
 
 
@@ -367,3 +367,15 @@ def test_logits_wider_than_vocab_and_bad_shape() -> None:
     with pytest.raises(ValueError):
         sampler(torch.zeros(2, 10), [make_row()])
     assert sampler(torch.zeros(0, 10), []).token_ids == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_picks_the_first_maximum_like_torch_argmax(dtype):
+    from leanserve.sampling.sampler import _argmax
+
+    x = torch.randn(64, 49152, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x[3, [10, 500, 40000]] = 100.0  # ties: the first wins
+    x[5, 20000:] = 100.0
+    x[7, 9] = float("nan")  # NaN counts as the maximum, as in argmax
+    assert torch.equal(_argmax(x), x.argmax(dim=-1))
+    assert _argmax(x)[3].item() == 10 and _argmax(x)[5].item() == 20000 and _argmax(x)[7].item() == 9

@@ -1,9 +1,13 @@
-// Fused float32 operators for the small steps of a decoder layer: RMSNorm, rotary embedding and the
-// gated activation of the MLP. At batch 1 each is a chain of 5-15 aten ops whose dispatch (a few us
-// each) costs more than the arithmetic; here each is one call. The math follows the PyTorch code in
-// leanserve/model/layers.py operation by operation, with the same roundings, so the results agree
-// to float32 rounding: rotary_ and silu bit for bit, rms_norm within a few ulp (the sum of squares
-// is added in another order), gelu within a few ulp (computed as x * sigmoid(2u), see act8).
+// Fused operators for the small steps of a decoder layer: RMSNorm, rotary embedding and the gated
+// activation of the MLP, on float32 or bfloat16 tensors. At batch 1 each is a chain of 5-15 aten ops
+// whose dispatch (a few us each) costs more than the arithmetic; here each is one call. The math
+// follows the PyTorch code in leanserve/model/layers.py operation by operation, with the same
+// roundings: bfloat16 is widened to float32, computed as torch computes it and rounded to bfloat16
+// (nearest even) wherever torch rounds. So the results agree to the last bit, except: rms_norm adds
+// the sum of squares in another order (float32: a few ulp; bfloat16: ~2e-5 of the elements 1 ulp off,
+// 2 with Llama's two roundings), and gelu is computed as x * sigmoid(2u), see act8, which does not
+// cancel for x < -3 as torch's 0.5 x (1 + tanh(u)) does (float32: a few ulp; bfloat16: bit for bit for
+// x > -2.9, within 1.6e-5 below).
 //
 //   rms_norm(x (..., D), weight (D), eps, offset) -> (x * rsqrt(mean(x^2) + eps)) * (offset + weight)
 //   rotary_(q (T, H, D), k (T, Hkv, D), cos (P, D/2), sin (P, D/2), positions (T) int64): in place,
@@ -13,10 +17,13 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <c10/util/BFloat16.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 
 // Every multiply-add in this file that rounds once is an explicit _mm256_fmadd_ps; keep the compiler
 // from fusing the others (GCC does by default), which would change roundings against PyTorch's.
@@ -24,8 +31,44 @@
 
 namespace {
 
+using bf16 = c10::BFloat16;
+
 // Rows per parallel task so that a task has ~32K floats: batch-1 calls stay on the calling thread.
 inline int64_t grain_rows(int64_t row_elems) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_elems)); }
+
+// The element type T is float or bfloat16; bfloat16 is computed in float32. Scalars convert with
+// static_cast: c10::BFloat16(float) rounds to nearest even, as torch's .to(torch.bfloat16) does.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {  // the high half of a float32: zero-extend and shift up (exact)
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// The nearest bfloat16 (ties to even) in the low half of each lane, as c10::BFloat16(float): add
+// 0x7fff + the lowest kept bit, keep the high half; a NaN, which the add can carry into an infinity
+// or zero, becomes 0x7fc0.
+inline __m256i bf16_bits(__m256 v) {
+  const __m256i i = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(i, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(i, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(bf16* p, __m256 v) {
+  const __m256i r = bf16_bits(v);  // lanes < 2^16: packus narrows them unsaturated (per 128-bit half)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+
+// v rounded to T and widened back: where torch rounds an intermediate result to the tensor's dtype
+template <typename T>
+inline __m256 round8(__m256 v) {
+  if constexpr (std::is_same_v<T, bf16>) return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(v), 16));
+  else return v;
+}
+template <typename T>
+inline float round1(float v) { return static_cast<float>(static_cast<T>(v)); }
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -81,24 +124,49 @@ inline float act1(float g) {  // the tail, as torch's scalar loop computes it
   return 0.5f * g * (1.0f + std::tanh(u));
 }
 
-template <int ACT>
-void act_mul_rows(const float* x, int64_t ldx, float* y, int64_t I, int64_t r0, int64_t r1) {
+// torch's elementwise loop takes two of its vectors per step and the rest of a row one by one with the
+// scalar formula. bfloat16 follows its vector width (256 or 512 bits, as torch dispatches on this CPU);
+// float32 keeps AVX2's 2 x 8 (under AVX512, torch's scalar path takes up to 16 more of a row: <= 1 ulp).
+int64_t vector_step(bool bfloat16) {
+  static const bool avx512 = at::get_cpu_capability() == "AVX512";
+  return bfloat16 ? (avx512 ? 64 : 32) : 16;
+}
+
+// act(gate) * up in T: torch rounds act(gate) to T, then the product
+template <typename T, int ACT>
+void act_mul_rows(const T* x, int64_t ldx, T* y, int64_t I, int64_t step, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
-    const float* g = x + r * ldx;
-    const float* up = g + I;
-    float* yr = y + r * I;
+    const T* g = x + r * ldx;
+    const T* up = g + I;
+    T* yr = y + r * I;
     int64_t j = 0;
-    for (; j + 16 <= I; j += 16)  // torch's loop: pairs of vectors, then scalars for the rest
-      for (int64_t v = j; v < j + 16; v += 8)
-        _mm256_storeu_ps(yr + v, _mm256_mul_ps(act8<ACT>(_mm256_loadu_ps(g + v)), _mm256_loadu_ps(up + v)));
-    for (; j < I; ++j) yr[j] = act1<ACT>(g[j]) * up[j];
+    for (; j + step <= I; j += step)
+      for (int64_t v = j; v < j + step; v += 8)
+        store8(yr + v, _mm256_mul_ps(round8<T>(act8<ACT>(load8(g + v))), load8(up + v)));
+    for (; j < I; ++j)
+      yr[j] = static_cast<T>(round1<T>(act1<ACT>(static_cast<float>(g[j]))) * static_cast<float>(up[j]));
   }
+}
+
+inline bool float_or_bf16(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
+}
+
+template <typename T>
+void act_mul_impl(const at::Tensor& x, at::Tensor& y, int64_t act) {
+  const T* xp = x.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const int64_t ldx = x.stride(0), I = y.size(-1), step = vector_step(std::is_same_v<T, bf16>);
+  at::parallel_for(0, x.size(0), grain_rows(2 * I), [&](int64_t r0, int64_t r1) {
+    if (act == 0) act_mul_rows<T, 0>(xp, ldx, yp, I, step, r0, r1);
+    else act_mul_rows<T, 1>(xp, ldx, yp, I, step, r0, r1);
+  });
 }
 
 at::Tensor act_mul(const at::Tensor& gate_up, int64_t act) {
   TORCH_CHECK(act == 0 || act == 1, "act_mul: act must be 0 (silu) or 1 (gelu tanh), got ", act);
-  TORCH_CHECK(gate_up.scalar_type() == at::kFloat && gate_up.device().is_cpu() && gate_up.dim() >= 1,
-              "act_mul: gate_up must be a float32 CPU tensor");
+  TORCH_CHECK(float_or_bf16(gate_up) && gate_up.device().is_cpu() && gate_up.dim() >= 1,
+              "act_mul: gate_up must be a float32 or bfloat16 CPU tensor");
   const int64_t I2 = gate_up.size(-1), I = I2 / 2;
   TORCH_CHECK(I2 % 2 == 0, "act_mul: the last dimension (gate | up) must be even, got ", I2);
   at::Tensor x = gate_up.reshape({-1, I2});  // a view for the (T, 2I) output of a linear layer
@@ -106,83 +174,112 @@ at::Tensor act_mul(const at::Tensor& gate_up, int64_t act) {
   std::vector<int64_t> sizes(gate_up.sizes().begin(), gate_up.sizes().end());
   sizes.back() = I;
   at::Tensor y = at::empty(sizes, gate_up.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t ldx = x.stride(0);
-  at::parallel_for(0, x.size(0), grain_rows(I2), [&](int64_t r0, int64_t r1) {
-    if (act == 0) act_mul_rows<0>(xp, ldx, yp, I, r0, r1);
-    else act_mul_rows<1>(xp, ldx, yp, I, r0, r1);
-  });
+  if (x.scalar_type() == at::kBFloat16) act_mul_impl<bf16>(x, y, act);
+  else act_mul_impl<float>(x, y, act);
   return y;
 }
 
+// x3: rows as (A, B, D) with strides (sa, sb, 1); y: contiguous, x's shape
+template <typename T>
+void rms_norm_impl(const at::Tensor& x3, const at::Tensor& w, at::Tensor& y, float epsf, float off) {
+  const T* xp = x3.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const int64_t D = x3.size(2), B = x3.size(1), sa = x3.stride(0), sb = x3.stride(1);
+  const float n = static_cast<float>(D);
+  // Gemma multiplies by offset + weight in float32; Llama rounds x / rms to T first, then multiplies
+  // by the weight in T (a no-op rounding for float32)
+  const bool has_off = off != 0.0f;
+  at::parallel_for(0, x3.size(0) * B, grain_rows(D), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = xp + (r / B) * sa + (r % B) * sb;
+      T* yr = yp + r * D;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();  // two chains hide the FMA latency
+      int64_t j = 0;
+      for (; j + 16 <= D; j += 16) {
+        const __m256 v0 = load8(xr + j), v1 = load8(xr + j + 8);
+        a0 = _mm256_fmadd_ps(v0, v0, a0);
+        a1 = _mm256_fmadd_ps(v1, v1, a1);
+      }
+      for (; j + 8 <= D; j += 8) a0 = _mm256_fmadd_ps(load8(xr + j), load8(xr + j), a0);
+      float ss = hsum(_mm256_add_ps(a0, a1));
+      for (; j < D; ++j) ss += static_cast<float>(xr[j]) * static_cast<float>(xr[j]);
+      const float inv = 1.0f / std::sqrt(ss / n + epsf);  // torch: sum / D, + eps, rsqrt = 1 / sqrt
+      const __m256 iv = _mm256_set1_ps(inv), ov = _mm256_set1_ps(off);
+      for (j = 0; j + 8 <= D; j += 8) {
+        const __m256 xn = _mm256_mul_ps(load8(xr + j), iv);
+        store8(yr + j, has_off ? _mm256_mul_ps(xn, _mm256_add_ps(ov, load8(wp + j)))
+                               : _mm256_mul_ps(round8<T>(xn), load8(wp + j)));
+      }
+      for (; j < D; ++j) {
+        const float xn = static_cast<float>(xr[j]) * inv, wj = static_cast<float>(wp[j]);
+        yr[j] = static_cast<T>(has_off ? xn * (off + wj) : round1<T>(xn) * wj);
+      }
+    }
+  });
+}
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, double offset) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.dim() >= 1,
-              "rms_norm: x must be a float32 CPU tensor");
+  TORCH_CHECK(float_or_bf16(x) && x.device().is_cpu() && x.dim() >= 1,
+              "rms_norm: x must be a float32 or bfloat16 CPU tensor");
   const int64_t D = x.size(-1);
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.device().is_cpu() && weight.dim() == 1 &&
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.device().is_cpu() && weight.dim() == 1 &&
                   weight.size(0) == D,
-              "rms_norm: weight must be float32 of shape (", D, "), got ", weight.sizes());
+              "rms_norm: weight must have x's dtype (", x.scalar_type(), ") and shape (", D, "), got ",
+              weight.scalar_type(), " ", weight.sizes());
   // Rows as (A, B, D) with strides (sa, sb, 1), so per-head views (T, H, D) of the fused qkv output
   // need no copy.
   at::Tensor x3 = x.dim() == 3 ? x : x.dim() == 2 ? x.unsqueeze(0) : x.reshape({1, -1, D});
   if (x3.stride(2) != 1) x3 = x3.contiguous();
   const at::Tensor w = weight.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options());
-  const float* xp = x3.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t B = x3.size(1), sa = x3.stride(0), sb = x3.stride(1);
-  const float epsf = static_cast<float>(eps), n = static_cast<float>(D), off = static_cast<float>(offset);
-  const bool has_off = offset != 0.0;  // Llama multiplies by the weight itself, Gemma by offset + weight
-  at::parallel_for(0, x3.size(0) * B, grain_rows(D), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xp + (r / B) * sa + (r % B) * sb;
-      float* yr = yp + r * D;
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();  // two chains hide the FMA latency
-      int64_t j = 0;
-      for (; j + 16 <= D; j += 16) {
-        const __m256 v0 = _mm256_loadu_ps(xr + j), v1 = _mm256_loadu_ps(xr + j + 8);
-        a0 = _mm256_fmadd_ps(v0, v0, a0);
-        a1 = _mm256_fmadd_ps(v1, v1, a1);
-      }
-      for (; j + 8 <= D; j += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + j), _mm256_loadu_ps(xr + j), a0);
-      float ss = hsum(_mm256_add_ps(a0, a1));
-      for (; j < D; ++j) ss += xr[j] * xr[j];
-      const float inv = 1.0f / std::sqrt(ss / n + epsf);  // torch: sum / D, + eps, rsqrt = 1 / sqrt
-      const __m256 iv = _mm256_set1_ps(inv), ov = _mm256_set1_ps(off);
-      for (j = 0; j + 8 <= D; j += 8) {
-        const __m256 wv = has_off ? _mm256_add_ps(ov, _mm256_loadu_ps(wp + j)) : _mm256_loadu_ps(wp + j);
-        _mm256_storeu_ps(yr + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + j), iv), wv));
-      }
-      for (; j < D; ++j) yr[j] = (xr[j] * inv) * (has_off ? off + wp[j] : wp[j]);
-    }
-  });
+  const float epsf = static_cast<float>(eps), off = static_cast<float>(offset);
+  if (x.scalar_type() == at::kBFloat16) rms_norm_impl<bf16>(x3, w, y, epsf, off);
+  else rms_norm_impl<float>(x3, w, y, epsf, off);
   return y;
 }
 
-// One head in place: x = [x1 | x2], each half h floats, against the cos/sin rows of its position.
-inline void rotate_head(float* x, const float* c, const float* s, int64_t h) {
+// One head in place: x = [x1 | x2], each half h elements, against the float32 cos/sin rows of its
+// position; computed in float32, rounded to T once, as _rotate does.
+template <typename T>
+inline void rotate_head(T* x, const float* c, const float* s, int64_t h) {
   int64_t j = 0;
   for (; j + 8 <= h; j += 8) {
-    const __m256 x1 = _mm256_loadu_ps(x + j), x2 = _mm256_loadu_ps(x + h + j);
+    const __m256 x1 = load8(x + j), x2 = load8(x + h + j);
     const __m256 cv = _mm256_loadu_ps(c + j), sv = _mm256_loadu_ps(s + j);
-    _mm256_storeu_ps(x + j, _mm256_sub_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x2, sv)));
-    _mm256_storeu_ps(x + h + j, _mm256_add_ps(_mm256_mul_ps(x2, cv), _mm256_mul_ps(x1, sv)));
+    store8(x + j, _mm256_sub_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x2, sv)));
+    store8(x + h + j, _mm256_add_ps(_mm256_mul_ps(x2, cv), _mm256_mul_ps(x1, sv)));
   }
   for (; j < h; ++j) {
-    const float x1 = x[j], x2 = x[h + j];
-    x[j] = x1 * c[j] - x2 * s[j];
-    x[h + j] = x2 * c[j] + x1 * s[j];
+    const float x1 = static_cast<float>(x[j]), x2 = static_cast<float>(x[h + j]);
+    x[j] = static_cast<T>(x1 * c[j] - x2 * s[j]);
+    x[h + j] = static_cast<T>(x2 * c[j] + x1 * s[j]);
   }
+}
+
+template <typename T>
+void rotary_impl(const at::Tensor& q, const at::Tensor& k, const float* cp, const float* sp, const int64_t* pp) {
+  T* qp = q.data_ptr<T>();
+  T* kp = k.data_ptr<T>();
+  const int64_t tokens = q.size(0), H = q.size(1), Hk = k.size(1), D = q.size(2), half = D / 2;
+  at::parallel_for(0, tokens, grain_rows((H + Hk) * D), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* c = cp + pp[t] * half;
+      const float* s = sp + pp[t] * half;
+      for (int64_t i = 0; i < H; ++i) rotate_head(qp + t * q.stride(0) + i * q.stride(1), c, s, half);
+      for (int64_t i = 0; i < Hk; ++i) rotate_head(kp + t * k.stride(0) + i * k.stride(1), c, s, half);
+    }
+  });
 }
 
 void rotary_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
              const at::Tensor& positions) {
   for (const at::Tensor* t : {&q, &k})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->dim() == 3 && t->stride(2) == 1,
-                "rotary_: q and k must be float32 CPU tensors (tokens, heads, head_dim) with a contiguous last "
-                "dimension");
+    TORCH_CHECK(float_or_bf16(*t) && t->device().is_cpu() && t->dim() == 3 && t->stride(2) == 1,
+                "rotary_: q and k must be float32 or bfloat16 CPU tensors (tokens, heads, head_dim) with a "
+                "contiguous last dimension");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "rotary_: q (", q.scalar_type(), ") and k (", k.scalar_type(),
+              ") must have the same dtype");
   const int64_t T = q.size(0), D = q.size(2), half = D / 2;
   TORCH_CHECK(k.size(0) == T && k.size(2) == D && D % 2 == 0,
               "rotary_: q ", q.sizes(), " and k ", k.sizes(), " need the same tokens and the same even head_dim");
@@ -196,19 +293,8 @@ void rotary_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, co
   const int64_t P = cos.size(0);
   for (int64_t t = 0; t < T; ++t)  // check before writing anything
     TORCH_CHECK(pp[t] >= 0 && pp[t] < P, "rotary_: position ", pp[t], " out of range [0, ", P, ")");
-  float* qp = q.data_ptr<float>();
-  float* kp = k.data_ptr<float>();
-  const float* cp = cos.data_ptr<float>();
-  const float* sp = sin.data_ptr<float>();
-  const int64_t H = q.size(1), Hk = k.size(1);
-  at::parallel_for(0, T, grain_rows((H + Hk) * D), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* c = cp + pp[t] * half;
-      const float* s = sp + pp[t] * half;
-      for (int64_t i = 0; i < H; ++i) rotate_head(qp + t * q.stride(0) + i * q.stride(1), c, s, half);
-      for (int64_t i = 0; i < Hk; ++i) rotate_head(kp + t * k.stride(0) + i * k.stride(1), c, s, half);
-    }
-  });
+  if (q.scalar_type() == at::kBFloat16) rotary_impl<bf16>(q, k, cos.data_ptr<float>(), sin.data_ptr<float>(), pp);
+  else rotary_impl<float>(q, k, cos.data_ptr<float>(), sin.data_ptr<float>(), pp);
 }
 
 }  // namespace

@@ -2,22 +2,25 @@
 // last position of its context) attends to its K/V rows in place, found through the block table,
 // so nothing is gathered into a padded copy and no masked-out padding is computed.
 //
-//   q            : (S, H, D) float32, D % 8 == 0
-//   k/v_cache    : (num_blocks, block_size, KVH, D) float32, contiguous
+//   q            : (S, H, D) float32 or bfloat16, D % 8 == 0
+//   k/v_cache    : (num_blocks, block_size, KVH, D) of q's dtype, contiguous
 //   block_tables : (S, max_blocks) int64; row s uses its first ceil(len_s / block_size) entries
 //   context_lens : (S,) int64, 1 <= len_s <= max_blocks * block_size
 //   window       : 0 = full attention, else position p sees positions p - window + 1 .. p
-//   out          : (S, H, D) float32
+//   out          : (S, H, D) of q's dtype
 //
 // One task per (sequence, KV head), spread over threads with at::parallel_for. The task's
 // G = H / KVH query heads (adjacent in q) share every K and V row it loads, so GQA reads K/V once
 // without repeating it. Two passes over the visible rows: scores q.k (float32, max-subtracted
 // softmax with a vectorized exp), then the probability-weighted sum of the V rows. Rows go four at
 // a time: four independent FMA chains per dot product, and one load/store of the output
-// accumulator per four V rows instead of per row.
+// accumulator per four V rows instead of per row. bfloat16 runs the same code (a template over the
+// element type): each K/V load widens to float32 exactly, all the math is float32, and the output is
+// rounded to bfloat16 once at the end, to nearest even like torch's .to(torch.bfloat16).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
@@ -66,26 +69,39 @@ inline __m256 exp256(__m256 x) {
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
 }
 
-// The rows of one KV head are strided (KVH * D floats apart) inside a block and the blocks are
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+// bfloat16 is the high half of a float32: zero-extend to 32 bits and shift up (exact)
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// The rows of one KV head are strided (KVH * D elements apart) inside a block and the blocks are
 // scattered, which the hardware prefetcher follows poorly: each loop asks for the four rows PF ahead
 // (on one core of the dev machine: 5 -> 7.5 GB/s of K/V from DRAM).
 constexpr int64_t PF = 8;
-inline void prefetch_rows(const float* base, const int64_t* offs, int64_t D) {
-  for (int r = 0; r < 4; ++r)
-    for (int64_t d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char*>(base + offs[r] + d), _MM_HINT_T0);
+template <typename T>
+inline void prefetch_rows(const T* base, const int64_t* offs, int64_t D) {
+  for (int r = 0; r < 4; ++r)  // one prefetch per 64-byte cache line
+    for (int64_t d = 0; d < D; d += 64 / sizeof(T))
+      _mm_prefetch(reinterpret_cast<const char*>(base + offs[r] + d), _MM_HINT_T0);
 }
 
+// T: the element type of q, the caches and out (float or c10::BFloat16).
+template <typename T>
 struct Problem {
-  const float *q, *k, *v;
+  const T *q, *k, *v;
   const int64_t *tables, *lens;
-  float* out;
+  T* out;
   int64_t H, KVH, D, block_size, max_blocks, window;
   float scale;
 };
 
 // Query heads h*G .. h*G+G-1 of sequence s against the visible rows of KV head h.
 // offs and buf are the calling thread's scratch, reused across its tasks.
-void attend(const Problem& P, int64_t s, int64_t h, std::vector<int64_t>& offs, std::vector<float>& buf) {
+template <typename T>
+void attend(const Problem<T>& P, int64_t s, int64_t h, std::vector<int64_t>& offs, std::vector<float>& buf) {
   const int64_t G = P.H / P.KVH, D = P.D, bs = P.block_size, len = P.lens[s];
   const int64_t lo = P.window > 0 ? std::max<int64_t>(0, len - P.window) : 0;
   const int64_t n = len - lo, np = (n + 7) / 8 * 8;  // visible rows; padded to whole vectors
@@ -101,21 +117,21 @@ void attend(const Problem& P, int64_t s, int64_t h, std::vector<int64_t>& offs, 
   float* acc = scores + G * np;  // (G, D) unnormalized output
   float* qs = acc + G * D;       // (G, D) the queries, pre-scaled
   float* inv = qs + G * D;       // (G,) 1 / softmax denominator
-  const float* q = P.q + (s * P.H + h * G) * D;
-  for (int64_t i = 0; i < G * D; ++i) qs[i] = q[i] * P.scale;
+  const T* q = P.q + (s * P.H + h * G) * D;
+  for (int64_t i = 0; i < G * D; ++i) qs[i] = static_cast<float>(q[i]) * P.scale;
 
   for (int64_t t = 0; t < np; t += 4) {  // pass 1: scores
-    const float *k0 = P.k + offs[t], *k1 = P.k + offs[t + 1], *k2 = P.k + offs[t + 2], *k3 = P.k + offs[t + 3];
+    const T *k0 = P.k + offs[t], *k1 = P.k + offs[t + 1], *k2 = P.k + offs[t + 2], *k3 = P.k + offs[t + 3];
     if (t + PF + 4 <= np) prefetch_rows(P.k, offs.data() + t + PF, D);
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = qs + g * D;
       __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
       for (int64_t d = 0; d < D; d += 8) {
         const __m256 x = _mm256_loadu_ps(qg + d);
-        c0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + d), c0);
-        c1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k1 + d), c1);
-        c2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k2 + d), c2);
-        c3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k3 + d), c3);
+        c0 = _mm256_fmadd_ps(x, load8(k0 + d), c0);
+        c1 = _mm256_fmadd_ps(x, load8(k1 + d), c1);
+        c2 = _mm256_fmadd_ps(x, load8(k2 + d), c2);
+        c3 = _mm256_fmadd_ps(x, load8(k3 + d), c3);
       }
       _mm_storeu_ps(scores + g * np + t, hsum4(c0, c1, c2, c3));
     }
@@ -138,7 +154,7 @@ void attend(const Problem& P, int64_t s, int64_t h, std::vector<int64_t>& offs, 
 
   std::fill(acc, acc + G * D, 0.0f);
   for (int64_t t = 0; t < np; t += 4) {  // pass 2: sum of p * v, four rows per accumulator update
-    const float *v0 = P.v + offs[t], *v1 = P.v + offs[t + 1], *v2 = P.v + offs[t + 2], *v3 = P.v + offs[t + 3];
+    const T *v0 = P.v + offs[t], *v1 = P.v + offs[t + 1], *v2 = P.v + offs[t + 2], *v3 = P.v + offs[t + 3];
     if (t + PF + 4 <= np) prefetch_rows(P.v, offs.data() + t + PF, D);
     for (int64_t g = 0; g < G; ++g) {
       const float* pg = scores + g * np + t;
@@ -147,17 +163,30 @@ void attend(const Problem& P, int64_t s, int64_t h, std::vector<int64_t>& offs, 
       float* ag = acc + g * D;
       for (int64_t d = 0; d < D; d += 8) {
         __m256 a = _mm256_loadu_ps(ag + d);
-        a = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + d), a);
-        a = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1 + d), a);
-        a = _mm256_fmadd_ps(p2, _mm256_loadu_ps(v2 + d), a);
-        a = _mm256_fmadd_ps(p3, _mm256_loadu_ps(v3 + d), a);
+        a = _mm256_fmadd_ps(p0, load8(v0 + d), a);
+        a = _mm256_fmadd_ps(p1, load8(v1 + d), a);
+        a = _mm256_fmadd_ps(p2, load8(v2 + d), a);
+        a = _mm256_fmadd_ps(p3, load8(v3 + d), a);
         _mm256_storeu_ps(ag + d, a);
       }
     }
   }
-  float* out = P.out + (s * P.H + h * G) * D;
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < D; ++d) out[g * D + d] = acc[g * D + d] * inv[g];
+  T* out = P.out + (s * P.H + h * G) * D;
+  for (int64_t g = 0; g < G; ++g)  // the one rounding to T (bfloat16: nearest even, NaN kept)
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(acc[g * D + d] * inv[g]);
+}
+
+template <typename T>
+void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* tables,
+         const int64_t* lens, at::Tensor& out, int64_t max_blocks, int64_t window, float scale, int64_t grain) {
+  const int64_t KVH = k_cache.size(2);
+  const Problem<T> P{q.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), tables, lens, out.data_ptr<T>(),
+                     q.size(1), KVH, q.size(2), k_cache.size(1), max_blocks, window, scale};
+  at::parallel_for(0, q.size(0) * KVH, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<int64_t> offs;
+    std::vector<float> buf;
+    for (int64_t i = t0; i < t1; ++i) attend(P, i / KVH, i % KVH, offs, buf);
+  });
 }
 
 #define PA_CHECK(cond, ...) TORCH_CHECK(cond, "paged_attention_decode: ", __VA_ARGS__)
@@ -165,15 +194,18 @@ void attend(const Problem& P, int64_t s, int64_t h, std::vector<int64_t>& offs, 
 at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                                   int64_t window) {
-  PA_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_cpu(),
-           "q must be a (num_seqs, num_heads, head_dim) float32 CPU tensor, got ", q.sizes(), " ", q.scalar_type());
-  PA_CHECK(k_cache.dim() == 4 && k_cache.scalar_type() == at::kFloat && k_cache.is_cpu() && k_cache.is_contiguous(),
-           "k_cache must be a contiguous (num_blocks, block_size, num_kv_heads, head_dim) float32 CPU tensor, got ",
-           k_cache.sizes(), " ", k_cache.scalar_type());
-  PA_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == at::kFloat && v_cache.is_cpu() &&
-               v_cache.is_contiguous(),
-           "v_cache must be contiguous float32 of k_cache's shape ", k_cache.sizes(), ", got ", v_cache.sizes(), " ",
-           v_cache.scalar_type());
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  PA_CHECK(q.dim() == 3 && (q.scalar_type() == at::kFloat || bf16) && q.is_cpu(),
+           "q must be a (num_seqs, num_heads, head_dim) float32 or bfloat16 CPU tensor, got ", q.sizes(), " ",
+           q.scalar_type());
+  PA_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+           "q, k_cache and v_cache must have the same dtype, got q ", q.scalar_type(), ", k_cache ",
+           k_cache.scalar_type(), ", v_cache ", v_cache.scalar_type());
+  PA_CHECK(k_cache.dim() == 4 && k_cache.is_cpu() && k_cache.is_contiguous(),
+           "k_cache must be a contiguous (num_blocks, block_size, num_kv_heads, head_dim) CPU tensor, got ",
+           k_cache.sizes());
+  PA_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.is_cpu() && v_cache.is_contiguous(),
+           "v_cache must be contiguous of k_cache's shape ", k_cache.sizes(), ", got ", v_cache.sizes());
   const int64_t S = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t num_blocks = k_cache.size(0), bs = k_cache.size(1), KVH = k_cache.size(2);
   PA_CHECK(k_cache.size(3) == D, "head_dim of q (", D, ") and cache (", k_cache.size(3), ") differ");
@@ -202,15 +234,12 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
     total_rows += lp[s] - first;
   }
   at::Tensor out = at::empty({S, H, D}, q.options());
-  const Problem P{qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tp, lp,
-                  out.data_ptr<float>(), H, KVH, D, bs, max_blocks, window, static_cast<float>(scale)};
   // Waking a thread should pay: each one gets tasks of about 2048 K/V rows at the least.
   const int64_t grain = std::max<int64_t>(1, 2048 * S / std::max<int64_t>(1, total_rows));
-  at::parallel_for(0, S * KVH, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<int64_t> offs;
-    std::vector<float> buf;
-    for (int64_t i = t0; i < t1; ++i) attend(P, i / KVH, i % KVH, offs, buf);
-  });
+  if (bf16)
+    run<c10::BFloat16>(qc, k_cache, v_cache, tp, lp, out, max_blocks, window, static_cast<float>(scale), grain);
+  else
+    run<float>(qc, k_cache, v_cache, tp, lp, out, max_blocks, window, static_cast<float>(scale), grain);
   return out;
 }
 
