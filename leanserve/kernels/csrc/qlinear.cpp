@@ -23,6 +23,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <vector>
+
 namespace {
 
 inline float hsum(__m256 v) {
@@ -44,9 +46,9 @@ inline void fma_rows(const float* x, int64_t ldx, __m256 w, int j, __m256 (&acc)
 // left a cold 1-row call at a quarter of the machine's read bandwidth (three streams per row).
 constexpr int64_t kPrefetchRows = 12;
 
-template <bool Q4, int MR, int A = (MR == 1 ? 4 : MR <= 3 ? 2 : 1)>
+template <bool Q4, int MR, typename Out, int A = (MR == 1 ? 4 : MR <= 3 ? 2 : 1)>
 void rows_kernel(const float* x, int64_t ldx, const uint8_t* qs, const float* scales, const float* mins,
-                 int64_t K, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+                 int64_t K, Out* y, int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t groups = K / 32;
   const int64_t row_bytes = Q4 ? (groups + 1) / 2 * 32 : K;
   const __m256i nibble = _mm256_set1_epi32(0xF);
@@ -96,30 +98,30 @@ void rows_kernel(const float* x, int64_t ldx, const uint8_t* qs, const float* sc
     for (int r = 0; r < MR; ++r) {
       __m256 s = acc[r][0];
       for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[r][a]);
-      y[r * ldy + n] = hsum(s);
+      y[r * ldy + n] = Out(hsum(s));  // bfloat16: c10's round-to-nearest-even, as torch's .to()
     }
   }
 }
 
-template <bool Q4>
+template <bool Q4, typename Out>
 void qlinear_impl(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* scales, const float* mins,
-                  float* y, int64_t N) {
+                  Out* y, int64_t N) {
   // ~16 KB of 4-bit weights per task: small enough to balance, large enough to amortize the spawn
   const int64_t grain = std::max<int64_t>(8, 16384 / std::max<int64_t>(1, K / 2));  // rows per task
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t m = 0; m < M;) {  // rows of x in groups of 8, then the rest
       const float* xm = x + m * K;
-      float* ym = y + m * N;
+      Out* ym = y + m * N;
       const int64_t mr = std::min<int64_t>(8, M - m);
       switch (mr) {
-        case 8: rows_kernel<Q4, 8>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
-        case 7: rows_kernel<Q4, 7>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
-        case 6: rows_kernel<Q4, 6>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
-        case 5: rows_kernel<Q4, 5>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
-        case 4: rows_kernel<Q4, 4>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
-        case 3: rows_kernel<Q4, 3>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
-        case 2: rows_kernel<Q4, 2>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
-        default: rows_kernel<Q4, 1>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
+        case 8: rows_kernel<Q4, 8, Out>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
+        case 7: rows_kernel<Q4, 7, Out>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
+        case 6: rows_kernel<Q4, 6, Out>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
+        case 5: rows_kernel<Q4, 5, Out>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
+        case 4: rows_kernel<Q4, 4, Out>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
+        case 3: rows_kernel<Q4, 3, Out>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
+        case 2: rows_kernel<Q4, 2, Out>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
+        default: rows_kernel<Q4, 1, Out>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
       }
       m += mr;
     }
@@ -142,15 +144,26 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
               "qlinear: scales must be contiguous float32 of shape (N, K / 32)");
   TORCH_CHECK(mins.scalar_type() == at::kFloat && mins.is_contiguous() && mins.numel() == N * (K / 32),
               "qlinear: mins must be contiguous float32 of shape (N, K / 32)");
-  // bfloat16 rows (at most a few dozen) are widened once; the weights are what cost
-  const at::Tensor xc = x.to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({M, N}, xc.options());
   const auto* q = reinterpret_cast<const uint8_t*>(qs.data_ptr());
-  if (bits == 4)
-    qlinear_impl<true>(xc.data_ptr<float>(), M, K, q, scales.data_ptr<float>(), mins.data_ptr<float>(), y.data_ptr<float>(), N);
-  else
-    qlinear_impl<false>(xc.data_ptr<float>(), M, K, q, scales.data_ptr<float>(), mins.data_ptr<float>(), y.data_ptr<float>(), N);
-  return y.to(x.scalar_type());
+  const float* sc = scales.data_ptr<float>();
+  const float* mn = mins.data_ptr<float>();
+  at::Tensor y = at::empty({M, N}, x.options());
+  const at::Tensor xc = x.contiguous();
+  if (x.scalar_type() == at::kFloat) {
+    if (bits == 4) qlinear_impl<true>(xc.data_ptr<float>(), M, K, q, sc, mn, y.data_ptr<float>(), N);
+    else qlinear_impl<false>(xc.data_ptr<float>(), M, K, q, sc, mn, y.data_ptr<float>(), N);
+    return y;
+  }
+  // bfloat16: the rows (at most a few dozen) are widened into a reused buffer and the outputs
+  // rounded as they are stored; no ATen conversions (two more dispatches per matmul at batch 1)
+  static thread_local std::vector<float> xf;
+  xf.resize(M * K);
+  const c10::BFloat16* xb = xc.data_ptr<c10::BFloat16>();
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(xb[i]);
+  auto* yb = y.data_ptr<c10::BFloat16>();
+  if (bits == 4) qlinear_impl<true>(xf.data(), M, K, q, sc, mn, yb, N);
+  else qlinear_impl<false>(xf.data(), M, K, q, sc, mn, yb, N);
+  return y;
 }
 
 }  // namespace
