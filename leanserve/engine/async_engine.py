@@ -132,6 +132,8 @@ class AsyncEngine:
         self._commands: list[_Add | _Abort] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._go: threading.Event | None = None  # set by start() for an engine built on its own thread
+        self._started = False
         self._loop: asyncio.AbstractEventLoop | None = None
         # event-loop side only
         self._streams: dict[str, RequestStream] = {}
@@ -147,10 +149,46 @@ class AsyncEngine:
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
+    @classmethod
+    def built_on_engine_thread(cls, build: Callable[[], LLMEngine], max_queue: int = 256) -> AsyncEngine:
+        """Build the engine on the thread that will run its loop; return once it is built (``build``'s
+        exception is raised here). On CPU, all of torch's parallel work then starts from one thread:
+        with OpenMP teams in two threads (the loader and the loop), libgomp on a 2-core machine stops
+        spinning between parallel regions and every kernel pays a wake-up; measured: a decode step of
+        SmolLM2-135M at batch 1 took 25 ms in the server's engine thread vs 13 ms offline."""
+        built: dict[str, Any] = {}
+        ready = threading.Event()
+        go = threading.Event()
+
+        def main() -> None:
+            try:
+                built["engine"] = cls(build(), max_queue)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                built["error"] = e
+                return
+            finally:
+                ready.set()
+            go.wait()
+            built["engine"]._run()
+
+        thread = threading.Thread(target=main, name="leanserve-engine", daemon=True)
+        thread.start()
+        ready.wait()
+        if "error" in built:
+            thread.join()
+            raise built["error"]
+        engine: AsyncEngine = built["engine"]
+        engine._thread, engine._go = thread, go
+        return engine
+
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        if self._thread is not None:
+        if self._started:
             raise RuntimeError("AsyncEngine already started")
+        self._started = True
         self._loop = loop or asyncio.get_running_loop()
+        if self._go is not None:  # built on its own thread, which waits for the loop
+            self._go.set()
+            return
         self._thread = threading.Thread(target=self._run, name="leanserve-engine", daemon=True)
         self._thread.start()
 
@@ -158,6 +196,8 @@ class AsyncEngine:
         with self._cond:
             self._stopping = True
             self._cond.notify()
+        if self._go is not None:  # a thread still waiting for start() sees _stopping and ends
+            self._go.set()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -190,7 +230,7 @@ class AsyncEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return self._started and self._thread is not None and self._thread.is_alive() and not self._stopping
 
     # ---- the asyncio side --------------------------------------------------------------------
 

@@ -136,8 +136,9 @@ def _serve(args: argparse.Namespace, sock: socket.socket, digests: frozenset[str
     from leanserve.serve.api import ServerSettings, build_app
 
     ensure_model(args.model)
-    engine = LLMEngine(EngineConfig(model=args.model, **_engine_kwargs(args)))
-    async_engine = AsyncEngine(engine, max_queue=args.max_queue)
+    config = EngineConfig(model=args.model, **_engine_kwargs(args))
+    async_engine = AsyncEngine.built_on_engine_thread(lambda: LLMEngine(config), max_queue=args.max_queue)
+    engine = async_engine.engine
     name = args.served_model_name or args.model
     basis = resolve_price_basis(args.hardware, args.price_per_hour, async_engine.device)
     settings = ServerSettings(model_name=name, api_key_digests=digests,

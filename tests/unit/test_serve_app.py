@@ -141,6 +141,45 @@ def test_outputs_stream_in_order_and_only_the_engine_thread_touches_the_engine()
     assert fake.thread_ids and threading.get_ident() not in fake.thread_ids and len(fake.thread_ids) == 1
 
 
+def test_an_engine_built_on_its_own_thread_runs_on_that_same_thread():
+    built_on: list[int] = []
+
+    def build():
+        built_on.append(threading.get_ident())
+        return FakeEngine()
+
+    async def main():
+        ae = AsyncEngine.built_on_engine_thread(build)
+        assert not ae.is_running  # built, waiting for start()
+        ae.start()
+        try:
+            outs = [o async for o in ae.add_request("a", [1, 2], SamplingParams(max_tokens=3))]
+        finally:
+            ae.shutdown()
+        return ae, outs
+
+    ae, outs = _run(main())
+    assert outs[-1].outputs[0].token_ids == [0, 1, 2]
+    # one thread loaded and stepped the engine (CPU: one OpenMP team), and it was not the caller's
+    assert ae.engine.thread_ids == set(built_on) and built_on[0] != threading.get_ident()
+    assert not ae._thread.is_alive()
+
+
+def test_an_engine_that_fails_to_build_raises_in_the_caller():
+    def build():
+        raise ValueError("no such model")
+
+    with pytest.raises(ValueError, match="no such model"):
+        AsyncEngine.built_on_engine_thread(build)
+
+
+def test_shutdown_before_start_ends_the_waiting_thread():
+    ae = AsyncEngine.built_on_engine_thread(FakeEngine)
+    t = time.perf_counter()
+    ae.shutdown()
+    assert not ae._thread.is_alive() and time.perf_counter() - t < 2
+
+
 def test_requests_join_the_running_batch():
     fake = FakeEngine(step_s=0.005)
 
