@@ -1,6 +1,6 @@
 """Decode attention micro-benchmark: the gather + SDPA path against the native paged-attention kernel.
 
-SmolLM2-135M shapes (9 query heads, 3 KV heads, head_dim 64, block_size 16, float32), one query token
+SmolLM2-135M shapes (9 query heads, 3 KV heads, head_dim 64, block_size 16, float32 or --dtype bfloat16), one query token
 per sequence at batch 1, 8, 32, 80 and context 128, 512, 1024, each sequence's blocks scattered over a
 shuffled pool. Both paths are timed through ``paged_attention`` as a model layer calls it, with the
 step's metadata already built (shared by all layers of a step, so not timed) and, for SDPA, the
@@ -8,7 +8,7 @@ runner's reused gather workspace and masks built on the warm-up call. Calls of t
 alternate so both see the same machine conditions; each call reads the next of up to 30 layers' caches
 (SmolLM2's depth, at most ~512 MB of K/V in all) so small caches are not served from L2 every time.
 Prints a markdown table: median ms per call of each path, SDPA / kernel, and the K/V bytes the kernel
-reads per second (batch * context * 3 KV heads * 64 * 4 bytes * 2 (K and V) / its time).
+reads per second (batch * context * 3 KV heads * 64 * 2 or 4 bytes * 2 (K and V) / its time).
 
     .venv/bin/python benchmarks/attention.py                        # the full grid, about 30 s
     .venv/bin/python benchmarks/attention.py --batch 32 --context 512 --min-time 2
@@ -35,21 +35,22 @@ SCALE = HEAD_DIM ** -0.5
 MAX_KV_BYTES = 512 << 20
 
 
-def kv_bytes(batch: int, context: int) -> int:
-    return batch * context * KV_HEADS * HEAD_DIM * 4 * 2
+def kv_bytes(batch: int, context: int, dtype: torch.dtype = torch.float32) -> int:
+    return batch * context * KV_HEADS * HEAD_DIM * dtype.itemsize * 2
 
 
-def measure(batch: int, context: int, min_time: float, seed: int = 0) -> tuple[float, float]:
+def measure(batch: int, context: int, min_time: float, dtype: torch.dtype = torch.float32,
+            seed: int = 0) -> tuple[float, float]:
     """Median seconds per call: (gather + SDPA, kernel)."""
     g = torch.Generator().manual_seed(seed)
     per_seq = -(-context // BLOCK_SIZE)
     num_blocks = batch * per_seq
-    layers = max(1, min(LAYERS, MAX_KV_BYTES // kv_bytes(batch, context)))
-    caches = [(torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=g),
-               torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=g)) for _ in range(layers)]
+    layers = max(1, min(LAYERS, MAX_KV_BYTES // kv_bytes(batch, context, dtype)))
+    caches = [(torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=g).to(dtype),
+               torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=g).to(dtype)) for _ in range(layers)]
     perm = torch.randperm(num_blocks, generator=g).tolist()
     tables = [perm[i * per_seq:(i + 1) * per_seq] for i in range(batch)]
-    q = torch.randn(batch, HEADS, HEAD_DIM, generator=g)
+    q = torch.randn(batch, HEADS, HEAD_DIM, generator=g).to(dtype)
     meta = AttentionMetadata.build([1] * batch, [context] * batch, tables, BLOCK_SIZE, {None})
     meta.workspace = GatherWorkspace()
 
@@ -65,7 +66,8 @@ def measure(batch: int, context: int, min_time: float, seed: int = 0) -> tuple[f
 
     times: dict = {sdpa: [], kernel: []}
     with torch.inference_mode():
-        torch.testing.assert_close(kernel(*caches[0]), sdpa(*caches[0]), atol=1e-5, rtol=1e-5)  # warm-up, and a check
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # bfloat16: the SDPA path rounds more often
+        torch.testing.assert_close(kernel(*caches[0]), sdpa(*caches[0]), atol=tol, rtol=tol)  # warm-up, and a check
         start, i = time.perf_counter(), 0
         while i < 5 or (time.perf_counter() - start < min_time and i < 1000):
             for f in (sdpa, kernel):
@@ -82,18 +84,20 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 80])
     p.add_argument("--context", type=int, nargs="+", default=[128, 512, 1024])
     p.add_argument("--min-time", type=float, default=2.5, help="seconds of timed calls per cell (both paths)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="q and the K/V cache")
     args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
     if kernels.ops() is None:
         sys.exit(f"the native kernels are unavailable: {kernels.status()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; SmolLM2-135M decode attention "
-          f"({HEADS} heads, {KV_HEADS} KV heads, head_dim {HEAD_DIM}, block_size {BLOCK_SIZE}, float32)\n")
+          f"({HEADS} heads, {KV_HEADS} KV heads, head_dim {HEAD_DIM}, block_size {BLOCK_SIZE}, {args.dtype})\n")
     print("| batch | context | gather+SDPA ms | kernel ms | SDPA / kernel | kernel K/V GB/s |")
     print("|---:|---:|---:|---:|---:|---:|")
     for batch in args.batch:
         for context in args.context:
-            old, new = measure(batch, context, args.min_time)
+            old, new = measure(batch, context, args.min_time, dtype)
             print(f"| {batch} | {context} | {old * 1e3:.3f} | {new * 1e3:.3f} | {old / new:.1f}x | "
-                  f"{kv_bytes(batch, context) / new / 1e9:.1f} |", flush=True)
+                  f"{kv_bytes(batch, context, dtype) / new / 1e9:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
