@@ -169,18 +169,21 @@ def measure_limits() -> dict[str, float]:
     return limits
 
 
-def leanserve_weight_bytes_per_token() -> tuple[float, int]:
-    """(bytes of weights one decode token of one sequence reads in leanserve, parameter count)."""
+def leanserve_weight_bytes_per_token() -> tuple[float, int, str]:
+    """(bytes of weights one decode token of one sequence reads in leanserve, parameter count, the
+    dtype `serve` picks here): one sequence reads the GGUF blocks where the model has them."""
     import torch
 
+    from leanserve.engine.engine import resolve_dtype
     from leanserve.model.loader import load_model
 
-    model = load_model("smollm2-135m", torch.float32).model
+    dtype = resolve_dtype("auto", torch.device("cpu"))
+    model = load_model("smollm2-135m", dtype).model
     params = sum(p.numel() for p in model.parameters())
     quantized = sum(m.qweight.nbytes for m in model.modules() if getattr(m, "qweight", None) is not None)
-    floats = sum(m.weight.numel() * 4 for m in model.modules() if getattr(m, "qweight", 1) is None)
-    head = model.lm_head_q.nbytes if model.lm_head_q is not None else model.model.embed_tokens.weight.numel() * 4
-    return quantized + floats + head, params
+    floats = sum(m.weight.nbytes for m in model.modules() if getattr(m, "qweight", 1) is None)
+    head = model.lm_head_q.nbytes if model.lm_head_q is not None else model.model.embed_tokens.weight.nbytes
+    return quantized + floats + head, params, str(dtype).removeprefix("torch.")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -235,12 +238,22 @@ def run(args: argparse.Namespace) -> None:
         if name != "leanserve" and base and row:
             print(f"leanserve / {name}: " + ", ".join(f"c={c}: {base[c] / row[c]:.2f}x" for c in levels if c in row and c in base)
                   + f"; best vs best: {max(base.values()) / max(row.values()):.2f}x")
-    weight_bytes, params = leanserve_weight_bytes_per_token()
+    weight_bytes, params, dtype = leanserve_weight_bytes_per_token()
     flops_per_token = 2 * params
+    offline = None
+    if args.offline and (not args.only or "leanserve" in args.only.split(",")):
+        from throughput import chat_prompts, run_leanserve  # benchmarks/throughput.py
+
+        prompts = chat_prompts("smollm2-135m", args.num_prompts)
+        out_tokens, seconds, prompt_tokens = run_leanserve("smollm2-135m", prompts, args.output_len, 128, dtype)
+        offline = (out_tokens / seconds, (out_tokens + prompt_tokens) / seconds)
+        print(f"\nleanserve offline ({dtype}, {len(prompts)} prompts in one batch): {offline[0]:.1f} output tok/s, "
+              f"{offline[1]:.1f} tok/s computed (prompt + output)")
     print(f"\nmachine, measured now: read bandwidth {limits['read_bytes_per_s'] / 1e9:.1f} GB/s, matmul float32 "
           f"{limits['fp32_flops'] / 1e9:.0f} GFLOP/s, bfloat16 {limits['bf16_flops'] / 1e9:.1f} GFLOP/s")
     bw_limit = limits["read_bytes_per_s"] / weight_bytes
-    print(f"leanserve reads {weight_bytes / 1e6:.0f} MB of weights per decode token: bandwidth limit {bw_limit:.0f} tok/s"
+    print(f"leanserve ({dtype}) reads {weight_bytes / 1e6:.0f} MB of weights per decode token of one sequence: "
+          f"bandwidth limit {bw_limit:.0f} tok/s"
           + (f"; 1 client at {base[1]:.1f} tok/s = {base[1] / bw_limit:.0%} of it" if 1 in base else ""))
     if base:  # tokens the model computed: prompt tokens not served from the prefix cache, plus outputs
         c = max(base, key=base.get)
@@ -249,7 +262,8 @@ def run(args: argparse.Namespace) -> None:
         for kind in ("fp32", "bf16"):
             limit = limits[f"{kind}_flops"] / flops_per_token
             print(f"{kind} compute limit ({flops_per_token / 1e9:.2f} GFLOP/token): {limit:.0f} tok/s; leanserve at "
-                  f"c={c} computed {computed:.0f} tok/s (prompt + output) = {computed / limit:.0%} of it")
+                  f"c={c} computed {computed:.0f} tok/s (prompt + output) = {computed / limit:.0%} of it"
+                  + (f"; offline {offline[1]:.0f} tok/s = {offline[1] / limit:.0%}" if offline else ""))
 
 
 def main() -> None:
@@ -263,6 +277,8 @@ def main() -> None:
     p.add_argument("--num-prompts-single", type=int, default=8, help="requests at 1 client (one after another)")
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--only", default="", help="comma-separated servers to run (default: all installed)")
+    p.add_argument("--no-offline", dest="offline", action="store_false",
+                   help="skip leanserve's offline run (the engine in-process, all prompts in one batch)")
     p.add_argument("--vllm-dtype", default="float32",
                    help="vLLM's --dtype, or several comma-separated, one server each (bfloat16 is emulated on CPUs "
                         "without AVX512-BF16/AMX: float32 is vLLM's best there)")

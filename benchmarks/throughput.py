@@ -53,11 +53,22 @@ def run_hf(model: str, prompts: list[list[int]], max_tokens: int) -> tuple[int, 
     return tokens, time.perf_counter() - start
 
 
-def run_leanserve(model: str, prompts: list[list[int]], max_tokens: int, max_num_seqs: int) -> tuple[int, float, int]:
+def chat_prompts(model: str, num_prompts: int, data: Path | None = None) -> list[list[int]]:
+    """The chat workload's prompts as token ids: MT-Bench first turns through the model's chat template."""
+    from leanserve.model.loader import load_config_and_tokenizer, resolve
+
+    _, tokenizer, _ = load_config_and_tokenizer(resolve(model))
+    data = data or ROOT.parent / "shared" / "data" / "mt_bench_questions.jsonl"
+    questions = [json.loads(line)["turns"][0] for line in data.read_text().splitlines() if line.strip()]
+    return [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions[:num_prompts]]
+
+
+def run_leanserve(model: str, prompts: list[list[int]], max_tokens: int, max_num_seqs: int,
+                  dtype: str = "float32") -> tuple[int, float, int]:
     from leanserve.engine.engine import LLM
     from leanserve.types import SamplingParams
 
-    llm = LLM(model, dtype="float32", max_num_seqs=max_num_seqs, max_num_batched_tokens=1024)
+    llm = LLM(model, dtype=dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=1024)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
     start = time.perf_counter()
@@ -78,9 +89,8 @@ def main() -> None:
 
     from leanserve.model.loader import load_config_and_tokenizer, resolve
 
-    cfg, tokenizer, _ = load_config_and_tokenizer(resolve(args.model))
-    questions = [json.loads(line)["turns"][0] for line in Path(args.data).read_text().splitlines() if line.strip()]
-    prompts = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions[: args.num_prompts]]
+    cfg, _, _ = load_config_and_tokenizer(resolve(args.model))
+    prompts = chat_prompts(args.model, args.num_prompts, Path(args.data))
 
     peak = measure_matmul_peak()
     hf_tokens, hf_s = run_hf(args.model, prompts[: args.hf_prompts], args.max_tokens)
