@@ -1,6 +1,6 @@
 """Time of one engine decode step, native CPU kernels on vs off, side by side in one run.
 
-Offline engine, SmolLM2-135M float32, B sequences decoding together (greedy, EOS ignored, a
+Offline engine, SmolLM2-135M float32 (or --dtype bfloat16), B sequences decoding together (greedy, EOS ignored, a
 short prompt each; steps timed after 20 warm-up steps). "off" is the same code with
 LEANSERVE_KERNELS=0 (BLAS on float32 weights, gather + SDPA attention, PyTorch norms and RoPE), in
 a child process so both sides build their models the same way. With --profile, the top operators
@@ -8,6 +8,7 @@ of the "on" side per batch size (torch.profiler over 5 steps).
 
     .venv/bin/python benchmarks/decode_step.py
     .venv/bin/python benchmarks/decode_step.py --batch 1,32 --profile
+    .venv/bin/python benchmarks/decode_step.py --dtype bfloat16 --batch 1,8,16,64,128
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import sys
 import time
 
 
-def measure(batches: list[int], steps: int, profile: bool) -> dict[int, float]:
+def measure(batches: list[int], steps: int, profile: bool, dtype: str = "float32") -> dict[int, float]:
     from leanserve.engine.engine import LLM
     from leanserve.types import SamplingParams
 
-    llm = LLM("smollm2-135m", dtype="float32", max_num_seqs=max(batches), max_num_batched_tokens=1024)
+    llm = LLM("smollm2-135m", dtype=dtype, max_num_seqs=max(batches), max_num_batched_tokens=1024)
     eng = llm.engine
     result = {}
     for b in batches:
@@ -58,19 +59,21 @@ def main() -> None:
     ap.add_argument("--batch", default="1,4,16,32,64")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     if args.child:
-        print(json.dumps(measure(batches, args.steps, False)))
+        print(json.dumps(measure(batches, args.steps, False, args.dtype)))
         return
-    off = subprocess.run([sys.executable, __file__, "--child", "--batch", args.batch, "--steps", str(args.steps)],
+    off = subprocess.run([sys.executable, __file__, "--child", "--batch", args.batch, "--steps", str(args.steps),
+                          "--dtype", args.dtype],
                          env={**os.environ, "LEANSERVE_KERNELS": "0"}, check=True, capture_output=True, text=True)
     off_times = {int(k): v for k, v in json.loads(off.stdout.strip().splitlines()[-1]).items()}
-    on_times = measure(batches, args.steps, args.profile)
+    on_times = measure(batches, args.steps, args.profile, args.dtype)
     from leanserve import kernels
 
-    print(f"\n{kernels.status()}, {__import__('torch').get_num_threads()} threads")
+    print(f"\n{args.dtype}, {kernels.status()}, {__import__('torch').get_num_threads()} threads")
     print("| batch | step ms, kernels off | step ms, kernels on | speed-up | out tok/s on |")
     print("| --- | --- | --- | --- | --- |")
     for b in batches:

@@ -90,6 +90,23 @@ transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name).save
     return out
 
 
+def llamacpp_isa_flags() -> list[str]:
+    """Every x86 extension this CPU has, named one by one, except AMX: with -DGGML_NATIVE=ON on a
+    Xeon with AMX, llama-server died at its first matmul with SIGILL inside ggml's AMX int8 kernel
+    (tinygemm_kernel_amx, 2026-11-29), while torch's oneDNN ran AMX on the same VM."""
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return ["-DGGML_NATIVE=ON"]
+    if not flags & {"amx_int8", "amx_bf16", "amx_tile"}:
+        return ["-DGGML_NATIVE=ON"]
+    isa = {"GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c", "GGML_BMI2": "bmi2",
+           "GGML_AVX_VNNI": "avx_vnni", "GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi",
+           "GGML_AVX512_VNNI": "avx512_vnni", "GGML_AVX512_BF16": "avx512_bf16"}
+    return ["-DGGML_NATIVE=OFF"] + [f"-D{opt}={'ON' if flag in flags else 'OFF'}" for opt, flag in isa.items()]
+
+
 def install_llamacpp() -> None:
     src = PEERS / "llama.cpp"
     if not (src / "CMakeLists.txt").exists():
@@ -101,7 +118,7 @@ def install_llamacpp() -> None:
             vendor = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
             shutil.copytree(vendor, src)
     build = src / "build"
-    sh("cmake", "-S", src, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+    sh("cmake", "-S", src, "-B", build, "-DCMAKE_BUILD_TYPE=Release", *llamacpp_isa_flags(), "-DLLAMA_CURL=OFF",
        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON")
     sh("cmake", "--build", build, "--target", "llama-server", "-j", str(os.cpu_count() or 2))
 

@@ -92,6 +92,14 @@ def test_decode_gqa_lengths_around_block_edges(monkeypatch, block_size, window, 
 
 
 @DTYPES
+@pytest.mark.parametrize("num_seqs", [2, 40])  # fewer tasks than threads x 3, and many
+@pytest.mark.parametrize("window", [None, 9])
+def test_decode_few_and_many_sequences(monkeypatch, num_seqs, window, dtype):
+    clens = [(37 * i) % 300 + 1 for i in range(num_seqs)]
+    _check(monkeypatch, [1] * num_seqs, clens, 16, 9, 3, 64, window, dtype=dtype)
+
+
+@DTYPES
 @pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 64), (8, 2, 256), (6, 1, 8), (2, 1, 24)])
 @pytest.mark.parametrize("window", [None, 7, 600])
 def test_decode_mha_mqa_and_head_dims(monkeypatch, heads, kv_heads, dim, window, dtype):
