@@ -193,8 +193,10 @@ def paged_attention(
         kp = _gather_blocks(k_cache, p.blocks).view(-1, num_kv_heads, head_dim)[:p.context_len].transpose(0, 1).to(q.dtype)
         vp = _gather_blocks(v_cache, p.blocks).view(-1, num_kv_heads, head_dim)[:p.context_len].transpose(0, 1).to(q.dtype)
         mask = p.masks[window]
-        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None, scale=scale,
-                                            enable_gqa=True)
+        # 4-D (a batch of one): on CPU only 4-D inputs take the flash kernel; 3-D ones fall back to
+        # the math path, 2.6x (float32) to 4.4x (bfloat16) slower for a 100-token prompt
+        op = F.scaled_dot_product_attention(qp[None], kp[None], vp[None], attn_mask=mask, is_causal=mask is None,
+                                            scale=scale, enable_gqa=True)[0]
         out[p.query_start:p.query_start + p.query_len] = op.transpose(0, 1)
     return out
 
