@@ -18,7 +18,7 @@ from leanserve.bench.client import interarrival_gaps
 from leanserve.bench.stub_server import serve_in_subprocess
 from leanserve.bench.workloads import WorkloadSpec, default_data_dir, iter_conversations
 
-TTFT_MS, ITL_MS, OUT = 400.0, 50.0, 10  # HTTP overhead here is 3-15 ms: small against 400
+TTFT_MS, ITL_MS, OUT = 400.0, 50.0, 10  # HTTP overhead here is 3-15 ms (up to ~30 under load): small against 400
 HAVE_DATA = (default_data_dir() / "mt_bench_questions.jsonl").is_file()
 
 
@@ -50,7 +50,9 @@ def test_ttft_tpot_itl_e2el_match_the_stub(timed_run):
     r = timed_run
     assert r["completed"] == 12 and r["failed"] == 0
     for key in ("median_ttft_ms", "mean_ttft_ms"):
-        assert close(r[key], TTFT_MS), (key, r[key])
+        # HTTP overhead only adds (3-15 ms here, ~30 ms seen on a loaded 2-core CI box); measuring from
+        # the wrong moment would be off by a whole ITL or more, or come out below the stub's wait
+        assert TTFT_MS * 0.99 <= r[key] <= TTFT_MS + 45, (key, r[key])
     for key in ("median_tpot_ms", "mean_tpot_ms", "median_itl_ms", "mean_itl_ms"):
         assert close(r[key], ITL_MS), (key, r[key])
     assert close(r["median_e2el_ms"], TTFT_MS + ITL_MS * (OUT - 1))
