@@ -63,9 +63,11 @@ def test_ttft_tpot_itl_e2el_match_the_stub(timed_run):
 def test_throughput_matches_the_stub(timed_run):
     r = timed_run
     e2e_s = (TTFT_MS + ITL_MS * (OUT - 1)) / 1000.0
-    # 4 requests in flight, each OUT tokens per e2e_s
-    assert close(r["output_throughput"], 4 * OUT / e2e_s)
-    assert close(r["request_throughput"], 4 / e2e_s)
+    # 4 requests in flight, each OUT tokens per e2e_s; HTTP overhead (up to ~45 ms a request on a
+    # loaded box) only lowers the rates
+    slow_s = e2e_s + 0.045
+    assert 4 * OUT / slow_s <= r["output_throughput"] <= 4 * OUT / e2e_s * 1.01
+    assert 4 / slow_s <= r["request_throughput"] <= 4 / e2e_s * 1.01
     assert close(r["mean_requests_in_flight"], 4.0)
     assert r["total_output_tokens"] == 12 * OUT
 
