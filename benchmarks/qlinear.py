@@ -2,7 +2,7 @@
 
 For SmolLM2-135M's matmul shapes, in the GGUF's own formats (Q4_1 layers, Q8_0 LM head), at 1 to
 64 rows of x: median microseconds per call of each, the ratio, and the weight bytes each reads per
-call over the time (GB/s). The ratio picks ``MAX_KERNEL_ROWS`` in leanserve/model/quant.py: the
+call over the time (GB/s). The ratio picks ``KERNEL_ROWS`` in leanserve/model/quant.py: the
 kernel is used up to the row count where BLAS catches up. Both run in the same process, one after
 the other, per shape and row count.
 

@@ -62,9 +62,9 @@ class CausalLM(nn.Module):
         parts: dict[str, dict[int, QuantWeight]] = {}
         layer_rows, head_rows = KERNEL_ROWS[self.model.embed_tokens.weight.dtype]
         for name, qw in weights:
-            qw.max_rows = layer_rows
-            if name == "model.embed_tokens.weight" or name == "lm_head.weight":
-                qw.max_rows = head_rows
+            head = name in ("model.embed_tokens.weight", "lm_head.weight")
+            qw.max_rows = head_rows if head else layer_rows
+            if head:
                 if name == "lm_head.weight" or self.lm_head is None:
                     self._set_qweight(modules, "lm_head" if self.lm_head is not None else None, qw)
                 continue

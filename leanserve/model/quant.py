@@ -32,9 +32,9 @@ BLOCK = 32
 # those weights: (layers, LM head), from benchmarks/qlinear.py. float32 (the dtype `auto` picks on
 # CPUs without native bfloat16), BLAS on a 2-core AVX2 EPYC: SmolLM2's layers together break even
 # near 32 rows (1.3x faster at 16); its 49152-row LM head, where BLAS is slow, was still 1.4x faster
-# at 128. bfloat16, oneDNN with AMX on a 2-core Xeon: ~2x faster at 1 row, even at 4-8 rows (whole decode steps: even at 8 rows, slower at 12).
+# at 128. bfloat16, oneDNN with AMX on a 2-core Xeon: ~2x faster at 1 row, even at 4-8 rows (whole
+# decode steps: even at 8 rows, slower at 12).
 KERNEL_ROWS = {torch.float32: (24, 256), torch.bfloat16: (8, 4)}
-MAX_KERNEL_ROWS, MAX_KERNEL_ROWS_LM_HEAD = KERNEL_ROWS[torch.float32]
 
 
 @dataclass
@@ -43,7 +43,7 @@ class QuantWeight:
     scales: torch.Tensor  # (N, K / 32) float32
     mins: torch.Tensor  # (N, K / 32) float32
     bits: int
-    max_rows: int = MAX_KERNEL_ROWS  # the Linear layer uses the kernel up to this many rows of x
+    max_rows: int = KERNEL_ROWS[torch.float32][0]  # the Linear layer uses the kernel up to this many rows of x
 
     @property
     def shape(self) -> tuple[int, int]:
