@@ -51,11 +51,12 @@ def test_ttft_tpot_itl_e2el_match_the_stub(timed_run):
     assert r["completed"] == 12 and r["failed"] == 0
     for key in ("median_ttft_ms", "mean_ttft_ms"):
         # HTTP overhead only adds (3-15 ms here, ~30 ms seen on a loaded 2-core CI box); measuring from
-        # the wrong moment would be off by a whole ITL or more, or come out below the stub's wait
-        assert TTFT_MS * 0.99 <= r[key] <= TTFT_MS + 45, (key, r[key])
+        # a later token would also leave OUT - 2 ITL samples (checked below), from too early, below the wait
+        assert TTFT_MS * 0.99 <= r[key] <= TTFT_MS + 75, (key, r[key])
     for key in ("median_tpot_ms", "mean_tpot_ms", "median_itl_ms", "mean_itl_ms"):
         assert close(r[key], ITL_MS), (key, r[key])
-    assert close(r["median_e2el_ms"], TTFT_MS + ITL_MS * (OUT - 1))
+    e2el = TTFT_MS + ITL_MS * (OUT - 1)
+    assert e2el * 0.99 <= r["median_e2el_ms"] <= e2el + 75
     # every request: one ITL sample per token after the first
     assert all(len(q["itl_ms"]) == OUT - 1 for q in r["requests"])
 
@@ -63,12 +64,12 @@ def test_ttft_tpot_itl_e2el_match_the_stub(timed_run):
 def test_throughput_matches_the_stub(timed_run):
     r = timed_run
     e2e_s = (TTFT_MS + ITL_MS * (OUT - 1)) / 1000.0
-    # 4 requests in flight, each OUT tokens per e2e_s; HTTP overhead (up to ~45 ms a request on a
-    # loaded box) only lowers the rates
-    slow_s = e2e_s + 0.045
-    assert 4 * OUT / slow_s <= r["output_throughput"] <= 4 * OUT / e2e_s * 1.01
-    assert 4 / slow_s <= r["request_throughput"] <= 4 / e2e_s * 1.01
-    assert close(r["mean_requests_in_flight"], 4.0)
+    # the rates are the counts over the run's duration, which is three waves of 4 requests: at least
+    # 3 e2e_s, and more only by HTTP and client overhead (~30-60 ms a wave on a loaded 2-core box)
+    assert r["output_throughput"] == pytest.approx(r["total_output_tokens"] / r["duration"])
+    assert r["request_throughput"] == pytest.approx(r["completed"] / r["duration"])
+    assert 3 * e2e_s * 0.99 <= r["duration"] <= 3 * e2e_s * 1.25
+    assert 3.6 <= r["mean_requests_in_flight"] <= 4.0 + 1e-9  # 4 at a time, less in the gaps between waves
     assert r["total_output_tokens"] == 12 * OUT
 
 
