@@ -72,6 +72,14 @@ def ops() -> Any | None:
     return _state["ops"]
 
 
+def amx_available() -> bool:
+    """The kernels are on and this CPU gives the process AMX-BF16 tiles (kernels/csrc/amx_linear.cpp);
+    ``LEANSERVE_AMX=0`` turns the AMX matmul off."""
+    if os.environ.get("LEANSERVE_AMX", "1") == "0" or (k := ops()) is None:
+        return False
+    return bool(k.amx_available())
+
+
 def status() -> str:
     """One line for start-up logs: whether the kernels are in use."""
     ops()

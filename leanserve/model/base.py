@@ -7,9 +7,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from leanserve import kernels
 from leanserve.model.attention import AttentionMetadata
 from leanserve.model.config import ModelConfig
-from leanserve.model.quant import KERNEL_ROWS, QuantWeight, qlinear
+from leanserve.model.quant import AMX_KERNEL_ROWS, KERNEL_ROWS, QuantWeight, qlinear
 
 # HF checkpoint names of the separate projections -> (fused parameter, shard index)
 STACKED = {
@@ -35,6 +36,7 @@ class CausalLM(nn.Module):
         from leanserve.model.layers import Linear
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head_q: QuantWeight | None = None  # tied LM head in quantized blocks
+        self.lm_head_amx: torch.Tensor | None = None  # tied LM head packed for the AMX kernel
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
@@ -53,7 +55,35 @@ class CausalLM(nn.Module):
             return self.lm_head(hidden)
         if self.lm_head_q is not None and hidden.shape[0] <= self.lm_head_q.max_rows:
             return qlinear(hidden, self.lm_head_q)
+        if self.lm_head_amx is not None and hidden.dtype == torch.bfloat16:
+            return kernels.ops().amx_linear(hidden, self.lm_head_amx)
         return hidden @ self.model.embed_tokens.weight.t()
+
+    def attach_amx(self) -> int:
+        """Pack every bfloat16 matmul weight whose shape the AMX kernel takes (N and K multiples
+        of 32) for ``amx_linear``; the caller checked ``kernels.amx_available()``. The float weights
+        stay (embedding lookups, other devices): packed copies add their size again. Returns the
+        bytes packed."""
+        ops, packed = kernels.ops(), 0
+
+        def pack(w: torch.Tensor) -> torch.Tensor | None:
+            nonlocal packed
+            if w.dtype != torch.bfloat16 or not w.is_cpu or w.dim() != 2 or w.shape[0] % 32 or w.shape[1] % 32:
+                return None
+            packed += w.nbytes
+            return ops.amx_pack(w)
+
+        from leanserve.model.layers import Linear
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.amx = pack(m.weight)
+                if m.amx is not None and m.qweight is not None:
+                    m.qweight.max_rows = min(m.qweight.max_rows, AMX_KERNEL_ROWS)
+        if self.lm_head is None:
+            self.lm_head_amx = pack(self.model.embed_tokens.weight)
+            if self.lm_head_amx is not None and self.lm_head_q is not None:
+                self.lm_head_q.max_rows = min(self.lm_head_q.max_rows, AMX_KERNEL_ROWS)
+        return packed
 
     def attach_quantized(self, weights: Iterable[tuple[str, QuantWeight]]) -> None:
         """Give Linear layers (and a tied LM head) the quantized blocks of their float weights, so

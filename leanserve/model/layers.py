@@ -16,18 +16,23 @@ from leanserve.model.quant import QuantWeight, qlinear
 
 
 class Linear(nn.Linear):
-    """nn.Linear that may also keep its weight in GGUF's quantized blocks (``qweight``, attached by
-    the loader). Up to ``qweight.max_rows`` rows, which are memory-bound, run the native kernel over
-    the 4-8x smaller blocks; more rows are compute-bound and use BLAS on the float weight."""
+    """nn.Linear that may also keep its weight in GGUF's quantized blocks (``qweight``) and, for
+    bfloat16 on a CPU with AMX, packed into AMX tiles (``amx``), both attached by the loader. Up to
+    ``qweight.max_rows`` rows, which are memory-bound, run the native kernel over the 4-8x smaller
+    blocks; more rows are compute-bound and use the AMX kernel, else BLAS, on the float weight."""
 
     qweight: QuantWeight | None = None
+    amx: torch.Tensor | None = None  # kernels/csrc/amx_linear.cpp's packed copy of the weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qw = self.qweight
         if qw is not None and x.shape[0] <= qw.max_rows:
             y = qlinear(x, qw)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+        elif self.amx is not None and x.dtype == torch.bfloat16:
+            y = kernels.ops().amx_linear(x, self.amx)
+        else:
+            return F.linear(x, self.weight, self.bias)
+        return y if self.bias is None else y + self.bias
 
 
 class RMSNorm(nn.Module):

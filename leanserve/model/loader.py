@@ -258,6 +258,8 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, device: torch.dev
     net = build_model(cfg, weights, dtype, device)
     if reader is not None and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and kernels.ops() is not None:
         net.attach_quantized(iter_gguf_quantized(reader, cfg, arch))
+    if device.type == "cpu" and dtype == torch.bfloat16 and kernels.amx_available():
+        net.attach_amx()
     return LoadedModel(source, cfg, net, tokenizer, dtype, device)
 
 

@@ -35,6 +35,9 @@ BLOCK = 32
 # at 128. bfloat16, oneDNN with AMX on a 2-core Xeon: ~2x faster at 1 row, even at 4-8 rows (whole
 # decode steps: even at 8 rows, slower at 12).
 KERNEL_ROWS = {torch.float32: (24, 256), torch.bfloat16: (8, 4)}
+# With AMX (kernels/csrc/amx_linear.cpp on the packed bfloat16 weights) the dense side is faster:
+# whole bf16 decode steps of SmolLM2, 4 rows: qlinear 23.7 ms, AMX 27-29; 8 rows: qlinear 34.4, AMX 30-31.
+AMX_KERNEL_ROWS = 4
 
 
 @dataclass

@@ -25,6 +25,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -80,7 +83,7 @@ inline __m256 load8(const c10::BFloat16* p) {
 // The rows of one KV head are strided (KVH * D elements apart) inside a block and the blocks are
 // scattered, which the hardware prefetcher follows poorly: each loop asks for the four rows PF ahead
 // (on one core of the dev machine: 5 -> 7.5 GB/s of K/V from DRAM).
-constexpr int64_t PF = 8;
+constexpr int64_t PF = 24;
 template <typename T>
 inline void prefetch_rows(const T* base, const int64_t* offs, int64_t D) {
   for (int r = 0; r < 4; ++r)  // one prefetch per 64-byte cache line
@@ -176,16 +179,154 @@ void attend(const Problem<T>& P, int64_t s, int64_t h, std::vector<int64_t>& off
     for (int64_t d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(acc[g * D + d] * inv[g]);
 }
 
+// ---- bfloat16 with AVX512-BF16 (picked at run time; the code above is the fallback) ----------
+// Same two passes, same float32 results up to summation order: q.k is VDPBF16PS over the bf16 q and
+// K (each product of two bf16 is exact in float32, so this equals widening both and fusing the
+// multiply-adds; the scale multiplies the finished dot product, as in the reference), and the
+// output accumulators of a group of query heads stay in registers over all V rows, so nothing but
+// the rows themselves moves per row. Measured: benchmarks/attention.py --dtype bfloat16.
+#define LS_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+
+LS_AVX512 inline __m256 half_sum(__m512 a) {
+  return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+}
+
+LS_AVX512 inline __m512 widen16(const c10::BFloat16* p) {  // 16 bf16 -> float32, exact
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+LS_AVX512 inline __m512bh load32bh(const c10::BFloat16* p) {
+  return (__m512bh)_mm512_loadu_si512(p);
+}
+
+// Query heads g0 .. g0+GN-1 of the task, dims d0 .. d0+16*NZ-1: sum over the n visible V rows of
+// p[g][t] * V[t], the accumulators held in GN x NZ registers; the result (unnormalized) into acc.
+template <int GN, int NZ>
+LS_AVX512 void pv_block(const c10::BFloat16* v, const int64_t* offs, int64_t n, const float* scores, int64_t np,
+                        int64_t g0, int64_t d0, int64_t D, float* acc) {
+  __m512 a[GN][NZ];
+  for (int g = 0; g < GN; ++g)
+    for (int z = 0; z < NZ; ++z) a[g][z] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    const c10::BFloat16* row = v + offs[t] + d0;
+    if (t + PF < n)
+      for (int z = 0; z < NZ; z += 2) _mm_prefetch(reinterpret_cast<const char*>(v + offs[t + PF] + d0 + 16 * z), _MM_HINT_T0);
+    __m512 x[NZ];
+    for (int z = 0; z < NZ; ++z) x[z] = widen16(row + 16 * z);
+    for (int g = 0; g < GN; ++g) {
+      const __m512 p = _mm512_set1_ps(scores[(g0 + g) * np + t]);
+      for (int z = 0; z < NZ; ++z) a[g][z] = _mm512_fmadd_ps(p, x[z], a[g][z]);
+    }
+  }
+  for (int g = 0; g < GN; ++g)
+    for (int z = 0; z < NZ; ++z) _mm512_storeu_ps(acc + (g0 + g) * D + d0 + 16 * z, a[g][z]);
+}
+
+template <int NZ>
+LS_AVX512 void pv_all(const c10::BFloat16* v, const int64_t* offs, int64_t n, const float* scores, int64_t np,
+                      int64_t G, int64_t D, float* acc) {
+  for (int64_t d0 = 0; d0 < D; d0 += 16 * NZ)
+    for (int64_t g0 = 0; g0 < G; g0 += 4) {
+      switch (std::min<int64_t>(4, G - g0)) {
+        case 1: pv_block<1, NZ>(v, offs, n, scores, np, g0, d0, D, acc); break;
+        case 2: pv_block<2, NZ>(v, offs, n, scores, np, g0, d0, D, acc); break;
+        case 3: pv_block<3, NZ>(v, offs, n, scores, np, g0, d0, D, acc); break;
+        default: pv_block<4, NZ>(v, offs, n, scores, np, g0, d0, D, acc); break;
+      }
+    }
+}
+
+// attend() for bfloat16 with D % 32 == 0, on a CPU with AVX512-BF16.
+LS_AVX512 void attend_bf16_avx512(const Problem<c10::BFloat16>& P, int64_t s, int64_t h, std::vector<int64_t>& offs,
+                                  std::vector<float>& buf) {
+  using T = c10::BFloat16;
+  const int64_t G = P.H / P.KVH, D = P.D, bs = P.block_size, len = P.lens[s];
+  const int64_t lo = P.window > 0 ? std::max<int64_t>(0, len - P.window) : 0;
+  const int64_t n = len - lo, np = (n + 7) / 8 * 8;
+  offs.resize(np);
+  const int64_t* table = P.tables + s * P.max_blocks;
+  for (int64_t b = lo / bs, t = lo; t < len; ++b)
+    for (int64_t j = t - b * bs; j < bs && t < len; ++j, ++t) offs[t - lo] = ((table[b] * bs + j) * P.KVH + h) * D;
+  for (int64_t t = n; t < np; ++t) offs[t] = offs[n - 1];
+  buf.resize(G * np + G * D + G);
+  float* scores = buf.data();    // (G, np)
+  float* acc = scores + G * np;  // (G, D)
+  float* inv = acc + G * D;      // (G,)
+  const T* q = P.q + (s * P.H + h * G) * D;
+  const __m128 scale = _mm_set1_ps(P.scale);
+
+  for (int64_t t = 0; t < np; t += 4) {  // pass 1: scores, four rows at a time
+    const T *k0 = P.k + offs[t], *k1 = P.k + offs[t + 1], *k2 = P.k + offs[t + 2], *k3 = P.k + offs[t + 3];
+    if (t + PF + 4 <= np) prefetch_rows(P.k, offs.data() + t + PF, D);
+    for (int64_t g = 0; g < G; ++g) {
+      const T* qg = q + g * D;
+      __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+      for (int64_t d = 0; d < D; d += 32) {
+        const __m512bh x = load32bh(qg + d);
+        c0 = _mm512_dpbf16_ps(c0, x, load32bh(k0 + d));
+        c1 = _mm512_dpbf16_ps(c1, x, load32bh(k1 + d));
+        c2 = _mm512_dpbf16_ps(c2, x, load32bh(k2 + d));
+        c3 = _mm512_dpbf16_ps(c3, x, load32bh(k3 + d));
+      }
+      _mm_storeu_ps(scores + g * np + t,
+                    _mm_mul_ps(hsum4(half_sum(c0), half_sum(c1), half_sum(c2), half_sum(c3)), scale));
+    }
+  }
+
+  for (int64_t g = 0; g < G; ++g) {  // softmax numerators, as in attend()
+    float* sg = scores + g * np;
+    for (int64_t t = n; t < np; ++t) sg[t] = -INFINITY;
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < np; t += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(sg + t));
+    const __m256 mx = _mm256_set1_ps(hmax(m));
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t t = 0; t < np; t += 8) {
+      const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(sg + t), mx));
+      _mm256_storeu_ps(sg + t, p);
+      sum = _mm256_add_ps(sum, p);
+    }
+    inv[g] = 1.0f / hsum(sum);
+  }
+
+  if (D % 64 == 0)  // pass 2: p-weighted V rows
+    pv_all<4>(P.v, offs.data(), n, scores, np, G, D, acc);
+  else
+    pv_all<2>(P.v, offs.data(), n, scores, np, G, D, acc);
+  T* out = P.out + (s * P.H + h * G) * D;
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(acc[g * D + d] * inv[g]);
+}
+
+// AVX512-BF16 in this CPU, and not turned off with LEANSERVE_AVX512=0 (read per call: tests compare both paths).
+bool use_avx512_bf16() {
+  static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512bf16");
+  const char* env = std::getenv("LEANSERVE_AVX512");
+  return cpu && !(env && std::string(env) == "0");
+}
+
 template <typename T>
 void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* tables,
          const int64_t* lens, at::Tensor& out, int64_t max_blocks, int64_t window, float scale, int64_t grain) {
   const int64_t KVH = k_cache.size(2);
   const Problem<T> P{q.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), tables, lens, out.data_ptr<T>(),
                      q.size(1), KVH, q.size(2), k_cache.size(1), max_blocks, window, scale};
+  bool wide = false;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) wide = P.D % 32 == 0 && use_avx512_bf16();
   at::parallel_for(0, q.size(0) * KVH, grain, [&](int64_t t0, int64_t t1) {
     std::vector<int64_t> offs;
     std::vector<float> buf;
-    for (int64_t i = t0; i < t1; ++i) attend(P, i / KVH, i % KVH, offs, buf);
+    for (int64_t i = t0; i < t1; ++i) {
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (wide) {
+          attend_bf16_avx512(P, i / KVH, i % KVH, offs, buf);
+          continue;
+        }
+      }
+      attend(P, i / KVH, i % KVH, offs, buf);
+    }
   });
 }
 
