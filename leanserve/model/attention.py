@@ -155,6 +155,11 @@ def _prefill_mask(q_len: int, ctx_len: int, window: int | None) -> torch.Tensor 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     # k, v: (num_tokens, num_kv_heads, head_dim) -> their slots in the flat cache
+    if (k_cache.is_cpu and k.dtype == v.dtype == k_cache.dtype == v_cache.dtype
+            and k.dtype in (torch.float32, torch.bfloat16) and k.stride(-1) == 1 and v.stride(-1) == 1
+            and k.stride(1) == k.shape[2] and v.stride(1) == v.shape[2] and (ops := kernels.ops()) is not None):
+        ops.write_kv_(k_cache, v_cache, k, v, slot_mapping)  # one native call for both (kernels/csrc/paged_attention.cpp)
+        return
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 

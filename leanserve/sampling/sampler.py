@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from leanserve import kernels
 from leanserve.types import SamplingParams, TokenLogprob
 
 _NEG_INF = float("-inf")
@@ -28,8 +29,12 @@ _TINY = torch.finfo(torch.float32).tiny
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """Index of the first maximum of each row, like ``argmax(dim=-1)``: ``max``'s indices are the
-    same and 2-5x faster on CPU for (rows, 49k-vocab) logits (measured: 2.5 vs 11.4 ms, 128 rows in bfloat16)."""
+    """Index of the first maximum of each row, like ``argmax(dim=-1)`` (a NaN counts as the maximum).
+    On CPU in float32/bfloat16 the native ``argmax_rows`` (kernels/csrc/fused.cpp); else ``max``'s
+    indices, the same answer and 2-5x faster on CPU than ``argmax`` (2.5 vs 11.4 ms, 128 rows bf16)."""
+    if (x.is_cpu and x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16) and x.shape[1] > 0
+            and x.stride(1) == 1 and (ops := kernels.ops()) is not None):
+        return ops.argmax_rows(x)
     return x.max(dim=-1).indices
 
 

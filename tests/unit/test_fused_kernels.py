@@ -300,3 +300,48 @@ def test_bad_inputs_raise(ops):
         ops.act_mul(torch.randn(2, 8), 2)
     with pytest.raises(RuntimeError, match="float32 or bfloat16 CPU"):
         ops.act_mul(torch.randn(2, 8).half(), 0)
+
+
+@all_dtypes
+@pytest.mark.parametrize("n", [1, 3, 8, 9, 17, 1000, 49152])
+def test_argmax_rows_is_torch_max_indices(ops, dtype, n):
+    # ties (rounded values, all zeros), all -inf, NaNs (the first NaN wins, as torch.max says) and
+    # plain random rows; the maximum both in the vector part and in the tail
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(12, n, generator=g).to(dtype)
+    x[1] = (x[1] * 2).round()
+    x[2] = float("-inf")
+    x[3] = 0
+    x[4, -1] = 100.0  # the last element (the tail when n % 8)
+    x[5, 0] = 100.0
+    if n > 2:
+        x[6, n // 2] = float("nan")
+        x[6, n - 1] = float("nan")
+        x[7, 1] = float("nan")
+    x[8, :] = 7.0  # one value: the first index
+    got = ops.argmax_rows(x)
+    assert got.dtype == torch.int64 and torch.equal(got, x.max(dim=-1).indices)
+    # rows of a wider tensor (row stride > n) read only their own n elements
+    wide = torch.full((12, n + 5), 1e4).to(dtype)
+    wide[:, :n] = x
+    assert torch.equal(ops.argmax_rows(wide[:, :n]), got)
+
+
+def test_argmax_rows_rejects_bad_input(ops):
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 CPU tensor with contiguous rows"):
+        ops.argmax_rows(torch.zeros(4, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="contiguous rows"):
+        ops.argmax_rows(torch.zeros(8, 4).t())
+    with pytest.raises(RuntimeError, match="n > 0"):
+        ops.argmax_rows(torch.zeros(4, 0))
+
+
+def test_sampler_greedy_uses_the_native_argmax(ops, monkeypatch):
+    from leanserve.sampling import sampler
+
+    calls = []
+    monkeypatch.setattr(ops, "argmax_rows", lambda x: calls.append(x.shape) or x.max(dim=-1).indices, raising=False)
+    monkeypatch.setattr(sampler.kernels, "ops", lambda: ops)
+    x = torch.randn(3, 50)
+    assert torch.equal(sampler._argmax(x), x.argmax(-1)) and calls == [(3, 50)]
+    assert torch.equal(sampler._argmax(x.double()), x.double().argmax(-1)) and len(calls) == 1  # float64: torch

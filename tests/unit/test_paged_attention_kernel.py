@@ -266,3 +266,38 @@ def test_bad_window_and_head_dim_raise():
     with pytest.raises(RuntimeError, match="head_dim must be a multiple of 8, got 12"):
         OPS.paged_attention_decode(torch.randn(1, 3, 12), k, k, torch.zeros(1, 1, dtype=torch.long),
                                    torch.tensor([4]), SCALE, 0)
+
+
+@DTYPES
+def test_write_kv_native_matches_index_copy(dtype):
+    # k and v as the model passes them: strided views of the fused qkv output (heads contiguous)
+    g = torch.Generator().manual_seed(5)
+    kc, vc = torch.randn(6, 16, 3, 64, generator=g).to(dtype), torch.randn(6, 16, 3, 64, generator=g).to(dtype)
+    qkv = torch.randn(5, 9 * 64 + 2 * 3 * 64, generator=g).to(dtype)
+    _, k, v = qkv.split([9 * 64, 3 * 64, 3 * 64], dim=-1)
+    k, v = k.view(5, 3, 64), v.view(5, 3, 64)
+    slots = torch.tensor([0, 17, 95, 40, 3])
+    want_k, want_v = kc.clone(), vc.clone()
+    want_k.view(-1, 3, 64).index_copy_(0, slots, k)
+    want_v.view(-1, 3, 64).index_copy_(0, slots, v)
+    OPS.write_kv_(kc, vc, k, v, slots)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    # and attention.write_kv takes the native call for such inputs
+    kc2, vc2 = want_k.clone().zero_(), want_v.clone().zero_()
+    attention.write_kv(kc2, vc2, k, v, slots)
+    assert torch.equal(kc2.view(-1, 3, 64)[slots], k) and torch.equal(vc2.view(-1, 3, 64)[slots], v)
+
+
+def test_write_kv_rejects_bad_input():
+    kc = torch.zeros(2, 4, 3, 8)
+    k = torch.ones(2, 3, 8)
+    with pytest.raises(RuntimeError, match=re.escape("slot_mapping[1] = 8 is outside the cache (8 slots)")):
+        OPS.write_kv_(kc, kc.clone(), k, k, torch.tensor([0, 8]))
+    with pytest.raises(RuntimeError, match="slot_mapping\\[0\\] = -1"):
+        OPS.write_kv_(kc, kc.clone(), k, k, torch.tensor([-1, 0]))
+    with pytest.raises(RuntimeError, match="k and v must be"):
+        OPS.write_kv_(kc, kc.clone(), k.bfloat16(), k, torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="k and v must be"):
+        OPS.write_kv_(kc, kc.clone(), torch.ones(2, 8, 3).transpose(1, 2), k, torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="one shape and dtype"):
+        OPS.write_kv_(kc, kc.bfloat16(), k, k, torch.tensor([0, 1]))

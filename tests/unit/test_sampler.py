@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from leanserve import kernels
 from leanserve.sampling import Sampler, SamplingRow, apply_top_k_top_p_min_p, process_logits
 from leanserve.types import SamplingParams
 
@@ -67,7 +68,8 @@ def test_plain_greedy_batch_is_one_argmax() -> None:
     rows = [make_row(temperature=0.0, seed=i, prompt=[1, 2]) for i in range(4)]
     with _RecordOps() as rec:
         out = Sampler(30, [EOS])(logits, rows)
-    assert rec.ops == ["aten.max.dim"]  # one reduction: max's indices (see _argmax)
+    # one reduction: the native argmax_rows when the kernels are on, else max's indices (see _argmax)
+    assert rec.ops == (["leanserve.argmax_rows.default"] if kernels.ops() is not None else ["aten.max.dim"])
     assert out.token_ids == logits.float().argmax(-1).tolist()
 
 

@@ -297,16 +297,77 @@ void rotary_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, co
   else rotary_impl<float>(q, k, cos.data_ptr<float>(), sin.data_ptr<float>(), pp);
 }
 
+// ---- argmax_rows: greedy sampling's argmax over the vocabulary --------------------------------
+// Index of the first maximum of each row, torch.max(dim=-1).indices's answer: a NaN counts as the
+// maximum (the first NaN wins). torch's bf16 max over (80, 49152) logits took 2.8 ms on two cores;
+// this reads the row once, eight lanes each keeping its strictly-greater maximum (so its first).
+template <typename T>
+int64_t argmax_row(const T* x, int64_t n) {
+  int64_t j = 0, best_j = 0;
+  float best = static_cast<float>(x[0]);
+  __m256 nan = _mm256_setzero_ps();
+  if (n >= 8) {
+    __m256 m = load8(x);
+    __m256i mi = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), idx = mi;
+    const __m256i eight = _mm256_set1_epi32(8);
+    nan = _mm256_cmp_ps(m, m, _CMP_UNORD_Q);
+    for (j = 8; j + 8 <= n; j += 8) {
+      idx = _mm256_add_epi32(idx, eight);
+      const __m256 v = load8(x + j);
+      const __m256 gt = _mm256_cmp_ps(v, m, _CMP_GT_OQ);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      m = _mm256_blendv_ps(m, v, gt);
+      mi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(mi), _mm256_castsi256_ps(idx), gt));
+    }
+    alignas(32) float mv[8];
+    alignas(32) int32_t iv[8];
+    _mm256_store_ps(mv, m);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(iv), mi);
+    best = mv[0], best_j = iv[0];
+    for (int l = 1; l < 8; ++l)  // the lanes' maxima: the largest, and of equals the first index
+      if (mv[l] > best || (mv[l] == best && iv[l] < best_j)) best = mv[l], best_j = iv[l];
+  } else {
+    j = 1;
+  }
+  bool has_nan = _mm256_movemask_ps(nan) != 0;
+  for (; j < n; ++j) {  // the tail (and short rows)
+    const float v = static_cast<float>(x[j]);
+    has_nan |= std::isnan(v);
+    if (v > best) best = v, best_j = j;
+  }
+  if (has_nan || std::isnan(static_cast<float>(x[0])))
+    for (j = 0; j < n; ++j)
+      if (std::isnan(static_cast<float>(x[j]))) return j;
+  return best_j;
+}
+
+at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && float_or_bf16(x) && x.is_cpu() && x.stride(1) == 1 && x.size(1) > 0,
+              "argmax_rows: x must be a (rows, n > 0) float32 or bfloat16 CPU tensor with contiguous rows, got ",
+              x.sizes(), " ", x.scalar_type(), " strides ", x.strides());
+  at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+  int64_t* op = out.data_ptr<int64_t>();
+  const int64_t n = x.size(1), ld = x.stride(0);
+  at::parallel_for(0, x.size(0), grain_rows(n), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      op[r] = x.scalar_type() == at::kFloat ? argmax_row(x.data_ptr<float>() + r * ld, n)
+                                            : argmax_row(x.data_ptr<bf16>() + r * ld, n);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(leanserve, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, float offset) -> Tensor");
   m.def("rotary_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor positions) -> ()");
   m.def("act_mul(Tensor gate_up, int act) -> Tensor");
+  m.def("argmax_rows(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(leanserve, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("rotary_", &rotary_);
   m.impl("act_mul", &act_mul);
+  m.impl("argmax_rows", &argmax_rows);
 }
