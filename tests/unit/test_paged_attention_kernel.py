@@ -301,3 +301,21 @@ def test_write_kv_rejects_bad_input():
         OPS.write_kv_(kc, kc.clone(), torch.ones(2, 8, 3).transpose(1, 2), k, torch.tensor([0, 1]))
     with pytest.raises(RuntimeError, match="one shape and dtype"):
         OPS.write_kv_(kc, kc.bfloat16(), k, k, torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (8, 2, 256), (4, 1, 32), (6, 1, 8)])
+def test_bf16_avx512_and_avx2_paths_agree(monkeypatch, heads, kv_heads, dim):
+    # on a CPU with AVX512-BF16 the default run takes the AVX-512 code (head_dim % 32 == 0) and
+    # LEANSERVE_AVX512=0 the AVX2 code; each is held to the float32 reference above, and here to
+    # each other: the same float32 math up to summation order, so within one bf16 rounding
+    clens = [1, 15, 16, 17, 300]
+    q, k, v, tables = _case([1] * len(clens), clens, 16, heads, kv_heads, dim, dtype=torch.bfloat16)
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    for window in (0, 7):
+        monkeypatch.delenv("LEANSERVE_AVX512", raising=False)
+        wide = OPS.paged_attention_decode(q, k, v, padded, torch.tensor(clens), SCALE, window)
+        monkeypatch.setenv("LEANSERVE_AVX512", "0")
+        narrow = OPS.paged_attention_decode(q, k, v, padded, torch.tensor(clens), SCALE, window)
+        torch.testing.assert_close(wide.float(), narrow.float(), rtol=2**-7, atol=1e-5)
+        assert (wide == narrow).float().mean() > 0.97

@@ -303,28 +303,38 @@ void rotary_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, co
 // this reads the row once, eight lanes each keeping its strictly-greater maximum (so its first).
 template <typename T>
 int64_t argmax_row(const T* x, int64_t n) {
+  // four independent (max, index) accumulators of eight lanes, each over every fourth vector: one
+  // chain of compare + blend per vector would bound the loop by its latency
+  constexpr int A = 4, W = 8 * A;
   int64_t j = 0, best_j = 0;
   float best = static_cast<float>(x[0]);
   __m256 nan = _mm256_setzero_ps();
-  if (n >= 8) {
-    __m256 m = load8(x);
-    __m256i mi = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), idx = mi;
-    const __m256i eight = _mm256_set1_epi32(8);
-    nan = _mm256_cmp_ps(m, m, _CMP_UNORD_Q);
-    for (j = 8; j + 8 <= n; j += 8) {
-      idx = _mm256_add_epi32(idx, eight);
-      const __m256 v = load8(x + j);
-      const __m256 gt = _mm256_cmp_ps(v, m, _CMP_GT_OQ);
-      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-      m = _mm256_blendv_ps(m, v, gt);
-      mi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(mi), _mm256_castsi256_ps(idx), gt));
+  if (n >= W) {
+    __m256 m[A];
+    __m256i mi[A], idx[A];
+    for (int a = 0; a < A; ++a) {
+      m[a] = load8(x + 8 * a);
+      idx[a] = mi[a] = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(8 * a));
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(m[a], m[a], _CMP_UNORD_Q));
     }
-    alignas(32) float mv[8];
-    alignas(32) int32_t iv[8];
-    _mm256_store_ps(mv, m);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(iv), mi);
+    const __m256i step = _mm256_set1_epi32(W);
+    for (j = W; j + W <= n; j += W)
+      for (int a = 0; a < A; ++a) {
+        idx[a] = _mm256_add_epi32(idx[a], step);
+        const __m256 v = load8(x + j + 8 * a);
+        const __m256 gt = _mm256_cmp_ps(v, m[a], _CMP_GT_OQ);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        m[a] = _mm256_blendv_ps(m[a], v, gt);
+        mi[a] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(mi[a]), _mm256_castsi256_ps(idx[a]), gt));
+      }
+    alignas(32) float mv[W];
+    alignas(32) int32_t iv[W];
+    for (int a = 0; a < A; ++a) {
+      _mm256_store_ps(mv + 8 * a, m[a]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(iv + 8 * a), mi[a]);
+    }
     best = mv[0], best_j = iv[0];
-    for (int l = 1; l < 8; ++l)  // the lanes' maxima: the largest, and of equals the first index
+    for (int l = 1; l < W; ++l)  // the lanes' maxima: the largest, and of equals the first index
       if (mv[l] > best || (mv[l] == best && iv[l] < best_j)) best = mv[l], best_j = iv[l];
   } else {
     j = 1;

@@ -210,9 +210,7 @@ LS_AVX512 void pv_block(const c10::BFloat16* v, const int64_t* offs, int64_t n, 
   for (int g = 0; g < GN; ++g)
     for (int z = 0; z < NZ; ++z) a[g][z] = _mm512_setzero_ps();
   for (int64_t t = 0; t < n; ++t) {
-    const c10::BFloat16* row = v + offs[t] + d0;
-    if (t + PF < n)
-      for (int z = 0; z < NZ; z += 2) _mm_prefetch(reinterpret_cast<const char*>(v + offs[t + PF] + d0 + 16 * z), _MM_HINT_T0);
+    const c10::BFloat16* row = v + offs[t] + d0;  // in cache: pass 1 prefetched it
     __m512 x[NZ];
     for (int z = 0; z < NZ; ++z) x[z] = widen16(row + 16 * z);
     for (int g = 0; g < GN; ++g) {
@@ -256,10 +254,17 @@ LS_AVX512 void attend_bf16_avx512(const Problem<c10::BFloat16>& P, int64_t s, in
   float* inv = acc + G * D;      // (G,)
   const T* q = P.q + (s * P.H + h * G) * D;
   const __m128 scale = _mm_set1_ps(P.scale);
+  for (int64_t t = 0; t + 4 <= std::min(PF, np); t += 4) {  // the rows before the loop's prefetches reach
+    prefetch_rows(P.k, offs.data() + t, D);
+    prefetch_rows(P.v, offs.data() + t, D);
+  }
 
-  for (int64_t t = 0; t < np; t += 4) {  // pass 1: scores, four rows at a time
+  for (int64_t t = 0; t < np; t += 4) {  // pass 1: scores, four rows at a time; K and V rows PF ahead
     const T *k0 = P.k + offs[t], *k1 = P.k + offs[t + 1], *k2 = P.k + offs[t + 2], *k3 = P.k + offs[t + 3];
-    if (t + PF + 4 <= np) prefetch_rows(P.k, offs.data() + t + PF, D);
+    if (t + PF + 4 <= np) {  // V too: pass 2 then reads it from cache
+      prefetch_rows(P.k, offs.data() + t + PF, D);
+      prefetch_rows(P.v, offs.data() + t + PF, D);
+    }
     for (int64_t g = 0; g < G; ++g) {
       const T* qg = q + g * D;
       __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
