@@ -3,12 +3,14 @@
 Offline engine, SmolLM2-135M float32 (or --dtype bfloat16), B sequences decoding together (greedy, EOS ignored, a
 short prompt each; steps timed after 20 warm-up steps). "off" is the same code with
 LEANSERVE_KERNELS=0 (BLAS on float32 weights, gather + SDPA attention, PyTorch norms and RoPE), in
-a child process so both sides build their models the same way. With --profile, the top operators
+a child process so both sides build their models the same way; `--off VAR=VALUE` sets another
+switch for that side instead (`LEANSERVE_AMX=0`: oneDNN's bf16 matmul in place of the AMX kernel). With --profile, the top operators
 of the "on" side per batch size (torch.profiler over 5 steps).
 
     .venv/bin/python benchmarks/decode_step.py
     .venv/bin/python benchmarks/decode_step.py --batch 1,32 --profile
     .venv/bin/python benchmarks/decode_step.py --dtype bfloat16 --batch 1,8,16,64,128
+    .venv/bin/python benchmarks/decode_step.py --dtype bfloat16 --off LEANSERVE_AMX=0   # AMX matmul vs oneDNN
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 import time
 
 
-def measure(batches: list[int], steps: int, profile: bool, dtype: str = "float32") -> dict[int, float]:
+def measure(batches: list[int], steps: int, profile: bool, dtype: str = "float32", context: int = 0) -> dict[int, float]:
     from leanserve.engine.engine import LLM
     from leanserve.types import SamplingParams
 
@@ -32,7 +34,9 @@ def measure(batches: list[int], steps: int, profile: bool, dtype: str = "float32
     for b in batches:
         params = SamplingParams(max_tokens=20 + steps + 10, temperature=0.0, ignore_eos=True)
         for i in range(b):
-            eng.add_request(eng.new_request_id(), f"Write a long story about a cat and a dog, in great detail {i}", params)
+            prompt = (f"Write a long story about a cat and a dog, in great detail {i}" if not context else
+                      [100 + (i * 7919 + j * 31) % 40000 for j in range(context)])  # distinct token ids: no prefix hits
+            eng.add_request(eng.new_request_id(), prompt, params)
         for _ in range(20):
             eng.step()
         times = []
@@ -60,21 +64,25 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--context", type=int, default=0, help="prompt length in tokens (default: a short sentence)")
+    ap.add_argument("--off", default="LEANSERVE_KERNELS=0",
+                    help="environment setting of the 'off' side (e.g. LEANSERVE_AMX=0: the AMX matmul off, oneDNN's on)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     if args.child:
-        print(json.dumps(measure(batches, args.steps, False, args.dtype)))
+        print(json.dumps(measure(batches, args.steps, False, args.dtype, args.context)))
         return
     off = subprocess.run([sys.executable, __file__, "--child", "--batch", args.batch, "--steps", str(args.steps),
-                          "--dtype", args.dtype],
-                         env={**os.environ, "LEANSERVE_KERNELS": "0"}, check=True, capture_output=True, text=True)
+                          "--dtype", args.dtype, "--context", str(args.context)],
+                         env={**os.environ, args.off.split("=", 1)[0]: args.off.split("=", 1)[1]}, check=True,
+                         capture_output=True, text=True)
     off_times = {int(k): v for k, v in json.loads(off.stdout.strip().splitlines()[-1]).items()}
-    on_times = measure(batches, args.steps, args.profile, args.dtype)
+    on_times = measure(batches, args.steps, args.profile, args.dtype, args.context)
     from leanserve import kernels
 
     print(f"\n{args.dtype}, {kernels.status()}, {__import__('torch').get_num_threads()} threads")
-    print("| batch | step ms, kernels off | step ms, kernels on | speed-up | out tok/s on |")
+    print(f"| batch | step ms, {args.off} | step ms, on | speed-up | out tok/s on |")
     print("| --- | --- | --- | --- | --- |")
     for b in batches:
         print(f"| {b} | {off_times[b] * 1e3:.1f} | {on_times[b] * 1e3:.1f} | {off_times[b] / on_times[b]:.2f}x | "

@@ -83,4 +83,6 @@ def amx_available() -> bool:
 def status() -> str:
     """One line for start-up logs: whether the kernels are in use."""
     ops()
-    return "native CPU kernels: on (AVX2)" if _state["reason"] is None else f"native CPU kernels: off ({_state['reason']})"
+    if _state["reason"] is not None:
+        return f"native CPU kernels: off ({_state['reason']})"
+    return "native CPU kernels: on (AVX2" + ("; AMX bfloat16 matmul" if amx_available() else "") + ")"

@@ -109,16 +109,21 @@ class CausalLM(nn.Module):
                     self._set_qweight(modules, module_name, qw)
 
     def quantized_summary(self) -> str:
-        """E.g. '121 of 121 matmuls also in 4/8-bit GGUF blocks (115 MB), read ... up to 16/48 rows'; '' if none."""
+        """E.g. '121 of 121 matmuls also in 4/8-bit GGUF blocks (115 MB), read ... up to 4 rows; 121
+        packed for AMX (269 MB)'; '' if neither."""
         linears = [m for m in self.modules() if hasattr(m, "qweight")]
-        quant = [m.qweight for m in linears if m.qweight is not None] + ([self.lm_head_q] if self.lm_head_q else [])
-        if not quant:
-            return ""
         total = len(linears) + (1 if self.lm_head is None else 0)
-        bits = "/".join(str(b) for b in sorted({q.bits for q in quant}))
-        rows = "/".join(str(r) for r in sorted({q.max_rows for q in quant}))
-        return (f"{len(quant)} of {total} matmuls also in {bits}-bit GGUF blocks ({sum(q.nbytes for q in quant) / 1e6:.0f} MB), "
-                f"read by the native kernel up to {rows} rows")
+        parts = []
+        quant = [m.qweight for m in linears if m.qweight is not None] + ([self.lm_head_q] if self.lm_head_q else [])
+        if quant:
+            bits = "/".join(str(b) for b in sorted({q.bits for q in quant}))
+            rows = "/".join(str(r) for r in sorted({q.max_rows for q in quant}))
+            parts.append(f"{len(quant)} of {total} matmuls also in {bits}-bit GGUF blocks "
+                         f"({sum(q.nbytes for q in quant) / 1e6:.0f} MB), read by the native kernel up to {rows} rows")
+        amx = [m.amx for m in linears if m.amx is not None] + ([self.lm_head_amx] if self.lm_head_amx is not None else [])
+        if amx:
+            parts.append(f"{len(amx)} of {total} matmuls packed for AMX ({sum(a.nbytes for a in amx) / 1e6:.0f} MB)")
+        return "; ".join(parts)
 
     def _set_qweight(self, modules: dict[str, nn.Module], module_name: str | None, qw: QuantWeight) -> None:
         weight = self.model.embed_tokens.weight if module_name is None else modules[module_name].weight
