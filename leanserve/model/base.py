@@ -55,7 +55,7 @@ class CausalLM(nn.Module):
             return self.lm_head(hidden)
         if self.lm_head_q is not None and hidden.shape[0] <= self.lm_head_q.max_rows:
             return qlinear(hidden, self.lm_head_q)
-        if self.lm_head_amx is not None and hidden.dtype == torch.bfloat16:
+        if self.lm_head_amx is not None and hidden.dtype == torch.bfloat16 and hidden.dim() == 2:
             return kernels.ops().amx_linear(hidden, self.lm_head_amx)
         return hidden @ self.model.embed_tokens.weight.t()
 

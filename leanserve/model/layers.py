@@ -28,7 +28,7 @@ class Linear(nn.Linear):
         qw = self.qweight
         if qw is not None and x.shape[0] <= qw.max_rows:
             y = qlinear(x, qw)
-        elif self.amx is not None and x.dtype == torch.bfloat16:
+        elif self.amx is not None and x.dtype == torch.bfloat16 and x.dim() == 2:
             y = kernels.ops().amx_linear(x, self.amx)
         else:
             return F.linear(x, self.weight, self.bias)

@@ -1,6 +1,6 @@
 // bfloat16 linear layers on Intel AMX tiles, with the weight packed once at load time.
 //
-//   amx_pack(w)               : w (N, K) bfloat16, N % 16 == 0, K % 32 == 0 -> packed (N/16, K/32, 16, 32) bf16
+//   amx_pack(w)               : w (N, K) bfloat16, N % 32 == 0, K % 32 == 0 -> packed (N/16, K/32, 16, 32) bf16
 //   amx_linear(x, packed)     : x (M, K) bfloat16 -> x @ w.T, (M, N) bfloat16
 //   amx_available()           : this CPU has AMX-BF16 and the kernel granted this process its tile state
 //
@@ -14,6 +14,7 @@
 // Numerics: each tile product adds exact bf16 x bf16 products into float32 accumulators, the sum
 // over K in float32 like oneDNN's; the output is rounded to bfloat16 once, to nearest even
 // (VCVTNEPS2BF16, torch's rounding). Tests compare with the float32 product of the same inputs.
+// Unlike BLAS, the tile unit treats denormal inputs as zero and flushes denormal sums (below 1e-38).
 //
 // Work split: the N/32 column pairs of tiles are spread over threads; each thread runs its columns
 // over all M rows, 32 at a time, four accumulator tiles (2 x 2 of 16 x 16 float32). Rows past M in

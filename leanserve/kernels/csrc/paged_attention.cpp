@@ -102,20 +102,45 @@ struct Problem {
   float scale;
 };
 
+// Offset in the cache of each visible row of sequence s, KV head h (positions lo .. len-1); the
+// padding up to np repeats the last row so the four-row loops need no tail (its scores are
+// replaced by -inf, its probabilities are 0).
+template <typename T>
+void row_offsets(const Problem<T>& P, int64_t s, int64_t h, int64_t lo, int64_t np, std::vector<int64_t>& offs) {
+  const int64_t bs = P.block_size, len = P.lens[s], n = len - lo;
+  offs.resize(np);
+  const int64_t* table = P.tables + s * P.max_blocks;
+  for (int64_t b = lo / bs, t = lo; t < len; ++b)  // block by block: no division per row
+    for (int64_t j = t - b * bs; j < bs && t < len; ++j, ++t) offs[t - lo] = ((table[b] * bs + j) * P.KVH + h) * P.D;
+  for (int64_t t = n; t < np; ++t) offs[t] = offs[n - 1];
+}
+
+// scores (G, np), n of each row real: in place exp(score - row max), the padding -> 0; inv[g] = 1 / row sum.
+inline void softmax_numerators(float* scores, int64_t G, int64_t n, int64_t np, float* inv) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = scores + g * np;
+    for (int64_t t = n; t < np; ++t) sg[t] = -INFINITY;
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < np; t += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(sg + t));
+    const __m256 mx = _mm256_set1_ps(hmax(m));
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t t = 0; t < np; t += 8) {
+      const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(sg + t), mx));
+      _mm256_storeu_ps(sg + t, p);
+      sum = _mm256_add_ps(sum, p);
+    }
+    inv[g] = 1.0f / hsum(sum);  // the sum is >= 1: the max row contributes exp(0)
+  }
+}
+
 // Query heads h*G .. h*G+G-1 of sequence s against the visible rows of KV head h.
 // offs and buf are the calling thread's scratch, reused across its tasks.
 template <typename T>
 void attend(const Problem<T>& P, int64_t s, int64_t h, std::vector<int64_t>& offs, std::vector<float>& buf) {
-  const int64_t G = P.H / P.KVH, D = P.D, bs = P.block_size, len = P.lens[s];
+  const int64_t G = P.H / P.KVH, D = P.D, len = P.lens[s];
   const int64_t lo = P.window > 0 ? std::max<int64_t>(0, len - P.window) : 0;
   const int64_t n = len - lo, np = (n + 7) / 8 * 8;  // visible rows; padded to whole vectors
-  // Offset of each visible row (KV head h) in the cache; the padding repeats the last row so the
-  // four-row loops need no tail (its scores are replaced by -inf, its probabilities are 0).
-  offs.resize(np);
-  const int64_t* table = P.tables + s * P.max_blocks;
-  for (int64_t b = lo / bs, t = lo; t < len; ++b)  // block by block: no division per row
-    for (int64_t j = t - b * bs; j < bs && t < len; ++j, ++t) offs[t - lo] = ((table[b] * bs + j) * P.KVH + h) * D;
-  for (int64_t t = n; t < np; ++t) offs[t] = offs[n - 1];
+  row_offsets(P, s, h, lo, np, offs);
   buf.resize(G * np + 2 * G * D + G);
   float* scores = buf.data();    // (G, np)
   float* acc = scores + G * np;  // (G, D) unnormalized output
@@ -141,20 +166,7 @@ void attend(const Problem<T>& P, int64_t s, int64_t h, std::vector<int64_t>& off
     }
   }
 
-  for (int64_t g = 0; g < G; ++g) {  // softmax numerators in place: exp(score - max)
-    float* sg = scores + g * np;
-    for (int64_t t = n; t < np; ++t) sg[t] = -INFINITY;
-    __m256 m = _mm256_set1_ps(-INFINITY);
-    for (int64_t t = 0; t < np; t += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(sg + t));
-    const __m256 mx = _mm256_set1_ps(hmax(m));
-    __m256 sum = _mm256_setzero_ps();
-    for (int64_t t = 0; t < np; t += 8) {
-      const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(sg + t), mx));
-      _mm256_storeu_ps(sg + t, p);
-      sum = _mm256_add_ps(sum, p);
-    }
-    inv[g] = 1.0f / hsum(sum);  // the sum is >= 1: the max row contributes exp(0)
-  }
+  softmax_numerators(scores, G, n, np, inv);
 
   std::fill(acc, acc + G * D, 0.0f);
   for (int64_t t = 0; t < np; t += 4) {  // pass 2: sum of p * v, four rows per accumulator update
@@ -240,14 +252,10 @@ LS_AVX512 void pv_all(const c10::BFloat16* v, const int64_t* offs, int64_t n, co
 LS_AVX512 void attend_bf16_avx512(const Problem<c10::BFloat16>& P, int64_t s, int64_t h, std::vector<int64_t>& offs,
                                   std::vector<float>& buf) {
   using T = c10::BFloat16;
-  const int64_t G = P.H / P.KVH, D = P.D, bs = P.block_size, len = P.lens[s];
+  const int64_t G = P.H / P.KVH, D = P.D, len = P.lens[s];
   const int64_t lo = P.window > 0 ? std::max<int64_t>(0, len - P.window) : 0;
   const int64_t n = len - lo, np = (n + 7) / 8 * 8;
-  offs.resize(np);
-  const int64_t* table = P.tables + s * P.max_blocks;
-  for (int64_t b = lo / bs, t = lo; t < len; ++b)
-    for (int64_t j = t - b * bs; j < bs && t < len; ++j, ++t) offs[t - lo] = ((table[b] * bs + j) * P.KVH + h) * D;
-  for (int64_t t = n; t < np; ++t) offs[t] = offs[n - 1];
+  row_offsets(P, s, h, lo, np, offs);
   buf.resize(G * np + G * D + G);
   float* scores = buf.data();    // (G, np)
   float* acc = scores + G * np;  // (G, D)
@@ -280,20 +288,7 @@ LS_AVX512 void attend_bf16_avx512(const Problem<c10::BFloat16>& P, int64_t s, in
     }
   }
 
-  for (int64_t g = 0; g < G; ++g) {  // softmax numerators, as in attend()
-    float* sg = scores + g * np;
-    for (int64_t t = n; t < np; ++t) sg[t] = -INFINITY;
-    __m256 m = _mm256_set1_ps(-INFINITY);
-    for (int64_t t = 0; t < np; t += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(sg + t));
-    const __m256 mx = _mm256_set1_ps(hmax(m));
-    __m256 sum = _mm256_setzero_ps();
-    for (int64_t t = 0; t < np; t += 8) {
-      const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(sg + t), mx));
-      _mm256_storeu_ps(sg + t, p);
-      sum = _mm256_add_ps(sum, p);
-    }
-    inv[g] = 1.0f / hsum(sum);
-  }
+  softmax_numerators(scores, G, n, np, inv);
 
   if (D % 64 == 0)  // pass 2: p-weighted V rows
     pv_all<4>(P.v, offs.data(), n, scores, np, G, D, acc);
