@@ -59,11 +59,14 @@ class CausalLM(nn.Module):
             return kernels.ops().amx_linear(hidden, self.lm_head_amx)
         return hidden @ self.model.embed_tokens.weight.t()
 
+    @torch.no_grad()  # Linear weights require grad (nn.Linear's default): a packed copy made with
+    # grad on would hold its weight alive through its autograd node
     def attach_amx(self) -> int:
         """Pack every bfloat16 matmul weight whose shape the AMX kernel takes (N and K multiples
-        of 32) for ``amx_linear``; the caller checked ``kernels.amx_available()``. The float weights
-        stay (embedding lookups, other devices): packed copies add their size again. Returns the
-        bytes packed."""
+        of 32) for ``amx_linear``; the caller checked ``kernels.amx_available()``. A packed Linear
+        then runs only on its packed copy, so its plain weight is released (kept as a shapeless-
+        storage "meta" tensor: parameter counts and shapes stay right); the tied embedding stays,
+        as lookups read it. Returns the bytes packed."""
         ops, packed = kernels.ops(), 0
 
         def pack(w: torch.Tensor) -> torch.Tensor | None:
@@ -77,8 +80,10 @@ class CausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, Linear):
                 m.amx = pack(m.weight)
-                if m.amx is not None and m.qweight is not None:
-                    m.qweight.max_rows = min(m.qweight.max_rows, AMX_KERNEL_ROWS)
+                if m.amx is not None:
+                    m.weight = nn.Parameter(torch.empty_like(m.weight, device="meta"), requires_grad=False)
+                    if m.qweight is not None:
+                        m.qweight.max_rows = min(m.qweight.max_rows, AMX_KERNEL_ROWS)
         if self.lm_head is None:
             self.lm_head_amx = pack(self.model.embed_tokens.weight)
             if self.lm_head_amx is not None and self.lm_head_q is not None:

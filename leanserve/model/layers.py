@@ -22,16 +22,20 @@ class Linear(nn.Linear):
     blocks; more rows are compute-bound and use the AMX kernel, else BLAS, on the float weight."""
 
     qweight: QuantWeight | None = None
-    amx: torch.Tensor | None = None  # kernels/csrc/amx_linear.cpp's packed copy of the weight
+    # kernels/csrc/amx_linear.cpp's packed copy of the weight; once set, the only one (the plain
+    # weight is then a "meta" tensor: see CausalLM.attach_amx)
+    amx: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])  # the kernels take 2-D rows; leading dimensions come back below
         qw = self.qweight
-        if qw is not None and x.shape[0] <= qw.max_rows:
-            y = qlinear(x, qw)
-        elif self.amx is not None and x.dtype == torch.bfloat16 and x.dim() == 2:
-            y = kernels.ops().amx_linear(x, self.amx)
+        if qw is not None and rows.shape[0] <= qw.max_rows:
+            y = qlinear(rows, qw)
+        elif self.amx is not None:  # bfloat16 rows (the kernel says so otherwise)
+            y = kernels.ops().amx_linear(rows, self.amx)
         else:
             return F.linear(x, self.weight, self.bias)
+        y = y.view(*x.shape[:-1], y.shape[-1])
         return y if self.bias is None else y + self.bias
 
 

@@ -108,38 +108,46 @@ def test_linear_routes_small_batches_to_qlinear_then_amx(monkeypatch):
         if rows > AMX_KERNEL_ROWS:  # the AMX result plus the bias
             torch.testing.assert_close(y, (real(x, layer.amx).float() + layer.bias.float()).bfloat16())
     assert calls == [("q", 1), ("q", AMX_KERNEL_ROWS)]
+    x3 = torch.randn(2, 3, k).bfloat16()  # leading dimensions are flattened and restored
+    torch.testing.assert_close(layer(x3), (real(x3.reshape(6, k), layer.amx).float() + layer.bias.float()).bfloat16().view(2, 3, n))
+    with pytest.raises(RuntimeError, match="x must be a 2-D bfloat16"):
+        layer(torch.randn(9, k))  # float32 rows: the packed weight is bf16, and the plain one may be gone
     layer.amx = None  # without the packed weight: BLAS on the float weight
     x = torch.randn(9, k).bfloat16()
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
 
 
-def test_loaded_bf16_model_packs_every_matmul_and_keeps_its_logits():
+def test_loaded_bf16_model_packs_every_matmul_and_keeps_its_logits(monkeypatch):
     from leanserve.model.registry import is_pulled
 
     if not is_pulled("smollm2-135m"):
         pytest.skip("model smollm2-135m not pulled")
+    from leanserve.cost.accounting import model_size
     from leanserve.model.attention import AttentionMetadata
     from leanserve.model.loader import load_model
 
     net = load_model("smollm2-135m", torch.bfloat16).model
+    monkeypatch.setenv("LEANSERVE_AMX", "0")
+    plain = load_model("smollm2-135m", torch.bfloat16).model  # oneDNN on the float weights
     linears = [m for m in net.modules() if isinstance(m, Linear)]
     assert linears and all(m.amx is not None for m in linears) and net.lm_head_amx is not None
     assert all(m.qweight.max_rows <= AMX_KERNEL_ROWS for m in linears if m.qweight is not None)
-    # 24 prompt rows (past the qlinear limit): the same logits, within bf16 noise, as BLAS on the
-    # float weights (the packed copies taken away)
+    # one copy of each packed weight: the plain one is released, its shape and count kept
+    assert all(m.weight.is_meta for m in linears) and not net.model.embed_tokens.weight.is_meta
+    # no autograd node holding the released weight alive (nn.Linear's weights require grad)
+    assert not any(m.amx.requires_grad or m.amx.grad_fn is not None for m in linears)
+    assert not any(m.weight.is_meta for m in plain.modules() if isinstance(m, Linear))
+    assert model_size(net) == model_size(plain)
+    # 24 prompt rows (past the qlinear limit): the same logits, within bf16 noise
     ids = torch.arange(100, 124)
-    cache = [(torch.zeros(4, 16, 3, 64, dtype=torch.bfloat16), torch.zeros(4, 16, 3, 64, dtype=torch.bfloat16))
-             for _ in net.model.layers]
 
-    def logits() -> torch.Tensor:
+    def logits(model) -> torch.Tensor:
+        cache = [(torch.zeros(4, 16, 3, 64, dtype=torch.bfloat16), torch.zeros(4, 16, 3, 64, dtype=torch.bfloat16))
+                 for _ in model.model.layers]
         meta = AttentionMetadata.build([24], [24], [[0, 1]], 16, {None})
         with torch.no_grad():
-            return net.compute_logits(net(ids, torch.arange(24), meta, cache)).float()
+            return model.compute_logits(model(ids, torch.arange(24), meta, cache)).float()
 
-    amx = logits()
-    for m in linears:
-        m.amx = None
-    net.lm_head_amx = None
-    blas = logits()
+    amx, blas = logits(net), logits(plain)
     assert (amx.argmax(-1) == blas.argmax(-1)).float().mean() >= 0.9
     torch.testing.assert_close(amx.softmax(-1), blas.softmax(-1), atol=2e-2, rtol=0)
