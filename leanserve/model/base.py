@@ -61,19 +61,17 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()  # Linear weights require grad (nn.Linear's default): a packed copy made with
     # grad on would hold its weight alive through its autograd node
-    def attach_amx(self) -> int:
+    def attach_amx(self) -> None:
         """Pack every bfloat16 matmul weight whose shape the AMX kernel takes (N and K multiples
         of 32) for ``amx_linear``; the caller checked ``kernels.amx_available()``. A packed Linear
-        then runs only on its packed copy, so its plain weight is released (kept as a shapeless-
-        storage "meta" tensor: parameter counts and shapes stay right); the tied embedding stays,
-        as lookups read it. Returns the bytes packed."""
-        ops, packed = kernels.ops(), 0
+        then runs only on its packed copy, so its plain weight is released (replaced by a meta
+        tensor, which has no storage: shapes and parameter counts stay right); the tied embedding
+        stays, as lookups read it."""
+        ops = kernels.ops()
 
         def pack(w: torch.Tensor) -> torch.Tensor | None:
-            nonlocal packed
             if w.dtype != torch.bfloat16 or not w.is_cpu or w.dim() != 2 or w.shape[0] % 32 or w.shape[1] % 32:
                 return None
-            packed += w.nbytes
             return ops.amx_pack(w)
 
         from leanserve.model.layers import Linear
@@ -88,7 +86,6 @@ class CausalLM(nn.Module):
             self.lm_head_amx = pack(self.model.embed_tokens.weight)
             if self.lm_head_amx is not None and self.lm_head_q is not None:
                 self.lm_head_q.max_rows = min(self.lm_head_q.max_rows, AMX_KERNEL_ROWS)
-        return packed
 
     def attach_quantized(self, weights: Iterable[tuple[str, QuantWeight]]) -> None:
         """Give Linear layers (and a tied LM head) the quantized blocks of their float weights, so

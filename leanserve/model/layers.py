@@ -19,7 +19,8 @@ class Linear(nn.Linear):
     """nn.Linear that may also keep its weight in GGUF's quantized blocks (``qweight``) and, for
     bfloat16 on a CPU with AMX, packed into AMX tiles (``amx``), both attached by the loader. Up to
     ``qweight.max_rows`` rows, which are memory-bound, run the native kernel over the 4-8x smaller
-    blocks; more rows are compute-bound and use the AMX kernel, else BLAS, on the float weight."""
+    blocks; more rows are compute-bound and use the AMX kernel on the packed weight, else BLAS on
+    the float weight."""
 
     qweight: QuantWeight | None = None
     # kernels/csrc/amx_linear.cpp's packed copy of the weight; once set, the only one (the plain
