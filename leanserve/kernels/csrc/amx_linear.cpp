@@ -29,7 +29,6 @@
 #include <unistd.h>
 
 #include <cstdint>
-#include <cstring>
 
 namespace {
 
