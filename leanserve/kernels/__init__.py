@@ -26,7 +26,10 @@ _state: dict[str, Any] = {}
 
 def _build_dir(source: Path) -> Path:
     home = Path(os.environ.get("LEANSERVE_HOME", Path.home() / ".cache" / "leanserve"))
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    h = hashlib.sha256(source.read_bytes())
+    for header in sorted(CSRC.glob("*.h")):  # a shared header's edit rebuilds every library
+        h.update(header.read_bytes())
+    digest = h.hexdigest()[:12]
     return home / "kernels" / f"{source.stem}-torch{torch.__version__.split('+')[0]}-{digest}"
 
 

@@ -42,7 +42,7 @@ AMX_KERNEL_ROWS = 4
 
 @dataclass
 class QuantWeight:
-    qs: torch.Tensor  # 4 bits: (N, ceil(K / 64) * 8) int32, see _pack4; 8 bits: (N, K) int8
+    qs: torch.Tensor  # 4 bits: (N, ceil(K / 64) * 8) int32 holding bytes, see _pack4; 8 bits: (N, K) int8
     scales: torch.Tensor  # (N, K / 32) float32
     mins: torch.Tensor  # (N, K / 32) float32
     bits: int
@@ -108,21 +108,20 @@ def from_gguf_blocks(raw: np.ndarray, type_name: str, n: int, k: int) -> QuantWe
 
 
 def _pack4(q: np.ndarray) -> np.ndarray:
-    """(N, K) values 0..15 -> the kernel's 4-bit layout: blocks in pairs (64 weights), nibble s of
-    32-bit lane i holding weight 8s + i, so the kernel gets 8 consecutive weights with one shift and
-    one mask; an odd last block is padded with zeros (nibbles 4-7, never read)."""
+    """(N, K) values 0..15 -> the kernel's 4-bit layout: blocks in pairs, 32 bytes a pair, byte i
+    holding weight i of the first block in its low nibble and weight i of the second in its high
+    one, so a widening load and a shift give 32 consecutive weights; an odd last block leaves the
+    high nibbles zero (never read). Stored as int32 (N, pairs * 8)."""
     n, k = q.shape
     pairs = -(-k // 64)
-    q = np.pad(q.astype(np.uint32), ((0, 0), (0, pairs * 64 - k))).reshape(n, pairs, 8, 8)  # (N, pair, s, i)
-    lanes = np.bitwise_or.reduce(q << (4 * np.arange(8, dtype=np.uint32))[None, None, :, None], axis=2)
-    return lanes.reshape(n, pairs * 8).view(np.int32)
+    q = np.pad(q.astype(np.uint8), ((0, 0), (0, pairs * 64 - k))).reshape(n, pairs, 2, 32)
+    return np.ascontiguousarray(q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, pairs * 32).view(np.int32)
 
 
 def _unpack4(qs: np.ndarray, k: int) -> np.ndarray:
-    n = qs.shape[0]
-    lanes = qs.view(np.uint32).reshape(n, -1, 1, 8)
-    q = (lanes >> (4 * np.arange(8, dtype=np.uint32))[None, None, :, None]) & 0xF  # (N, pair, s, i)
-    return q.reshape(n, -1)[:, :k].astype(np.uint8)
+    b = np.ascontiguousarray(qs).view(np.uint8).reshape(qs.shape[0], -1, 1, 32)  # (N, pair, 1, i)
+    q = np.concatenate((b & 0xF, b >> 4), axis=2)  # (N, pair, block, i)
+    return q.reshape(qs.shape[0], -1)[:, :k]
 
 
 def _make(qs: np.ndarray, scales: np.ndarray, mins: np.ndarray, bits: int) -> QuantWeight:

@@ -45,8 +45,9 @@ def test_4bit_layout_round_trips(k):
     packed = _pack4(q)
     assert packed.shape == (3, -(-k // 64) * 8) and packed.dtype == np.int32
     assert np.array_equal(_unpack4(packed, k), q)
-    # nibble s of lane i is weight 8s + i of the pair of blocks
-    assert (packed[0, 1].view(np.uint32) >> 8) & 0xF == q[0, 17]
+    # byte i of a pair: weight i of its first block (low nibble), weight i of the second (high)
+    pair = packed[0, :8].view(np.uint8)
+    assert pair[5] & 0xF == q[0, 5] and (k < 64 or pair[5] >> 4 == q[0, 37])
 
 
 def test_rows_and_cat():
@@ -78,7 +79,8 @@ def test_qlinear_matches_float_matmul(name, rows):
 
 @needs_kernels
 @pytest.mark.parametrize("rows", [1, 3, 9])
-def test_qlinear_bfloat16_rows_are_widened_and_the_result_rounded_once(rows):
+def test_qlinear_bfloat16_fallback_widens_rows_and_rounds_once(rows, monkeypatch):
+    monkeypatch.setenv("LEANSERVE_AVX512", "0")  # the AVX2 path, also taken on CPUs without AVX512-BF16
     raw, ref = _gguf("Q4_0", n=40, k=576, seed=rows)
     qw = from_gguf_blocks(raw, "Q4_0", *ref.shape)
     x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows)).bfloat16()
@@ -86,6 +88,32 @@ def test_qlinear_bfloat16_rows_are_widened_and_the_result_rounded_once(rows):
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 40)
     # the float32 kernel on the widened rows, rounded to bfloat16 once: the same bits
     assert torch.equal(got, qlinear(x.float(), qw).bfloat16())
+
+
+def _bf16_ulps(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """Distance in bfloat16 steps between got (bf16) and want rounded to bf16 (same-sign values)."""
+    a = got.view(torch.int16).int()
+    b = want.bfloat16().view(torch.int16).int()
+    return (a - b).abs()
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("rows,n", [(1, 40), (4, 40), (9, 40), (1, 1000), (3, 1000)])  # n=1000: several threads
+@pytest.mark.parametrize("avx512", ["1", "0"])
+def test_qlinear_bfloat16_is_the_float64_product_rounded(name, rows, n, avx512, monkeypatch):
+    """Both bfloat16 paths (AVX512-BF16 where the CPU has it, else the AVX2 fallback) give the exact
+    product rounded to bfloat16, up to float32 summation: never more than one bf16 step away."""
+    monkeypatch.setenv("LEANSERVE_AVX512", avx512)
+    raw, ref = _gguf(name, n=n, k=1568, seed=rows)  # 49 blocks: an odd last block
+    qw = from_gguf_blocks(raw, name, *ref.shape)
+    x = torch.randn(rows, 1568, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    want = x.double() @ ref.double().t()
+    got = qlinear(x, qw)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    ulps = _bf16_ulps(got, want)
+    assert ulps.max().item() <= 1
+    assert (ulps == 0).float().mean().item() >= 0.99
 
 
 @needs_kernels

@@ -24,6 +24,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "cpu_features.h"
+
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -198,7 +200,6 @@ void attend(const Problem<T>& P, int64_t s, int64_t h, std::vector<int64_t>& off
 // multiply-adds; the scale multiplies the finished dot product, as in the reference), and the
 // output accumulators of a group of query heads stay in registers over all V rows, so nothing but
 // the rows themselves moves per row. Measured: benchmarks/attention.py --dtype bfloat16.
-#define LS_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
 
 LS_AVX512 inline __m256 half_sum(__m512 a) {
   return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
@@ -299,15 +300,6 @@ LS_AVX512 void attend_bf16_avx512(const Problem<c10::BFloat16>& P, int64_t s, in
     for (int64_t d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(acc[g * D + d] * inv[g]);
 }
 
-// AVX512-BF16 in this CPU, and not turned off with LEANSERVE_AVX512=0 (read per call: tests compare both paths).
-bool use_avx512_bf16() {
-  static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512bf16");
-  const char* env = std::getenv("LEANSERVE_AVX512");
-  return cpu && !(env && std::string(env) == "0");
-}
-
 template <typename T>
 void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* tables,
          const int64_t* lens, at::Tensor& out, int64_t max_blocks, int64_t window, float scale, int64_t grain) {
@@ -315,7 +307,7 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
   const Problem<T> P{q.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), tables, lens, out.data_ptr<T>(),
                      q.size(1), KVH, q.size(2), k_cache.size(1), max_blocks, window, scale};
   bool wide = false;
-  if constexpr (std::is_same_v<T, c10::BFloat16>) wide = P.D % 32 == 0 && use_avx512_bf16();
+  if constexpr (std::is_same_v<T, c10::BFloat16>) wide = P.D % 32 == 0 && leanserve_cpu::use_avx512_bf16();
   at::parallel_for(0, q.size(0) * KVH, grain, [&](int64_t t0, int64_t t1) {
     std::vector<int64_t> offs;
     std::vector<float> buf;

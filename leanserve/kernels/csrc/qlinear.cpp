@@ -2,13 +2,14 @@
 // registers: w = scale * q + min. That is exact for GGUF Q4_0, Q4_1, Q5_0 and Q8_0 (scale * q is
 // exact in float32 for q of at most 8 bits and a float16 scale, so fma(q, scale, min) rounds once,
 // like the reference dequantization), so the result differs from a float32 matmul over the
-// dequantized weights only in summation order.
+// dequantized weights only in summation order. (The AVX512-BF16 path for bfloat16 rows, below,
+// sums per block first and scales after: the same sum, rounded in another order.)
 //
-//   x      : (M, K) float32 or bfloat16 (widened to float32 first), K % 32 == 0
-//   qs     : 4-bit: (N, ceil(K / 64) * 8) int32 read as uint32. Blocks go in pairs (64 weights,
-//            one 256-bit load); nibble s of 32-bit lane i is weight 8s + i of the pair, so a shift
-//            and a mask give 8 consecutive weights in 8 lanes with no byte shuffles. An odd last
-//            block fills nibbles 0-3 only.
+//   x      : (M, K) float32 or bfloat16, K % 32 == 0
+//   qs     : 4-bit: (N, ceil(K / 64) * 8) int32 holding bytes. Blocks go in pairs, 32 bytes a
+//            pair: byte i holds weight i of the first block in its low nibble and weight i of the
+//            second in its high one, so one widening load feeds both blocks (a mask or a shift
+//            apart). An odd last block leaves the high nibbles zero.
 //            8-bit: (N, K) int8, in order.
 //   scales : (N, K / 32) float32
 //   mins   : (N, K / 32) float32 (zeros for symmetric formats)
@@ -23,6 +24,11 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "cpu_features.h"
+
+#include <cstdlib>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -46,6 +52,35 @@ inline void fma_rows(const float* x, int64_t ldx, __m256 w, int j, __m256 (&acc)
 // left a cold 1-row call at a quarter of the machine's read bandwidth (three streams per row).
 constexpr int64_t kPrefetchRows = 12;
 
+inline void prefetch_row(const uint8_t* q, const float* sc, const float* mn, int64_t row_bytes, int64_t groups) {
+  const uint8_t* ahead = q + kPrefetchRows * row_bytes;
+  for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + b), _MM_HINT_T0);
+  for (int64_t b = 0; b < groups; b += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(sc + kPrefetchRows * groups + b), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(mn + kPrefetchRows * groups + b), _MM_HINT_T0);
+  }
+}
+
+// Calls f(std::integral_constant<int, MR>{}, m) for the rows of x in groups of 8, then the rest,
+// so each kernel is compiled for a fixed number of rows.
+template <typename F>
+inline void for_row_groups(int64_t M, F&& f) {
+  for (int64_t m = 0; m < M;) {
+    const int64_t mr = std::min<int64_t>(8, M - m);
+    switch (mr) {
+      case 8: f(std::integral_constant<int, 8>{}, m); break;
+      case 7: f(std::integral_constant<int, 7>{}, m); break;
+      case 6: f(std::integral_constant<int, 6>{}, m); break;
+      case 5: f(std::integral_constant<int, 5>{}, m); break;
+      case 4: f(std::integral_constant<int, 4>{}, m); break;
+      case 3: f(std::integral_constant<int, 3>{}, m); break;
+      case 2: f(std::integral_constant<int, 2>{}, m); break;
+      default: f(std::integral_constant<int, 1>{}, m); break;
+    }
+    m += mr;
+  }
+}
+
 template <bool Q4, int MR, typename Out, int A = (MR == 1 ? 4 : MR <= 3 ? 2 : 1)>
 void rows_kernel(const float* x, int64_t ldx, const uint8_t* qs, const float* scales, const float* mins,
                  int64_t K, Out* y, int64_t ldy, int64_t n0, int64_t n1) {
@@ -59,32 +94,19 @@ void rows_kernel(const float* x, int64_t ldx, const uint8_t* qs, const float* sc
     const uint8_t* q = qs + n * row_bytes;
     const float* sc = scales + n * groups;
     const float* mn = mins + n * groups;
-    if (n + kPrefetchRows < n1) {  // weights stream from DRAM once per call: ask for them early
-      const uint8_t* ahead = q + kPrefetchRows * row_bytes;
-      for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + b), _MM_HINT_T0);
-      for (int64_t b = 0; b < groups; b += 16) {
-        _mm_prefetch(reinterpret_cast<const char*>(sc + kPrefetchRows * groups + b), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(mn + kPrefetchRows * groups + b), _MM_HINT_T0);
-      }
-    }
+    if (n + kPrefetchRows < n1) prefetch_row(q, sc, mn, row_bytes, groups);
     if constexpr (Q4) {
-      // shift counts are compile-time constants (immediate shifts), hence the unrolled pair
-      auto block = [&](__m256i lanes, int64_t g, auto first) {
-        const __m256 d = _mm256_set1_ps(sc[g]), m = _mm256_set1_ps(mn[g]);
-        constexpr int base = decltype(first)::value ? 0 : 16;
-        const __m256i q0 = _mm256_and_si256(_mm256_srli_epi32(lanes, base + 0), nibble);
-        const __m256i q1 = _mm256_and_si256(_mm256_srli_epi32(lanes, base + 4), nibble);
-        const __m256i q2 = _mm256_and_si256(_mm256_srli_epi32(lanes, base + 8), nibble);
-        const __m256i q3 = _mm256_and_si256(_mm256_srli_epi32(lanes, base + 12), nibble);
-        fma_rows<MR, A>(x + g * 32, ldx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q0), d, m), 0, acc);
-        fma_rows<MR, A>(x + g * 32, ldx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1), d, m), 1, acc);
-        fma_rows<MR, A>(x + g * 32, ldx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q2), d, m), 2, acc);
-        fma_rows<MR, A>(x + g * 32, ldx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q3), d, m), 3, acc);
-      };
+      // a pair of blocks per 32 bytes: the low nibbles are block g, the high ones block g + 1
       for (int64_t g = 0; g < groups; g += 2) {
-        const __m256i lanes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * 16));
-        block(lanes, g, std::true_type{});
-        if (g + 1 < groups) block(lanes, g + 1, std::false_type{});
+        const __m256 d0 = _mm256_set1_ps(sc[g]), m0 = _mm256_set1_ps(mn[g]);
+        const bool second = g + 1 < groups;
+        const __m256 d1 = _mm256_set1_ps(second ? sc[g + 1] : 0.f), m1 = _mm256_set1_ps(second ? mn[g + 1] : 0.f);
+        for (int j = 0; j < 4; ++j) {
+          const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + g * 16 + 8 * j)));
+          fma_rows<MR, A>(x + g * 32, ldx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, nibble)), d0, m0), j, acc);
+          if (second)
+            fma_rows<MR, A>(x + g * 32 + 32, ldx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), d1, m1), j, acc);
+        }
       }
     } else {
       for (int64_t g = 0; g < groups; ++g) {
@@ -103,28 +125,121 @@ void rows_kernel(const float* x, int64_t ldx, const uint8_t* qs, const float* sc
   }
 }
 
+// ~16 KB of 4-bit weights per task: small enough to balance, large enough to amortize the spawn
+inline int64_t grain_rows(int64_t K) { return std::max<int64_t>(8, 16384 / std::max<int64_t>(1, K / 2)); }
+
 template <bool Q4, typename Out>
 void qlinear_impl(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* scales, const float* mins,
                   Out* y, int64_t N) {
-  // ~16 KB of 4-bit weights per task: small enough to balance, large enough to amortize the spawn
-  const int64_t grain = std::max<int64_t>(8, 16384 / std::max<int64_t>(1, K / 2));  // rows per task
+  const int64_t grain = grain_rows(K);
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t m = 0; m < M;) {  // rows of x in groups of 8, then the rest
-      const float* xm = x + m * K;
-      Out* ym = y + m * N;
-      const int64_t mr = std::min<int64_t>(8, M - m);
-      switch (mr) {
-        case 8: rows_kernel<Q4, 8, Out>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
-        case 7: rows_kernel<Q4, 7, Out>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
-        case 6: rows_kernel<Q4, 6, Out>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
-        case 5: rows_kernel<Q4, 5, Out>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
-        case 4: rows_kernel<Q4, 4, Out>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
-        case 3: rows_kernel<Q4, 3, Out>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
-        case 2: rows_kernel<Q4, 2, Out>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
-        default: rows_kernel<Q4, 1, Out>(xm, K, qs, scales, mins, K, ym, N, n0, n1); break;
+    for_row_groups(M, [&](auto mr, int64_t m) {
+      rows_kernel<Q4, decltype(mr)::value, Out>(x + m * K, K, qs, scales, mins, K, y + m * N, N, n0, n1);
+    });
+  });
+}
+
+// ---- bfloat16 rows with AVX512-BF16 (picked at run time; the code above is the fallback) ----------
+// The block's scale and min come out of the sum: sum_i x_i (d q_i + m) = d * sum_i x_i q_i + m * sum_i x_i.
+// The quantized values (0..15, or an int8 split as 16 * high + low nibble) become bf16 by a VPERMW
+// table lookup, exactly (small integers), and VDPBF16PS multiplies them with the bf16 rows of x
+// (products of two bf16 are exact in float32) and sums in float32: per 32 weights one widening
+// load, one or two lookups, one or two dot products and one FMA with the scale, against 4 x 5
+// instructions on the AVX2 path, which left the cores, not memory, the limit at one row (about
+// 10 GB/s over SmolLM2's layers). The sums of x per block are computed once per call, and the
+// min terms join the accumulators as one more 16-lane FMA per 16 blocks.
+
+// bf16(j & 15) for j < 32: a 4-bit value as bf16 (exact), looked up by VPERMW, which reads the low 5
+// bits of each 16-bit index (so a byte's high nibble may stay in bit 4)
+const uint16_t* nibble_bf16() {
+  alignas(64) static uint16_t table[32];
+  static const bool filled = [] {
+    for (int j = 0; j < 32; ++j) table[j] = c10::BFloat16(static_cast<float>(j & 15)).x;
+    return true;
+  }();
+  (void)filled;
+  return table;
+}
+
+// Block g of W (its 32 values w in bf16, scale d) against MR rows of x: acc[r] += d * (x_r,g . w);
+// acc points at accumulator a of row 0, the rows' accumulators A apart.
+template <int MR, int A>
+LS_AVX512 inline void block(const c10::BFloat16* x, int64_t ldx, int64_t g, __m512bh w, float scale, __m512* acc) {
+  const __m512 d = _mm512_set1_ps(scale);
+  for (int r = 0; r < MR; ++r) {
+    const __m512bh xg = (__m512bh)_mm512_loadu_si512(x + r * ldx + 32 * g);
+    acc[r * A] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), xg, w), d, acc[r * A]);
+  }
+}
+
+template <bool Q4, int MR, int A = (MR == 1 ? 2 : 1)>
+LS_AVX512 void rows_bf16_avx512(const c10::BFloat16* x, const float* xf, int64_t ldx, const float* xsum, const uint8_t* qs,
+                                const float* scales, const float* mins, int64_t K, c10::BFloat16* y, int64_t ldy,
+                                int64_t n0, int64_t n1) {
+  const int64_t groups = K / 32;
+  const int64_t row_bytes = Q4 ? (groups + 1) / 2 * 32 : K;
+  const __m512i low = _mm512_load_si512(nibble_bf16());
+  for (int64_t n = n0; n < n1; ++n) {
+    __m512 acc[MR][A];
+    for (int r = 0; r < MR; ++r)
+      for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
+    const uint8_t* q = qs + n * row_bytes;
+    const float* sc = scales + n * groups;
+    const float* mn = mins + n * groups;
+    if (n + kPrefetchRows < n1) prefetch_row(q, sc, mn, row_bytes, groups);
+    if constexpr (Q4) {  // 32 bytes: block g in the low nibbles, block g + 1 in the high ones
+      for (int64_t g = 0; g < groups; g += 2) {
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * 16)));
+        block<MR, A>(x, ldx, g, (__m512bh)_mm512_permutexvar_epi16(v, low), sc[g], acc[0] + 0);
+        if (g + 1 < groups)
+          block<MR, A>(x, ldx, g + 1, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), low), sc[g + 1], acc[0] + 1 % A);
       }
-      m += mr;
+    } else {  // int8: widened to float32 (one conversion per 16, against two lookups and dot products)
+      for (int64_t g = 0; g < groups; ++g) {
+        const __m512 d = _mm512_set1_ps(sc[g]);
+        const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 32))));
+        const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 32 + 16))));
+        for (int r = 0; r < MR; ++r) {
+          const float* xr = xf + r * ldx + 32 * g;
+          const __m512 dot = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), _mm512_mul_ps(w0, _mm512_loadu_ps(xr)));
+          acc[r][g % A] = _mm512_fmadd_ps(dot, d, acc[r][g % A]);
+        }
+      }
     }
+    for (int64_t g = 0; g < groups; g += 16) {  // + m_g * sum(x_g), 16 blocks per FMA
+      const __mmask16 k = groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (groups - g)) - 1);
+      const __m512 m = _mm512_maskz_loadu_ps(k, mn + g);
+      for (int r = 0; r < MR; ++r)
+        acc[r][0] = _mm512_fmadd_ps(m, _mm512_maskz_loadu_ps(k, xsum + r * groups + g), acc[r][0]);
+    }
+    for (int r = 0; r < MR; ++r) {
+      __m512 s = acc[r][0];
+      for (int a = 1; a < A; ++a) s = _mm512_add_ps(s, acc[r][a]);
+      y[r * ldy + n] = c10::BFloat16(_mm512_reduce_add_ps(s));
+    }
+  }
+}
+
+template <bool Q4>
+LS_AVX512 void qlinear_bf16_avx512(const c10::BFloat16* x, int64_t M, int64_t K, const uint8_t* qs,
+                                   const float* scales, const float* mins, c10::BFloat16* y, int64_t N) {
+  const int64_t groups = K / 32;
+  static thread_local std::vector<float> xsum;  // (M, groups): sum of each block of each row
+  xsum.resize(M * groups);
+  const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3F80);  // bf16 1.0
+  for (int64_t i = 0; i < M * groups; ++i)
+    xsum[i] = _mm512_reduce_add_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(x + 32 * i), ones));
+  const float* xs = xsum.data();
+  static thread_local std::vector<float> xw;  // 8-bit: the rows widened to float32
+  if (!Q4) {
+    xw.resize(M * K);
+    for (int64_t i = 0; i < M * K; ++i) xw[i] = static_cast<float>(x[i]);
+  }
+  const float* xf = xw.data();  // thread-local: the pointer, not the name, goes to the workers
+  at::parallel_for(0, N, grain_rows(K), [&](int64_t n0, int64_t n1) {
+    for_row_groups(M, [&](auto mr, int64_t m) {
+      rows_bf16_avx512<Q4, decltype(mr)::value>(x + m * K, Q4 ? nullptr : xf + m * K, K, xs + m * groups, qs, scales, mins, K, y + m * N, N, n0, n1);
+    });
   });
 }
 
@@ -154,7 +269,14 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
     else qlinear_impl<false>(xc.data_ptr<float>(), M, K, q, sc, mn, y.data_ptr<float>(), N);
     return y;
   }
-  // bfloat16: the rows (at most a few dozen) are widened into a reused buffer and the outputs
+  if (leanserve_cpu::use_avx512_bf16()) {
+    const auto* xb = xc.data_ptr<c10::BFloat16>();
+    auto* yb = y.data_ptr<c10::BFloat16>();
+    if (bits == 4) qlinear_bf16_avx512<true>(xb, M, K, q, sc, mn, yb, N);
+    else qlinear_bf16_avx512<false>(xb, M, K, q, sc, mn, yb, N);
+    return y;
+  }
+  // bfloat16 without AVX512-BF16: the rows (at most a few dozen) are widened into a reused buffer and the outputs
   // rounded as they are stored; no ATen conversions (two more dispatches per matmul at batch 1)
   static thread_local std::vector<float> xf;
   xf.resize(M * K);
