@@ -28,7 +28,9 @@ class Linear(nn.Linear):
     amx: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])  # the kernels take 2-D rows; leading dimensions come back below
+        # the kernels take 2-D rows (the model's layout: (num_tokens, features)); other leading
+        # dimensions are flattened and come back below
+        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         qw = self.qweight
         if qw is not None and rows.shape[0] <= qw.max_rows:
             y = qlinear(rows, qw)
@@ -36,7 +38,8 @@ class Linear(nn.Linear):
             y = kernels.ops().amx_linear(rows, self.amx)
         else:
             return F.linear(x, self.weight, self.bias)
-        y = y.view(*x.shape[:-1], y.shape[-1])
+        if rows is not x:
+            y = y.view(*x.shape[:-1], y.shape[-1])
         return y if self.bias is None else y + self.bias
 
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from leanserve import kernels
+
 BLOCK = 32
 # Rows of x up to which qlinear beats the dense matmul on the model's float weights, per dtype of
 # those weights: (layers, LM head), from benchmarks/qlinear.py. float32 (the dtype `auto` picks on
@@ -131,6 +133,4 @@ def _make(qs: np.ndarray, scales: np.ndarray, mins: np.ndarray, bits: int) -> Qu
 
 def qlinear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """x (M, K) float32 or bfloat16 @ dequantize(w).T with the native kernel; (M, N) in x's dtype."""
-    from leanserve.kernels import ops
-
-    return ops().qlinear(x, w.qs, w.scales, w.mins, w.bits)
+    return kernels.ops().qlinear(x, w.qs, w.scales, w.mins, w.bits)
