@@ -9,11 +9,18 @@ the other, per shape and row count.
     .venv/bin/python benchmarks/qlinear.py
     .venv/bin/python benchmarks/qlinear.py --rows 1,4 --repeats 100
     .venv/bin/python benchmarks/qlinear.py --dtype bfloat16     # against bfloat16 weights (AMX where present)
+    .venv/bin/python benchmarks/qlinear.py --model-pass         # SmolLM2's own blocks, bf16 rows: AVX512-BF16 vs AVX2
+
+--model-pass times what one decode step of SmolLM2 asks of the kernel: every quantized matmul of
+the default GGUF (30 layers x 4, then the LM head; 115 MB) once, in forward order, so the weights
+stream as they do in the model. bfloat16 rows, the AVX512-BF16 path against the AVX2 one
+(``LEANSERVE_AVX512=0``, read per call), alternating pass by pass in one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -45,16 +52,48 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def model_pass(rows_list: list[int], repeats: int) -> None:
+    from leanserve.model.loader import load_model
+
+    model = load_model("smollm2-135m", torch.bfloat16).model
+    weights = [m.qweight for m in model.modules() if getattr(m, "qweight", None) is not None]
+    weights += [model.lm_head_q] if model.lm_head_q is not None else []
+    nbytes = sum(w.nbytes for w in weights)
+    print(f"{len(weights)} quantized matmuls, {nbytes / 1e6:.0f} MB of blocks (formats: "
+          f"{sorted({w.bits for w in weights})} bits)\n")
+    print("| rows | AVX2 ms | AVX512-BF16 ms | speed-up | AVX512-BF16 GB/s |")
+    print("| --- | --- | --- | --- | --- |")
+    for rows in rows_list:
+        xs = {w.shape[1]: torch.randn(rows, w.shape[1]).bfloat16() for w in weights}
+        times: dict[str, list[float]] = {"0": [], "1": []}
+        for i in range(2 * repeats + 4):
+            side = "01"[i % 2]
+            os.environ["LEANSERVE_AVX512"] = side
+            t = time.perf_counter()
+            for w in weights:
+                qlinear(xs[w.shape[1]], w)
+            if i >= 4:  # two warm-up passes each
+                times[side].append(time.perf_counter() - t)
+        off, on = statistics.median(times["0"]), statistics.median(times["1"])
+        print(f"| {rows} | {off * 1e3:.2f} | {on * 1e3:.2f} | {off / on:.2f}x | {nbytes / on / 1e9:.1f} |", flush=True)
+    os.environ.pop("LEANSERVE_AVX512")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,2,4,8,16,24,32,48,64")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="activations and the dense weight (bfloat16: the kernel widens x, oneDNN/AMX on the weight)")
+    ap.add_argument("--model-pass", action="store_true", help="SmolLM2's own blocks, one pass per step (see above)")
     args = ap.parse_args()
     if kernels.ops() is None:
         raise SystemExit(f"qlinear benchmark: {kernels.status()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {kernels.status()}\n")
+    if args.model_pass:
+        model_pass([int(r) for r in args.rows.split(",") if int(r) <= 8] if args.rows != ap.get_default("rows")
+                   else [1, 2, 4], args.repeats)
+        return
     dtype = getattr(torch, args.dtype)
     d = {"float32": "fp32", "bfloat16": "bf16"}[args.dtype]
     print(f"| matmul | format | rows | qlinear µs | BLAS {d} µs | BLAS / qlinear | qlinear GB/s | {d} GB/s |")
