@@ -164,6 +164,13 @@ def _act_mul_pytorch(act, gate, up):
     return torch.cat([ACTIVATIONS[act](g[None]) * u[None] for g, u in zip(gate, up)])
 
 
+@pytest.fixture(params=["1", "0"], ids=["avx512", "avx2"])
+def isa(request, monkeypatch):
+    """act_mul's 16-lane path (where the CPU has AVX-512) and its 8-lane one: the same bits."""
+    monkeypatch.setenv("LEANSERVE_AVX512", request.param)
+    return request.param
+
+
 # gelu: the kernel computes 0.5 g (1 + tanh(u)) as g * sigmoid(2u), which does not cancel for g < -3
 # as PyTorch's form does (float32: up to a few 1e-7 absolute). In bfloat16 act(g) agrees to the bit
 # for g > -2.9 (every bfloat16 value checked in test_act_mul_bf16_every_value) and by 1.6e-5 below.
@@ -174,7 +181,7 @@ GELU_EXACT_ABOVE, GELU_ATOL = -2.9, 1.6e-5
 @pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
 @pytest.mark.parametrize("inter", [1536, 1000, 13])
 @pytest.mark.parametrize("tokens", [1, 7, 300])
-def test_act_mul_matches_pytorch(ops, act, inter, tokens, dtype):
+def test_act_mul_matches_pytorch(ops, isa, act, inter, tokens, dtype):
     gate_up = _rand(tokens, 2 * inter, scale=4.0, dtype=dtype)
     gate, up = gate_up.split(inter, dim=-1)
     got, want = ops.act_mul(gate_up, layers._ACT_KERNEL[ACTIVATIONS[act]]), _act_mul_pytorch(act, gate, up)
@@ -195,7 +202,7 @@ def test_act_mul_matches_pytorch(ops, act, inter, tokens, dtype):
 
 @pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
 @pytest.mark.parametrize("inter", [65280, 1001])  # rows of whole vector steps; rows with long tails
-def test_act_mul_bf16_every_value(ops, act, inter):
+def test_act_mul_bf16_every_value(ops, isa, act, inter):
     # every bfloat16 value as a gate (up = 1: the result is act(g) rounded once), NaN and infinities too
     every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     every = every[torch.randperm(2**16, generator=torch.Generator().manual_seed(4))]  # any value at any column
@@ -222,7 +229,7 @@ def test_bf16_rounding_keeps_nan(ops):
 
 
 @all_dtypes
-def test_act_mul_special_values(ops, dtype):
+def test_act_mul_special_values(ops, isa, dtype):
     inf = float("inf")
     x = torch.tensor([inf, -inf, float("nan"), 0.0, -0.0, 88.0, -88.0, 1e20, -1e20, 1e-40, 120.0, -120.0]).to(dtype)
     gate_up = torch.cat([x, torch.ones_like(x)])[None]

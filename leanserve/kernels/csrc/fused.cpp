@@ -22,6 +22,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "cpu_features.h"
+
 #include <cmath>
 #include <type_traits>
 
@@ -148,6 +150,79 @@ void act_mul_rows(const T* x, int64_t ldx, T* y, int64_t I, int64_t step, int64_
   }
 }
 
+// ---- act_mul with AVX-512: the same operations 16 lanes at a time (lane for lane the same results) ----
+LS_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+LS_AVX512 inline __m512 load16(const bf16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+LS_AVX512 inline __m512i bf16_bits16(__m512 v) {  // as bf16_bits
+  const __m512i i = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(i, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(i, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7fc0));
+}
+
+LS_AVX512 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+LS_AVX512 inline void store16(bf16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits16(v)));
+}
+
+template <typename T>
+LS_AVX512 inline __m512 round16(__m512 v) {
+  if constexpr (std::is_same_v<T, bf16>) return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits16(v), 16));
+  else return v;
+}
+
+LS_AVX512 inline __m512 pow2i16(__m512i q) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(127)), 23));
+}
+
+LS_AVX512 inline __m512 exp16(__m512 d) {  // exp8, step by step
+  const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(d, _mm512_set1_ps(1.442695040888963407359924681001892137f)));
+  const __m512 qf = _mm512_cvtepi32_ps(q);
+  __m512 s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-0.693145751953125f), d);
+  s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-1.428606765330187045e-06f), s);
+  __m512 u = _mm512_set1_ps(0.000198527617612853646278381f);
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00139304355252534151077271f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00833336077630519866943359f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.0416664853692054748535156f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.166666671633720397949219f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.5f));
+  u = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_mul_ps(s, s), u, s));
+  const __m512i h = _mm512_srai_epi32(q, 1);
+  u = _mm512_mul_ps(_mm512_mul_ps(u, pow2i16(h)), pow2i16(_mm512_sub_epi32(q, h)));
+  u = _mm512_maskz_mov_ps(~_mm512_cmp_ps_mask(d, _mm512_set1_ps(-104.0f), _CMP_LT_OQ), u);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_set1_ps(100.0f), d, _CMP_LT_OQ), u, _mm512_set1_ps(INFINITY));
+}
+
+template <int ACT>
+LS_AVX512 inline __m512 act16(__m512 g) {  // act8, step by step
+  const __m512 one = _mm512_set1_ps(1.0f);
+  if constexpr (ACT == 0)
+    return _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), _mm512_set1_epi32(0x80000000))))));
+  const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(g, g), g);
+  const __m512 inner = _mm512_add_ps(g, _mm512_mul_ps(_mm512_set1_ps(kGeluKappa), cube));
+  const __m512 u = _mm512_mul_ps(_mm512_set1_ps(kGeluBeta), inner);
+  return _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_mul_ps(_mm512_set1_ps(-2.0f), u))));
+}
+
+// act_mul_rows with 16 lanes; step % 16 == 0
+template <typename T, int ACT>
+LS_AVX512 void act_mul_rows16(const T* x, int64_t ldx, T* y, int64_t I, int64_t step, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* g = x + r * ldx;
+    const T* up = g + I;
+    T* yr = y + r * I;
+    int64_t j = 0;
+    for (; j + step <= I; j += step)
+      for (int64_t v = j; v < j + step; v += 16)
+        store16(yr + v, _mm512_mul_ps(round16<T>(act16<ACT>(load16(g + v))), load16(up + v)));
+    for (; j < I; ++j)
+      yr[j] = static_cast<T>(round1<T>(act1<ACT>(static_cast<float>(g[j]))) * static_cast<float>(up[j]));
+  }
+}
+
 inline bool float_or_bf16(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
 }
@@ -157,9 +232,16 @@ void act_mul_impl(const at::Tensor& x, at::Tensor& y, int64_t act) {
   const T* xp = x.data_ptr<T>();
   T* yp = y.data_ptr<T>();
   const int64_t ldx = x.stride(0), I = y.size(-1), step = vector_step(std::is_same_v<T, bf16>);
+  const bool wide = step % 16 == 0 && leanserve_cpu::use_avx512_bf16();  // LEANSERVE_AVX512=0: AVX2
   at::parallel_for(0, x.size(0), grain_rows(2 * I), [&](int64_t r0, int64_t r1) {
-    if (act == 0) act_mul_rows<T, 0>(xp, ldx, yp, I, step, r0, r1);
-    else act_mul_rows<T, 1>(xp, ldx, yp, I, step, r0, r1);
+    if (wide) {
+      if (act == 0) act_mul_rows16<T, 0>(xp, ldx, yp, I, step, r0, r1);
+      else act_mul_rows16<T, 1>(xp, ldx, yp, I, step, r0, r1);
+    } else if (act == 0) {
+      act_mul_rows<T, 0>(xp, ldx, yp, I, step, r0, r1);
+    } else {
+      act_mul_rows<T, 1>(xp, ldx, yp, I, step, r0, r1);
+    }
   });
 }
 
