@@ -88,4 +88,6 @@ def status() -> str:
     ops()
     if _state["reason"] is not None:
         return f"native CPU kernels: off ({_state['reason']})"
-    return "native CPU kernels: on (AVX2" + ("; AMX bfloat16 matmul" if amx_available() else "") + ")"
+    k = _state["ops"]
+    return ("native CPU kernels: on (AVX2" + ("; AVX512-BF16" if k.avx512_bf16_available() else "")
+            + ("; AMX bfloat16 matmul" if amx_available() else "") + ")")

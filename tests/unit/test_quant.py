@@ -156,3 +156,15 @@ def test_linear_uses_the_kernel_only_up_to_max_rows(monkeypatch):
         x = torch.randn(rows, 64)
         torch.testing.assert_close(layer(x), x @ ref.t() + torch.arange(32.0), rtol=1e-5, atol=1e-4)
     assert calls == [1, 4]
+
+
+@needs_kernels
+def test_status_names_the_avx512_paths_when_they_run(monkeypatch):
+    monkeypatch.setenv("LEANSERVE_AVX512", "0")
+    assert not kernels.ops().avx512_bf16_available()
+    assert "AVX512-BF16" not in kernels.status()
+    monkeypatch.setenv("LEANSERVE_AVX512", "1")
+    on = kernels.ops().avx512_bf16_available()
+    assert ("AVX512-BF16" in kernels.status()) == on
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":  # no AVX-512 at all: never claimed
+        assert not on

@@ -292,6 +292,8 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
 
 TORCH_LIBRARY_FRAGMENT(leanserve, m) {
   m.def("qlinear(Tensor x, Tensor qs, Tensor scales, Tensor mins, int bits) -> Tensor");
+  // whether the AVX512-BF16 paths (here, in paged_attention.cpp and fused.cpp) run; for start-up logs
+  m.def("avx512_bf16_available() -> bool", [] { return leanserve_cpu::use_avx512_bf16(); });
 }
 
 TORCH_LIBRARY_IMPL(leanserve, CPU, m) {
