@@ -141,13 +141,15 @@ void qlinear_impl(const float* x, int64_t M, int64_t K, const uint8_t* qs, const
 
 // ---- bfloat16 rows with AVX512-BF16 (picked at run time; the code above is the fallback) ----------
 // The block's scale and min come out of the sum: sum_i x_i (d q_i + m) = d * sum_i x_i q_i + m * sum_i x_i.
-// The quantized values (0..15, or an int8 split as 16 * high + low nibble) become bf16 by a VPERMW
-// table lookup, exactly (small integers), and VDPBF16PS multiplies them with the bf16 rows of x
-// (products of two bf16 are exact in float32) and sums in float32: per 32 weights one widening
-// load, one or two lookups, one or two dot products and one FMA with the scale, against 4 x 5
-// instructions on the AVX2 path, which left the cores, not memory, the limit at one row (about
-// 10 GB/s over SmolLM2's layers). The sums of x per block are computed once per call, and the
-// min terms join the accumulators as one more 16-lane FMA per 16 blocks.
+// 4-bit values become bf16 by a VPERMW table lookup, exactly (small integers), and VDPBF16PS
+// multiplies them with the bf16 rows of x (products of two bf16 are exact in float32) and sums in
+// float32: per 32 weights half a widening load, one lookup, one dot product and one FMA with the
+// scale, against 4 x 5 instructions on the AVX2 path, which left the cores, not memory, the limit
+// at one row (14-16 GB/s over SmolLM2's blocks; now about the machine's read bandwidth). 8-bit
+// values are widened to float32 and multiplied with the rows widened once per call: on the Xeon
+// this was measured on, VDPBF16PS issues once per ~2 cycles, and splitting an int8 into two exact
+// bf16 halves (two lookups, two dot products) was slower. The sums of x per block are computed
+// once per call, and the min terms join the accumulators as one more 16-lane FMA per 16 blocks.
 
 // bf16(j & 15) for j < 32: a 4-bit value as bf16 (exact), looked up by VPERMW, which reads the low 5
 // bits of each 16-bit index (so a byte's high nibble may stay in bit 4)
@@ -192,7 +194,7 @@ LS_AVX512 void rows_bf16_avx512(const c10::BFloat16* x, const float* xf, int64_t
         const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * 16)));
         block<MR, A>(x, ldx, g, (__m512bh)_mm512_permutexvar_epi16(v, low), sc[g], acc[0] + 0);
         if (g + 1 < groups)
-          block<MR, A>(x, ldx, g + 1, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), low), sc[g + 1], acc[0] + 1 % A);
+          block<MR, A>(x, ldx, g + 1, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), low), sc[g + 1], acc[0] + (1 % A));  // the second accumulator, where there are two
       }
     } else {  // int8: widened to float32 (one conversion per 16, against two lookups and dot products)
       for (int64_t g = 0; g < groups; ++g) {
