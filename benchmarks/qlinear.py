@@ -10,6 +10,7 @@ the other, per shape and row count.
     .venv/bin/python benchmarks/qlinear.py --rows 1,4 --repeats 100
     .venv/bin/python benchmarks/qlinear.py --dtype bfloat16     # against bfloat16 weights (AMX where present)
     .venv/bin/python benchmarks/qlinear.py --model-pass         # SmolLM2's own blocks, bf16 rows: AVX512-BF16 vs AVX2
+    for p in 0 1 0 1; do .venv/bin/python benchmarks/qlinear.py --model-pass --rows 1 --paths $p; done   # one path per process
 
 --model-pass times what one decode step of SmolLM2 asks of the kernel: every quantized matmul of
 the default GGUF (30 layers x 4, then the LM head; 115 MB) once, in forward order, so the weights
@@ -52,7 +53,7 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def model_pass(rows_list: list[int], repeats: int) -> None:
+def model_pass(rows_list: list[int], repeats: int, paths: list[str]) -> None:
     from leanserve.model.loader import load_model
 
     model = load_model("smollm2-135m", torch.bfloat16).model
@@ -61,21 +62,30 @@ def model_pass(rows_list: list[int], repeats: int) -> None:
     nbytes = sum(w.nbytes for w in weights)
     print(f"{len(weights)} quantized matmuls, {nbytes / 1e6:.0f} MB of blocks (formats: "
           f"{sorted({w.bits for w in weights})} bits)\n")
-    print("| rows | AVX2 ms | AVX512-BF16 ms | speed-up | AVX512-BF16 GB/s |")
-    print("| --- | --- | --- | --- | --- |")
+    names = {"0": "AVX2", "1": "AVX512-BF16"}
+    if len(paths) == 2:
+        print("| rows | AVX2 ms | AVX512-BF16 ms | speed-up | AVX512-BF16 GB/s |")
+        print("| --- | --- | --- | --- | --- |")
+    else:
+        print(f"| rows | {names[paths[0]]} ms | GB/s |")
+        print("| --- | --- | --- |")
     for rows in rows_list:
         xs = {w.shape[1]: torch.randn(rows, w.shape[1]).bfloat16() for w in weights}
-        times: dict[str, list[float]] = {"0": [], "1": []}
-        for i in range(2 * repeats + 4):
-            side = "01"[i % 2]
+        times: dict[str, list[float]] = {p: [] for p in paths}
+        for i in range(len(paths) * (repeats + 2)):
+            side = paths[i % len(paths)]
             os.environ["LEANSERVE_AVX512"] = side
             t = time.perf_counter()
             for w in weights:
                 qlinear(xs[w.shape[1]], w)
-            if i >= 4:  # two warm-up passes each
+            if i >= 2 * len(paths):  # two warm-up passes each
                 times[side].append(time.perf_counter() - t)
-        off, on = statistics.median(times["0"]), statistics.median(times["1"])
-        print(f"| {rows} | {off * 1e3:.2f} | {on * 1e3:.2f} | {off / on:.2f}x | {nbytes / on / 1e9:.1f} |", flush=True)
+        med = {p: statistics.median(ts) for p, ts in times.items()}
+        if len(paths) == 2:
+            off, on = med["0"], med["1"]
+            print(f"| {rows} | {off * 1e3:.2f} | {on * 1e3:.2f} | {off / on:.2f}x | {nbytes / on / 1e9:.1f} |", flush=True)
+        else:
+            print(f"| {rows} | {med[paths[0]] * 1e3:.2f} | {nbytes / med[paths[0]] / 1e9:.1f} |", flush=True)
     os.environ.pop("LEANSERVE_AVX512")
 
 
@@ -86,13 +96,15 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="activations and the dense weight (bfloat16: the kernel widens x, oneDNN/AMX on the weight)")
     ap.add_argument("--model-pass", action="store_true", help="SmolLM2's own blocks, one pass per step (see above)")
+    ap.add_argument("--paths", default="0,1", choices=["0,1", "0", "1"],
+                    help="--model-pass: LEANSERVE_AVX512 values to time (one alone: for alternating processes)")
     args = ap.parse_args()
     if kernels.ops() is None:
         raise SystemExit(f"qlinear benchmark: {kernels.status()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {kernels.status()}\n")
     if args.model_pass:
         model_pass([int(r) for r in args.rows.split(",") if int(r) <= 8] if args.rows != ap.get_default("rows")
-                   else [1, 2, 4], args.repeats)
+                   else [1, 2, 4], args.repeats, args.paths.split(","))
         return
     dtype = getattr(torch, args.dtype)
     d = {"float32": "fp32", "bfloat16": "bf16"}[args.dtype]
