@@ -15,8 +15,8 @@ of 4 bits (packed two to a byte, GGUF's order) or 8 bits (int8):
     Q5_1  w = d * q + m          -> 8-bit, scale d, min m
     Q8_0  w = d * q              -> 8-bit, scale d, min 0
 
-Every ``scale * q`` is exact in float32 (a float16 scale times at most 8 bits), so ``dequantize``
-equals gguf's own dequantization bit for bit (tests check it). K-quants (Q4_K, Q6_K, ...) have other
+Where every min is zero (Q8_0, Q5_0) none is stored, and the kernel reads none. Every ``scale * q`` is exact in float32 (a float16 scale times at most 8 bits), so
+``dequantize`` equals gguf's own dequantization bit for bit (tests check it). K-quants (Q4_K, Q6_K, ...) have other
 block layouts; their tensors stay float32 only.
 """
 
@@ -46,7 +46,7 @@ AMX_KERNEL_ROWS = 4
 class QuantWeight:
     qs: torch.Tensor  # 4 bits: (N, ceil(K / 64) * 8) int32 holding bytes, see _pack4; 8 bits: (N, K) int8
     scales: torch.Tensor  # (N, K / 32) float32
-    mins: torch.Tensor  # (N, K / 32) float32
+    mins: torch.Tensor  # (N, K / 32) float32, or (N, 0) where every min is zero (Q8_0, Q5_0): none to read
     bits: int
     max_rows: int = KERNEL_ROWS[torch.float32][0]  # the Linear layer uses the kernel up to this many rows of x
 
@@ -64,6 +64,8 @@ class QuantWeight:
             q = torch.from_numpy(_unpack4(self.qs.numpy(), k)).view(n, k // BLOCK, BLOCK).float()
         else:
             q = self.qs.view(n, k // BLOCK, BLOCK).float()
+        if self.mins.numel() == 0:
+            return (q * self.scales[..., None]).reshape(n, k)
         return torch.addcmul(self.mins[..., None], q, self.scales[..., None]).reshape(n, k)
 
     def rows(self, index: np.ndarray) -> "QuantWeight":
@@ -75,8 +77,11 @@ class QuantWeight:
         """Row-wise concatenation (fused q/k/v, gate/up); None if the parts differ in format."""
         if len({p.bits for p in parts}) != 1 or len({p.shape[1] for p in parts}) != 1:
             return None
+        mins = [p.mins for p in parts]
+        if any(m.numel() for m in mins):  # some parts have mins: the others' zeros spelled out
+            mins = [m if m.numel() else torch.zeros_like(p.scales) for m, p in zip(mins, parts)]
         return QuantWeight(torch.cat([p.qs for p in parts]), torch.cat([p.scales for p in parts]),
-                           torch.cat([p.mins for p in parts]), parts[0].bits, parts[0].max_rows)
+                           torch.cat(mins), parts[0].bits, parts[0].max_rows)
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -90,16 +95,16 @@ def from_gguf_blocks(raw: np.ndarray, type_name: str, n: int, k: int) -> QuantWe
         return None
     b = np.asarray(raw, dtype=np.uint8).reshape(n, k // BLOCK, layouts[type_name])
     d = _f16(b[..., 0:2])
-    zeros = np.zeros_like(d)
+    none = np.zeros((n, 0), np.float32)  # all mins zero: none stored, none read
     if type_name in ("Q4_0", "Q4_1"):
         lo = b[..., 2:18] if type_name == "Q4_0" else b[..., 4:20]  # byte i: element i, i + 16
         q = np.concatenate((lo & 0x0F, lo >> 4), axis=-1).reshape(n, k)
         mins = -8.0 * d if type_name == "Q4_0" else _f16(b[..., 2:4])
         return _make(_pack4(q), d, mins, 4)
     if type_name == "Q8_0":
-        return _make(b[..., 2:34].view(np.int8).reshape(n, k), d, zeros, 8)
+        return _make(b[..., 2:34].view(np.int8).reshape(n, k), d, none, 8)
     # Q5_x: 16 bytes of low nibbles (as Q4) plus 32 high bits, element j's bit is bit j of qh
-    mins, qh_at, qs_at = (zeros, 2, 6) if type_name == "Q5_0" else (_f16(b[..., 2:4]), 4, 8)
+    mins, qh_at, qs_at = (none, 2, 6) if type_name == "Q5_0" else (_f16(b[..., 2:4]), 4, 8)
     qh = np.ascontiguousarray(b[..., qh_at:qh_at + 4]).view("<u4")  # (n, groups, 1)
     high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4  # (n, groups, 32)
     lo = b[..., qs_at:qs_at + 16]

@@ -97,7 +97,7 @@ def test_linear_routes_small_batches_to_qlinear_then_amx(monkeypatch):
         layer.bias.copy_(torch.arange(float(n)))
     layer.amx = _ops().amx_pack(layer.weight)
     scales = torch.full((n, k // 32), 0.01)
-    layer.qweight = QuantWeight(torch.zeros(n, k, dtype=torch.int8), scales, torch.zeros(n, k // 32), 8,
+    layer.qweight = QuantWeight(torch.zeros(n, k, dtype=torch.int8), scales, torch.zeros(n, 0), 8,
                                 max_rows=AMX_KERNEL_ROWS)
     calls: list[tuple[str, int]] = []
     monkeypatch.setattr(layers, "qlinear", lambda x, w: calls.append(("q", x.shape[0])) or torch.zeros(x.shape[0], n, dtype=x.dtype))

@@ -28,7 +28,10 @@ def test_blocks_dequantize_exactly_like_gguf(name):
     assert qw.bits == (4 if name in ("Q4_0", "Q4_1") else 8)
     assert qw.shape == tuple(ref.shape)
     assert torch.equal(qw.dequantize(), ref)  # bit for bit, not approximately
-    assert qw.nbytes == ref.numel() * qw.bits // 8 + 2 * 4 * ref.numel() // 32
+    # float32 scales, and mins only where the format has nonzero ones
+    with_mins = name in ("Q4_0", "Q4_1", "Q5_1")
+    assert qw.mins.numel() == (ref.numel() // 32 if with_mins else 0)
+    assert qw.nbytes == ref.numel() * qw.bits // 8 + (2 if with_mins else 1) * 4 * ref.numel() // 32
 
 
 def test_unsupported_types_and_shapes_stay_float():
@@ -59,6 +62,12 @@ def test_rows_and_cat():
     assert torch.equal(both.dequantize(), torch.cat([ref, ref[perm]]))
     raw8, ref8 = _gguf("Q8_0", n=8)
     assert QuantWeight.cat([qw, from_gguf_blocks(raw8, "Q8_0", *ref8.shape)]) is None  # 4-bit + 8-bit
+    # 8-bit with and without mins (Q5_1, Q5_0): the missing mins become zeros
+    raw51, ref51 = _gguf("Q5_1", n=8, seed=1)
+    raw50, ref50 = _gguf("Q5_0", n=8, seed=2)
+    mixed = QuantWeight.cat([from_gguf_blocks(raw51, "Q5_1", *ref51.shape), from_gguf_blocks(raw50, "Q5_0", *ref50.shape)])
+    assert mixed.mins.shape == mixed.scales.shape
+    assert torch.equal(mixed.dequantize(), torch.cat([ref51, ref50]))
 
 
 needs_kernels = pytest.mark.skipif(kernels.ops() is None, reason=kernels.status())

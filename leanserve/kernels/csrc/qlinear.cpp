@@ -12,7 +12,7 @@
 //            apart). An odd last block leaves the high nibbles zero.
 //            8-bit: (N, K) int8, in order.
 //   scales : (N, K / 32) float32
-//   mins   : (N, K / 32) float32 (zeros for symmetric formats)
+//   mins   : (N, K / 32) float32, or (N, 0) where every min is zero (Q8_0, Q5_0): nothing to read
 //   y      : (M, N) in x's dtype (float32 accumulation)
 //
 // Output rows are split over threads (at::parallel_for); each thread walks its rows of W once per
@@ -26,6 +26,7 @@
 
 #include "cpu_features.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 #include <type_traits>
@@ -52,12 +53,21 @@ inline void fma_rows(const float* x, int64_t ldx, __m256 w, int j, __m256 (&acc)
 // left a cold 1-row call at a quarter of the machine's read bandwidth (three streams per row).
 constexpr int64_t kPrefetchRows = 12;
 
+// W's per-block scales and mins; mins null where they are all zero
+struct BlockParams {
+  const float* scales;
+  const float* mins;
+  int64_t groups;
+};
+
+// a row's bytes kPrefetchRows rows ahead: q, sc and mn point at the current row's blocks, scales
+// and mins (mn null where there are none)
 inline void prefetch_row(const uint8_t* q, const float* sc, const float* mn, int64_t row_bytes, int64_t groups) {
   const uint8_t* ahead = q + kPrefetchRows * row_bytes;
   for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + b), _MM_HINT_T0);
-  for (int64_t b = 0; b < groups; b += 16) {
+  for (int64_t b = 0; b < groups; b += 16) {  // 16 floats a cache line
     _mm_prefetch(reinterpret_cast<const char*>(sc + kPrefetchRows * groups + b), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(mn + kPrefetchRows * groups + b), _MM_HINT_T0);
+    if (mn) _mm_prefetch(reinterpret_cast<const char*>(mn + kPrefetchRows * groups + b), _MM_HINT_T0);
   }
 }
 
@@ -82,19 +92,20 @@ inline void for_row_groups(int64_t M, F&& f) {
 }
 
 template <bool Q4, int MR, typename Out, int A = (MR == 1 ? 4 : MR <= 3 ? 2 : 1)>
-void rows_kernel(const float* x, int64_t ldx, const uint8_t* qs, const float* scales, const float* mins,
-                 int64_t K, Out* y, int64_t ldy, int64_t n0, int64_t n1) {
+void rows_kernel(const float* x, int64_t ldx, const uint8_t* qs, const BlockParams& P, int64_t K, Out* y, int64_t ldy,
+                 int64_t n0, int64_t n1) {
   const int64_t groups = K / 32;
   const int64_t row_bytes = Q4 ? (groups + 1) / 2 * 32 : K;
   const __m256i nibble = _mm256_set1_epi32(0xF);
+  std::vector<float> zeros(P.mins ? 0 : groups);  // the mins of a format without them
   for (int64_t n = n0; n < n1; ++n) {
     __m256 acc[MR][A];
     for (int r = 0; r < MR; ++r)
       for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
     const uint8_t* q = qs + n * row_bytes;
-    const float* sc = scales + n * groups;
-    const float* mn = mins + n * groups;
-    if (n + kPrefetchRows < n1) prefetch_row(q, sc, mn, row_bytes, groups);
+    const float* sc = P.scales + n * groups;
+    const float* mn = P.mins ? P.mins + n * groups : zeros.data();
+    if (n + kPrefetchRows < n1) prefetch_row(q, sc, P.mins ? mn : nullptr, row_bytes, groups);
     if constexpr (Q4) {
       // a pair of blocks per 32 bytes: the low nibbles are block g, the high ones block g + 1
       for (int64_t g = 0; g < groups; g += 2) {
@@ -129,12 +140,11 @@ void rows_kernel(const float* x, int64_t ldx, const uint8_t* qs, const float* sc
 inline int64_t grain_rows(int64_t K) { return std::max<int64_t>(8, 16384 / std::max<int64_t>(1, K / 2)); }
 
 template <bool Q4, typename Out>
-void qlinear_impl(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* scales, const float* mins,
-                  Out* y, int64_t N) {
+void qlinear_impl(const float* x, int64_t M, int64_t K, const uint8_t* qs, const BlockParams& P, Out* y, int64_t N) {
   const int64_t grain = grain_rows(K);
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     for_row_groups(M, [&](auto mr, int64_t m) {
-      rows_kernel<Q4, decltype(mr)::value, Out>(x + m * K, K, qs, scales, mins, K, y + m * N, N, n0, n1);
+      rows_kernel<Q4, decltype(mr)::value, Out>(x + m * K, K, qs, P, K, y + m * N, N, n0, n1);
     });
   });
 }
@@ -176,8 +186,7 @@ LS_AVX512 inline void block(const c10::BFloat16* x, int64_t ldx, int64_t g, __m5
 
 template <bool Q4, int MR, int A = (MR == 1 ? 2 : 1)>
 LS_AVX512 void rows_bf16_avx512(const c10::BFloat16* x, const float* xf, int64_t ldx, const float* xsum, const uint8_t* qs,
-                                const float* scales, const float* mins, int64_t K, c10::BFloat16* y, int64_t ldy,
-                                int64_t n0, int64_t n1) {
+                                const BlockParams& P, int64_t K, c10::BFloat16* y, int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t groups = K / 32;
   const int64_t row_bytes = Q4 ? (groups + 1) / 2 * 32 : K;
   const __m512i low = _mm512_load_si512(nibble_bf16());
@@ -186,8 +195,8 @@ LS_AVX512 void rows_bf16_avx512(const c10::BFloat16* x, const float* xf, int64_t
     for (int r = 0; r < MR; ++r)
       for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
     const uint8_t* q = qs + n * row_bytes;
-    const float* sc = scales + n * groups;
-    const float* mn = mins + n * groups;
+    const float* sc = P.scales + n * groups;
+    const float* mn = P.mins ? P.mins + n * groups : nullptr;  // read only where there are mins
     if (n + kPrefetchRows < n1) prefetch_row(q, sc, mn, row_bytes, groups);
     if constexpr (Q4) {  // 32 bytes: block g in the low nibbles, block g + 1 in the high ones
       for (int64_t g = 0; g < groups; g += 2) {
@@ -208,7 +217,7 @@ LS_AVX512 void rows_bf16_avx512(const c10::BFloat16* x, const float* xf, int64_t
         }
       }
     }
-    for (int64_t g = 0; g < groups; g += 16) {  // + m_g * sum(x_g), 16 blocks per FMA
+    for (int64_t g = 0; P.mins && g < groups; g += 16) {  // + m_g * sum(x_g), 16 blocks per FMA
       const __mmask16 k = groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (groups - g)) - 1);
       const __m512 m = _mm512_maskz_loadu_ps(k, mn + g);
       for (int r = 0; r < MR; ++r)
@@ -223,8 +232,8 @@ LS_AVX512 void rows_bf16_avx512(const c10::BFloat16* x, const float* xf, int64_t
 }
 
 template <bool Q4>
-LS_AVX512 void qlinear_bf16_avx512(const c10::BFloat16* x, int64_t M, int64_t K, const uint8_t* qs,
-                                   const float* scales, const float* mins, c10::BFloat16* y, int64_t N) {
+LS_AVX512 void qlinear_bf16_avx512(const c10::BFloat16* x, int64_t M, int64_t K, const uint8_t* qs, const BlockParams& P,
+                                   c10::BFloat16* y, int64_t N) {
   const int64_t groups = K / 32;
   static thread_local std::vector<float> xsum;  // (M, groups): sum of each block of each row
   xsum.resize(M * groups);
@@ -240,7 +249,7 @@ LS_AVX512 void qlinear_bf16_avx512(const c10::BFloat16* x, int64_t M, int64_t K,
   const float* xf = xw.data();  // thread-local: the pointer, not the name, goes to the workers
   at::parallel_for(0, N, grain_rows(K), [&](int64_t n0, int64_t n1) {
     for_row_groups(M, [&](auto mr, int64_t m) {
-      rows_bf16_avx512<Q4, decltype(mr)::value>(x + m * K, Q4 ? nullptr : xf + m * K, K, xs + m * groups, qs, scales, mins, K, y + m * N, N, n0, n1);
+      rows_bf16_avx512<Q4, decltype(mr)::value>(x + m * K, Q4 ? nullptr : xf + m * K, K, xs + m * groups, qs, P, K, y + m * N, N, n0, n1);
     });
   });
 }
@@ -259,23 +268,22 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
               "qlinear: qs must be contiguous ", bits == 4 ? "int32" : "int8", " rows of ", row_bytes, " bytes");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N * (K / 32),
               "qlinear: scales must be contiguous float32 of shape (N, K / 32)");
-  TORCH_CHECK(mins.scalar_type() == at::kFloat && mins.is_contiguous() && mins.numel() == N * (K / 32),
-              "qlinear: mins must be contiguous float32 of shape (N, K / 32)");
+  TORCH_CHECK(mins.scalar_type() == at::kFloat && mins.is_contiguous() && (mins.numel() == N * (K / 32) || mins.numel() == 0),
+              "qlinear: mins must be contiguous float32 of shape (N, K / 32), or empty for all-zero mins");
   const auto* q = reinterpret_cast<const uint8_t*>(qs.data_ptr());
-  const float* sc = scales.data_ptr<float>();
-  const float* mn = mins.data_ptr<float>();
+  const BlockParams P{scales.data_ptr<float>(), mins.numel() ? mins.data_ptr<float>() : nullptr, K / 32};
   at::Tensor y = at::empty({M, N}, x.options());
   const at::Tensor xc = x.contiguous();
   if (x.scalar_type() == at::kFloat) {
-    if (bits == 4) qlinear_impl<true>(xc.data_ptr<float>(), M, K, q, sc, mn, y.data_ptr<float>(), N);
-    else qlinear_impl<false>(xc.data_ptr<float>(), M, K, q, sc, mn, y.data_ptr<float>(), N);
+    if (bits == 4) qlinear_impl<true>(xc.data_ptr<float>(), M, K, q, P, y.data_ptr<float>(), N);
+    else qlinear_impl<false>(xc.data_ptr<float>(), M, K, q, P, y.data_ptr<float>(), N);
     return y;
   }
   if (leanserve_cpu::use_avx512_bf16()) {
     const auto* xb = xc.data_ptr<c10::BFloat16>();
     auto* yb = y.data_ptr<c10::BFloat16>();
-    if (bits == 4) qlinear_bf16_avx512<true>(xb, M, K, q, sc, mn, yb, N);
-    else qlinear_bf16_avx512<false>(xb, M, K, q, sc, mn, yb, N);
+    if (bits == 4) qlinear_bf16_avx512<true>(xb, M, K, q, P, yb, N);
+    else qlinear_bf16_avx512<false>(xb, M, K, q, P, yb, N);
     return y;
   }
   // bfloat16 without AVX512-BF16: the rows (at most a few dozen) are widened into a reused buffer and the outputs
@@ -285,8 +293,8 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
   const c10::BFloat16* xb = xc.data_ptr<c10::BFloat16>();
   for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(xb[i]);
   auto* yb = y.data_ptr<c10::BFloat16>();
-  if (bits == 4) qlinear_impl<true>(xf.data(), M, K, q, sc, mn, yb, N);
-  else qlinear_impl<false>(xf.data(), M, K, q, sc, mn, yb, N);
+  if (bits == 4) qlinear_impl<true>(xf.data(), M, K, q, P, yb, N);
+  else qlinear_impl<false>(xf.data(), M, K, q, P, yb, N);
   return y;
 }
 
