@@ -57,7 +57,6 @@ constexpr int64_t kPrefetchRows = 12;
 struct BlockParams {
   const float* scales;
   const float* mins;
-  int64_t groups;
 };
 
 // a row's bytes kPrefetchRows rows ahead: q, sc and mn point at the current row's blocks, scales
@@ -271,7 +270,7 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
   TORCH_CHECK(mins.scalar_type() == at::kFloat && mins.is_contiguous() && (mins.numel() == N * (K / 32) || mins.numel() == 0),
               "qlinear: mins must be contiguous float32 of shape (N, K / 32), or empty for all-zero mins");
   const auto* q = reinterpret_cast<const uint8_t*>(qs.data_ptr());
-  const BlockParams P{scales.data_ptr<float>(), mins.numel() ? mins.data_ptr<float>() : nullptr, K / 32};
+  const BlockParams P{scales.data_ptr<float>(), mins.numel() ? mins.data_ptr<float>() : nullptr};
   at::Tensor y = at::empty({M, N}, x.options());
   const at::Tensor xc = x.contiguous();
   if (x.scalar_type() == at::kFloat) {
