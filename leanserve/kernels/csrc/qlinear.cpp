@@ -234,10 +234,10 @@ template <bool Q4>
 LS_AVX512 void qlinear_bf16_avx512(const c10::BFloat16* x, int64_t M, int64_t K, const uint8_t* qs, const BlockParams& P,
                                    c10::BFloat16* y, int64_t N) {
   const int64_t groups = K / 32;
-  static thread_local std::vector<float> xsum;  // (M, groups): sum of each block of each row
-  xsum.resize(M * groups);
+  static thread_local std::vector<float> xsum;  // (M, groups): sum of each block of each row, for the mins
+  xsum.resize(P.mins ? M * groups : 0);
   const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3F80);  // bf16 1.0
-  for (int64_t i = 0; i < M * groups; ++i)
+  for (int64_t i = 0; i < static_cast<int64_t>(xsum.size()); ++i)
     xsum[i] = _mm512_reduce_add_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(x + 32 * i), ones));
   const float* xs = xsum.data();
   static thread_local std::vector<float> xw;  // 8-bit: the rows widened to float32
