@@ -5,12 +5,15 @@ short prompt each; steps timed after 20 warm-up steps). "off" is the same code w
 LEANSERVE_KERNELS=0 (BLAS on float32 weights, gather + SDPA attention, PyTorch norms and RoPE), in
 a child process so both sides build their models the same way; `--off VAR=VALUE` sets another
 switch for that side instead (`LEANSERVE_AMX=0`: oneDNN's bf16 matmul in place of the AMX kernel). With --profile, the top operators
-of the "on" side per batch size (torch.profiler over 5 steps).
+of the "on" side per batch size (torch.profiler over 5 steps). With --native, one process instead
+alternates the native decode loop (kernels/csrc/decode_layers.cpp: all layers in one call) with the
+Python layers, step blocks of each in turn on the same sequences.
 
     .venv/bin/python benchmarks/decode_step.py
     .venv/bin/python benchmarks/decode_step.py --batch 1,32 --profile
     .venv/bin/python benchmarks/decode_step.py --dtype bfloat16 --batch 1,8,16,64,128
     .venv/bin/python benchmarks/decode_step.py --dtype bfloat16 --off LEANSERVE_AMX=0   # AMX matmul vs oneDNN
+    .venv/bin/python benchmarks/decode_step.py --dtype bfloat16 --batch 1,8,80 --native   # native layer loop vs Python
 """
 
 from __future__ import annotations
@@ -58,6 +61,39 @@ def measure(batches: list[int], steps: int, profile: bool, dtype: str = "float32
     return result
 
 
+def compare_native(batches: list[int], steps: int, dtype: str, context: int, rounds: int = 5) -> None:
+    """Median step time with the native decode loop on and off, alternating blocks of `steps` steps."""
+    from leanserve.engine.engine import LLM
+    from leanserve.types import SamplingParams
+
+    llm = LLM("smollm2-135m", dtype=dtype, max_num_seqs=max(batches), max_num_batched_tokens=1024)
+    eng, model = llm.engine, llm.engine.runner.model
+    print(f"{dtype}; native loop applies: {model.native_plan() is not None}")
+    print("| batch | step ms, Python layers | step ms, native loop | speed-up | out tok/s native |")
+    print("| --- | --- | --- | --- | --- |")
+    for b in batches:
+        params = SamplingParams(max_tokens=20 + 2 * rounds * steps + 10, temperature=0.0, ignore_eos=True)
+        for i in range(b):
+            prompt = (f"Write a long story about a cat and a dog, in great detail {i}" if not context else
+                      [100 + (i * 7919 + j * 31) % 40000 for j in range(context)])
+            eng.add_request(eng.new_request_id(), prompt, params)
+        for _ in range(20):
+            eng.step()
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(rounds):
+            for native in (True, False):
+                model.native_decode = native
+                for _ in range(steps):
+                    t = time.perf_counter()
+                    eng.step()
+                    times[native].append(time.perf_counter() - t)
+        model.native_decode = True
+        on, off = statistics.median(times[True]), statistics.median(times[False])
+        print(f"| {b} | {off * 1e3:.2f} | {on * 1e3:.2f} | {off / on:.2f}x | {b / on:.0f} |")
+        while eng.has_unfinished():
+            eng.step()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", default="1,4,16,32,64")
@@ -67,9 +103,13 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=0, help="prompt length in tokens (default: a short sentence)")
     ap.add_argument("--off", default="LEANSERVE_KERNELS=0",
                     help="environment setting of the 'off' side (e.g. LEANSERVE_AMX=0: the AMX matmul off, oneDNN's on)")
+    ap.add_argument("--native", action="store_true", help="native decode loop vs Python layers, alternating in one process")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
+    if args.native:
+        compare_native(batches, args.steps, args.dtype, args.context)
+        return
     if args.child:
         print(json.dumps(measure(batches, args.steps, False, args.dtype, args.context)))
         return
