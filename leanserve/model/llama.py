@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -32,7 +34,8 @@ class LlamaForCausalLM(CausalLM):
         super().__init__(cfg)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.model.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, self.rope) for i in range(cfg.num_layers))
-        self.native_decode = True  # decode-only CPU steps run all layers in one native call where it applies
+        # decode-only CPU steps run all layers in one native call where it applies (LEANSERVE_NATIVE_DECODE=0: never)
+        self.native_decode = os.environ.get("LEANSERVE_NATIVE_DECODE", "1") != "0"
         self._plan: NativeDecodePlan | None | bool = False  # False: not built yet; None: does not apply
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

@@ -119,3 +119,10 @@ def test_smollm2_bf16_quantized_and_amx_rows_decode_the_same_bits():
         native = _decode_hidden(model, True, torch.bfloat16, prompts, steps=3)
         python = _decode_hidden(model, False, torch.bfloat16, prompts, steps=3)
         _assert_same_bits(native, python)
+
+
+def test_environment_switch_turns_the_native_loop_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEANSERVE_NATIVE_DECODE", "0")
+    assert not _tiny("llama-gqa-tied", torch.float32, tmp_path).native_decode
+    monkeypatch.setenv("LEANSERVE_NATIVE_DECODE", "1")
+    assert _tiny("llama-gqa-tied", torch.float32, tmp_path / "on").native_decode
