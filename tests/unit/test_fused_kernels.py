@@ -166,7 +166,8 @@ def _act_mul_pytorch(act, gate, up):
 
 @pytest.fixture(params=["1", "0"], ids=["avx512", "avx2"])
 def isa(request, monkeypatch):
-    """act_mul's 16-lane path (where the CPU has AVX-512) and its 8-lane one: the same bits."""
+    """The 16-lane paths of act_mul and argmax_rows (where the CPU has AVX-512) and their 8-lane ones:
+    the same results."""
     monkeypatch.setenv("LEANSERVE_AVX512", request.param)
     return request.param
 
@@ -310,8 +311,8 @@ def test_bad_inputs_raise(ops):
 
 
 @all_dtypes
-@pytest.mark.parametrize("n", [1, 3, 8, 9, 17, 1000, 49152])
-def test_argmax_rows_is_torch_max_indices(ops, dtype, n):
+@pytest.mark.parametrize("n", [1, 3, 8, 9, 17, 33, 64, 70, 1000, 49152])
+def test_argmax_rows_is_torch_max_indices(ops, isa, dtype, n):
     # ties (rounded values, all zeros), all -inf, NaNs (the first NaN wins, as torch.max says) and
     # plain random rows; the maximum both in the vector part and in the tail
     g = torch.Generator().manual_seed(n)
