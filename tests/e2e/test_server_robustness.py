@@ -17,10 +17,10 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 MODEL = "smollm2-135m"
-MAX_MODEL_LEN = 512
+MAX_MODEL_LEN = 2048
 MAX_NUM_SEQS, MAX_QUEUE, TIMEOUT_S = 2, 4, 4
 MSG = [{"role": "user", "content": "hi"}]
-LONG = "word " * 700  # more than MAX_MODEL_LEN tokens
+LONG = "word " * 2100  # more than MAX_MODEL_LEN tokens
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,9 @@ def test_overload_gets_429_with_retry_after(server):
 
 
 def test_request_timeout(server):
-    body = {"model": MODEL, "prompt": "Count to a thousand:", "max_tokens": 400, "ignore_eos": True}
+    # 2,000 tokens keep two sequences decoding well past the timeout on any machine this runs on (400 did
+    # not once decode steps ran in one native call)
+    body = {"model": MODEL, "prompt": "Count to a thousand:", "max_tokens": 2000, "ignore_eos": True}
 
     async def both() -> tuple[httpx.Response, list[str]]:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
