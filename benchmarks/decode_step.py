@@ -14,6 +14,7 @@ Python layers, step blocks of each in turn on the same sequences.
     .venv/bin/python benchmarks/decode_step.py --dtype bfloat16 --batch 1,8,16,64,128
     .venv/bin/python benchmarks/decode_step.py --dtype bfloat16 --off LEANSERVE_AMX=0   # AMX matmul vs oneDNN
     .venv/bin/python benchmarks/decode_step.py --dtype bfloat16 --batch 1,8,80 --native   # native layer loop vs Python
+    .venv/bin/python benchmarks/decode_step.py --dtype bfloat16 --batch 1,8,32 --native --model gemma3-270m
 """
 
 from __future__ import annotations
@@ -61,14 +62,15 @@ def measure(batches: list[int], steps: int, profile: bool, dtype: str = "float32
     return result
 
 
-def compare_native(batches: list[int], steps: int, dtype: str, context: int, rounds: int = 5) -> None:
+def compare_native(batches: list[int], steps: int, dtype: str, context: int, rounds: int = 5,
+                   model_name: str = "smollm2-135m") -> None:
     """Median step time with the native decode loop on and off, alternating blocks of `steps` steps."""
     from leanserve.engine.engine import LLM
     from leanserve.types import SamplingParams
 
-    llm = LLM("smollm2-135m", dtype=dtype, max_num_seqs=max(batches), max_num_batched_tokens=1024)
+    llm = LLM(model_name, dtype=dtype, max_num_seqs=max(batches), max_num_batched_tokens=1024)
     eng, model = llm.engine, llm.engine.runner.model
-    print(f"{dtype}; native loop applies: {model.native_plan() is not None}")
+    print(f"{model_name}, {dtype}; native loop applies: {model.native_plan() is not None}")
     print("| batch | step ms, Python layers | step ms, native loop | speed-up | out tok/s native |")
     print("| --- | --- | --- | --- | --- |")
     for b in batches:
@@ -104,11 +106,12 @@ def main() -> None:
     ap.add_argument("--off", default="LEANSERVE_KERNELS=0",
                     help="environment setting of the 'off' side (e.g. LEANSERVE_AMX=0: the AMX matmul off, oneDNN's on)")
     ap.add_argument("--native", action="store_true", help="native decode loop vs Python layers, alternating in one process")
+    ap.add_argument("--model", default="smollm2-135m", help="--native: the model (a built-in name, .gguf or HF folder)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     if args.native:
-        compare_native(batches, args.steps, args.dtype, args.context)
+        compare_native(batches, args.steps, args.dtype, args.context, model_name=args.model)
         return
     if args.child:
         print(json.dumps(measure(batches, args.steps, False, args.dtype, args.context)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 from leanserve import kernels
 from leanserve.model.attention import AttentionMetadata
 from leanserve.model.config import ModelConfig
+from leanserve.model.native import NativeDecodePlan
 from leanserve.model.quant import AMX_KERNEL_ROWS, KERNEL_ROWS, QuantWeight, qlinear
 
 # HF checkpoint names of the separate projections -> (fused parameter, shard index)
@@ -37,6 +39,10 @@ class CausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head_q: QuantWeight | None = None  # tied LM head in quantized blocks
         self.lm_head_amx: torch.Tensor | None = None  # tied LM head packed for the AMX kernel
+        # CPU steps in which every sequence decodes run all layers in one native call where the family
+        # has native_layer_norms and the kernels apply (model/native.py; LEANSERVE_NATIVE_DECODE=0: never)
+        self.native_decode = os.environ.get("LEANSERVE_NATIVE_DECODE", "1") != "0"
+        self._plan: NativeDecodePlan | None | bool = False  # False: not built yet; None: does not apply
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
@@ -44,10 +50,32 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         # input_ids, positions: (num_tokens,) -> hidden states (num_tokens, hidden_size)
+        if self.native_decode and meta.decode_rows is not None and not meta.prefills:
+            from leanserve.model import layers
+
+            plan = self.native_plan()
+            if plan is not None and plan.takes(kv_caches) and (ops := layers._fused_ops()) is not None:
+                h = ops.decode_layers(self.embed(input_ids), positions, meta.slot_mapping, meta.decode_tables,
+                                      meta.decode_lens, [t for kv in kv_caches for t in kv], plan.weights,
+                                      plan.ints, plan.floats)
+                return self.model.norm(h)
         h = self.embed(input_ids)
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             h = layer(h, positions, kv_cache, meta)
         return self.model.norm(h)
+
+    def native_layer_norms(self, layer: nn.Module) -> tuple[nn.Module | None, ...] | None:
+        """A layer's RMSNorms in the native loop's four places (input, after attention, before the MLP,
+        after the MLP; None where there is none), or None: the family has no native loop."""
+        return None
+
+    def native_plan(self) -> NativeDecodePlan | None:
+        """The native loop's arguments, built on first use (after loading: weights, their quantized
+        blocks and AMX packing are final by then); None where it does not apply. Set ``_plan = False``
+        to rebuild after changing the model."""
+        if self._plan is False:
+            self._plan = NativeDecodePlan.build(self)
+        return self._plan
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # (num_rows, hidden_size) -> (num_rows, vocab_size)

@@ -43,6 +43,10 @@ class Gemma3ForCausalLM(CausalLM):
             for i in range(cfg.num_layers)
         )
 
+    def native_layer_norms(self, layer: Gemma3DecoderLayer) -> tuple[RMSNorm | None, ...]:
+        return (layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
+                layer.post_feedforward_layernorm)
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.model.embed_tokens(input_ids)
         # the reference rounds the scale to the activation dtype first

@@ -1,8 +1,9 @@
-"""The native decode loop (kernels/csrc/decode_layers.cpp, model/llama.py NativeDecodePlan) against the
+"""The native decode loop (kernels/csrc/decode_layers.cpp, model/native.py NativeDecodePlan) against the
 Python layers it replaces: the same operators in the same order, so decode steps must give the same
-hidden states bit for bit, for tiny random models of each Llama-family variant it takes (tied and
-untied heads, GQA and MHA, q/k/v biases, sliding windows) in float32 and bfloat16, and for the real
-SmolLM2 in bfloat16 with its quantized blocks (one row) and AMX-packed weights (more rows)."""
+hidden states bit for bit, for tiny random models of each variant it takes (tied and untied heads,
+GQA and MHA, q/k/v biases, q/k norms, sliding windows, Gemma 3's four norms and two rotary bases) in
+float32 and bfloat16, and for the real SmolLM2 in bfloat16 with its quantized blocks (one row) and
+AMX-packed weights (more rows)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from leanserve import kernels
 from leanserve.model import layers
 from leanserve.model.attention import AttentionMetadata, reference_attention
 from leanserve.model.config import ModelConfig
-from leanserve.model.llama import LlamaForCausalLM
+from leanserve.model.base import CausalLM
 from leanserve.model.loader import build_model, iter_safetensors
 from tests.model.helpers import new_kv_caches
 
@@ -29,14 +30,22 @@ CASES = {
     "llama-mha-untied": (transformers.LlamaConfig, dict(num_key_value_heads=4, tie_word_embeddings=False)),
     "qwen2-biases": (transformers.Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "mistral-sliding-window": (transformers.MistralConfig, dict(num_key_value_heads=2, sliding_window=8)),
+    "qwen3-qk-norm": (transformers.Qwen3Config, dict(num_key_value_heads=2, head_dim=16)),
+    "gemma3-sliding-window": (transformers.Gemma3TextConfig, dict(
+        num_hidden_layers=6, num_key_value_heads=1, head_dim=16, sliding_window=8, query_pre_attn_scalar=24)),
 }
 BLOCK = 4
 
 
-def _tiny(case: str, dtype: torch.dtype, tmp_path) -> LlamaForCausalLM:
+def _tiny(case: str, dtype: torch.dtype, tmp_path) -> CausalLM:
     cls, extra = CASES[case]
     torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(cls(**{**SMALL, **extra})).float().eval()
+    cfg = cls(**{**SMALL, **extra})
+    if cls is transformers.Gemma3TextConfig:
+        cfg.architectures = ["Gemma3ForCausalLM"]
+        hf = transformers.Gemma3ForCausalLM(cfg).float().eval()
+    else:
+        hf = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if "norm" in name or "bias" in name:
