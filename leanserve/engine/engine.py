@@ -142,9 +142,12 @@ class LLMEngine:
         from leanserve import kernels
 
         line = f"{torch.get_num_threads()} CPU threads ({os.cpu_count()} logical CPUs); {kernels.status()}"
-        q = self.loaded.model.quantized_summary()
+        model = self.loaded.model
+        q = model.quantized_summary()
         if q:
             line += f"; {q}"
+        if model.native_decode and model.native_plan() is not None:
+            line += "; decode steps run all layers in one native call"
         return line
 
     @property

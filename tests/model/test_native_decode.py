@@ -122,7 +122,8 @@ def test_smollm2_bf16_quantized_and_amx_rows_decode_the_same_bits():
         pytest.skip("model smollm2-135m not pulled")
     from leanserve.model.loader import load_model
 
-    model = load_model("smollm2-135m", torch.bfloat16).model
+    loaded = load_model("smollm2-135m", torch.bfloat16)
+    model = loaded.model
     # 1 sequence: every matmul on the quantized blocks; 6: past their row limit (AMX or oneDNN)
     for prompts in ([7], [3, 9, 17, 4, 12, 30]):
         native = _decode_hidden(model, True, torch.bfloat16, prompts, steps=3)
@@ -135,3 +136,15 @@ def test_environment_switch_turns_the_native_loop_off(tmp_path, monkeypatch):
     assert not _tiny("llama-gqa-tied", torch.float32, tmp_path).native_decode
     monkeypatch.setenv("LEANSERVE_NATIVE_DECODE", "1")
     assert _tiny("llama-gqa-tied", torch.float32, tmp_path / "on").native_decode
+
+
+@pytest.mark.model
+def test_start_up_line_says_whether_decode_steps_run_natively(monkeypatch):
+    from leanserve.engine.engine import LLM
+    from leanserve.model.registry import is_pulled
+
+    if not is_pulled("smollm2-135m"):
+        pytest.skip("model smollm2-135m not pulled")
+    assert "one native call" in LLM("smollm2-135m", kv_cache_memory=1 << 24).engine.describe_runtime()
+    monkeypatch.setenv("LEANSERVE_NATIVE_DECODE", "0")
+    assert "one native call" not in LLM("smollm2-135m", kv_cache_memory=1 << 24).engine.describe_runtime()
