@@ -41,8 +41,14 @@ def _build(source: Path) -> None:
     if not (build / f"leanserve_{source.stem}.so").exists():
         print(f"leanserve: compiling native kernel {source.name} (once; cached in {build.parent})", file=sys.stderr, flush=True)
     build.mkdir(parents=True, exist_ok=True)
+    # compiled from a copy inside the build folder: ninja remembers source paths, so the same sources
+    # in another checkout (another path) would otherwise rebuild the shared cache, silently
+    for f in [source, *sorted(CSRC.glob("*.h"))]:
+        copy = build / f.name
+        if not copy.exists() or copy.read_bytes() != f.read_bytes():
+            copy.write_bytes(f.read_bytes())
     cpp_extension.load(
-        name=f"leanserve_{source.stem}", sources=[str(source)],
+        name=f"leanserve_{source.stem}", sources=[str(build / source.name)],
         extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"],
         build_directory=str(build), is_python_module=False, verbose=False)
 
