@@ -15,7 +15,7 @@ each peer's same level and best level, and the machine's limits measured in the 
 read bandwidth (so the 1-client rate against bandwidth / weight bytes per token) and the float32
 and bfloat16 matmul peaks (so rates against the compute limit, FLOPs per token = 2 x parameters).
 With the offline run (the default) it also runs leanserve's engine in-process on the 1-client
-prompts one after another, no HTTP, to show what the load generator and the server's event loop
+prompts one after another, no HTTP, right before leanserve's servers, to show what the load generator and the server's event loop
 cost on two shared cores, and reads a buffer of the weights' size again and again, to show the
 rate at which the weights actually stream where they fit in the last-level cache.
 
@@ -231,6 +231,15 @@ def run(args: argparse.Namespace) -> None:
         servers[f"vllm-cpu-{args.vllm_dtype.split(',')[0]}"] = servers.pop("vllm-cpu")
     weight_bytes, params, dtype = leanserve_weight_bytes_per_token()
     limits = measure_limits(weight_bytes)  # before any server: nothing else running
+    alone = None
+    if args.offline and 1 in levels and (not args.only or "leanserve" in args.only.split(",")):
+        # the engine without HTTP, as one client uses it, right before leanserve's 1-client level (the
+        # machine's speed drifts): what the 2 cores give when no load generator and event loop share them
+        from throughput import chat_prompts, run_leanserve  # benchmarks/throughput.py
+
+        prompts = chat_prompts("smollm2-135m", args.num_prompts_single)
+        out_tokens, seconds, _ = run_leanserve("smollm2-135m", prompts, args.output_len, 128, dtype, one_at_a_time=True)
+        alone = out_tokens / seconds
     runs: dict[str, dict[int, dict]] = {}
     for name, cmd in servers.items():
         if args.only and name not in args.only.split(","):
@@ -273,7 +282,7 @@ def run(args: argparse.Namespace) -> None:
             print(f"leanserve / {name}: " + ", ".join(f"c={c}: {base[c] / row[c]:.2f}x" for c in levels if c in row and c in base)
                   + f"; best vs best: {max(base.values()) / max(row.values()):.2f}x")
     flops_per_token = 2 * params
-    offline = alone = None
+    offline = None
     if args.offline and (not args.only or "leanserve" in args.only.split(",")):
         from throughput import chat_prompts, run_leanserve  # benchmarks/throughput.py
 
@@ -282,13 +291,9 @@ def run(args: argparse.Namespace) -> None:
         offline = (out_tokens / seconds, (out_tokens + prompt_tokens) / seconds)
         print(f"\nleanserve offline ({dtype}, {len(prompts)} prompts in one batch): {offline[0]:.1f} output tok/s, "
               f"{offline[1]:.1f} tok/s computed (prompt + output)")
-    if args.offline and 1 in base:  # the engine without HTTP, as one client uses it: what the 2 cores give
-        # when no load generator and no event loop share them
-        prompts = chat_prompts("smollm2-135m", args.num_prompts_single)
-        out_tokens, seconds, _ = run_leanserve("smollm2-135m", prompts, args.output_len, 128, dtype, one_at_a_time=True)
-        alone = out_tokens / seconds
-        print(f"leanserve engine alone, {len(prompts)} prompts one after another (no HTTP): {alone:.1f} output tok/s; "
-              f"through HTTP with 1 client {base[1]:.1f} ({base[1] / alone:.0%} of it)")
+    if alone and 1 in base:
+        print(f"leanserve engine alone, {args.num_prompts_single} prompts one after another (no HTTP, just before "
+              f"the servers): {alone:.1f} output tok/s; through HTTP with 1 client {base[1]:.1f} ({base[1] / alone:.0%} of it)")
     print(f"\nmachine, measured now: read bandwidth {limits['read_bytes_per_s'] / 1e9:.1f} GB/s, matmul float32 "
           f"{limits['fp32_flops'] / 1e9:.0f} GFLOP/s, bfloat16 {limits['bf16_flops'] / 1e9:.1f} GFLOP/s")
     bw_limit = limits["read_bytes_per_s"] / weight_bytes
