@@ -2,7 +2,8 @@
 
 The sources in ``csrc/`` register operators under ``torch.ops.leanserve``; ``ops()`` compiles them
 once per source version into ``$LEANSERVE_HOME/kernels`` (10-20 s per file on two cores; later
-processes load the cached libraries in milliseconds) and returns the namespace, or None when they
+processes, in any checkout or virtual environment with the same torch, load the cached libraries
+in milliseconds) and returns the namespace, or None when they
 cannot be used: a CPU without AVX2, no C++ compiler, or ``LEANSERVE_KERNELS=0``. Every caller keeps
 a plain PyTorch path for None, and the tests compare the two.
 """
@@ -24,33 +25,48 @@ CSRC = Path(__file__).parent / "csrc"
 _state: dict[str, Any] = {}
 
 
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
+
+
 def _build_dir(source: Path) -> Path:
+    """The cache folder of one source: its digest covers the source, the shared headers and the flags."""
     home = Path(os.environ.get("LEANSERVE_HOME", Path.home() / ".cache" / "leanserve"))
     h = hashlib.sha256(source.read_bytes())
     for header in sorted(CSRC.glob("*.h")):  # a shared header's edit rebuilds every library
         h.update(header.read_bytes())
+    h.update(" ".join(CFLAGS + LDFLAGS).encode())  # tuples: cpp_extension extends the lists it is given
     digest = h.hexdigest()[:12]
     return home / "kernels" / f"{source.stem}-torch{torch.__version__.split('+')[0]}-{digest}"
 
 
 def _build(source: Path) -> None:
-    """Compile one source file (cached by its content) and load it into this process."""
+    """Load one source's library from the cache, compiling it first if it is not there."""
+    build = _build_dir(source)
+    library = build / f"leanserve_{source.stem}.so"
+    if library.exists():
+        # Loaded as it is, not through cpp_extension.load: its ninja file names the torch headers of
+        # the environment that runs it, so every other virtual environment (another checkout) would
+        # rewrite it and recompile every kernel, silently (~50 s). Same sources, flags and torch
+        # version (the folder's name): the same library.
+        try:
+            torch.ops.load_library(str(library))
+            return
+        except OSError as e:  # a truncated or foreign file: build it again
+            log.warning("cached kernel %s does not load (%s); compiling it again", library, e)
+            library.unlink()
     from torch.utils import cpp_extension
 
-    build = _build_dir(source)
-    if not (build / f"leanserve_{source.stem}.so").exists():
-        print(f"leanserve: compiling native kernel {source.name} (once; cached in {build.parent})", file=sys.stderr, flush=True)
+    print(f"leanserve: compiling native kernel {source.name} (once; cached in {build.parent})", file=sys.stderr, flush=True)
     build.mkdir(parents=True, exist_ok=True)
-    # compiled from a copy inside the build folder: ninja remembers source paths, so the same sources
-    # in another checkout (another path) would otherwise rebuild the shared cache, silently
+    # compiled from a copy inside the build folder: ninja remembers source paths
     for f in [source, *sorted(CSRC.glob("*.h"))]:
         copy = build / f.name
         if not copy.exists() or copy.read_bytes() != f.read_bytes():
             copy.write_bytes(f.read_bytes())
     cpp_extension.load(
-        name=f"leanserve_{source.stem}", sources=[str(build / source.name)],
-        extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"],
-        build_directory=str(build), is_python_module=False, verbose=False)
+        name=f"leanserve_{source.stem}", sources=[str(build / source.name)], extra_cflags=list(CFLAGS),
+        extra_ldflags=list(LDFLAGS), build_directory=str(build), is_python_module=False, verbose=False)
 
 
 def unavailable_reason() -> str | None:
