@@ -15,9 +15,10 @@ each peer's same level and best level, and the machine's limits measured in the 
 read bandwidth (so the 1-client rate against bandwidth / weight bytes per token) and the float32
 and bfloat16 matmul peaks (so rates against the compute limit, FLOPs per token = 2 x parameters).
 With the offline run (the default) it also runs leanserve's engine in-process on the 1-client
-prompts one after another, no HTTP, right before leanserve's servers, to show what the load generator and the server's event loop
-cost on two shared cores, and reads a buffer of the weights' size again and again, to show the
-rate at which the weights actually stream where they fit in the last-level cache.
+prompts one after another, no HTTP, right before leanserve's servers, to show what the load
+generator and the server's event loop cost on two shared cores, and reads a buffer of the weights'
+size again and again, to show the rate at which the weights stream where they fit in the
+last-level cache.
 
     .venv/bin/python benchmarks/peers.py run --concurrency 1,32,64 --vllm-dtype float32
 """

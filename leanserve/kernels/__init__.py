@@ -35,7 +35,8 @@ def _build_dir(source: Path) -> Path:
     h = hashlib.sha256(source.read_bytes())
     for header in sorted(CSRC.glob("*.h")):  # a shared header's edit rebuilds every library
         h.update(header.read_bytes())
-    h.update(" ".join(CFLAGS + LDFLAGS).encode())  # tuples: cpp_extension appends its own linker flags to the lists it is given
+    # the flags are tuples: cpp_extension appends its own linker flags to the lists it is given
+    h.update(" ".join(CFLAGS + LDFLAGS).encode())
     digest = h.hexdigest()[:12]
     return home / "kernels" / f"{source.stem}-torch{torch.__version__.split('+')[0]}-{digest}"
 
