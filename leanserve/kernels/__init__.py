@@ -3,9 +3,9 @@
 The sources in ``csrc/`` register operators under ``torch.ops.leanserve``; ``ops()`` compiles them
 once per source version into ``$LEANSERVE_HOME/kernels`` (10-20 s per file on two cores; later
 processes, in any checkout or virtual environment with the same torch, load the cached libraries
-in milliseconds) and returns the namespace, or None when they
-cannot be used: a CPU without AVX2, no C++ compiler, or ``LEANSERVE_KERNELS=0``. Every caller keeps
-a plain PyTorch path for None, and the tests compare the two.
+in milliseconds) and returns the namespace, or None when they cannot be used: a CPU without AVX2,
+no C++ compiler, or ``LEANSERVE_KERNELS=0``. Every caller keeps a plain PyTorch path for None, and
+the tests compare the two.
 """
 
 from __future__ import annotations
@@ -60,13 +60,8 @@ def _build(source: Path) -> None:
 
     print(f"leanserve: compiling native kernel {source.name} (once; cached in {build.parent})", file=sys.stderr, flush=True)
     build.mkdir(parents=True, exist_ok=True)
-    # compiled from a copy inside the build folder: ninja remembers source paths
-    for f in [source, *sorted(CSRC.glob("*.h"))]:
-        copy = build / f.name
-        if not copy.exists() or copy.read_bytes() != f.read_bytes():
-            copy.write_bytes(f.read_bytes())
     cpp_extension.load(
-        name=f"leanserve_{source.stem}", sources=[str(build / source.name)], extra_cflags=list(CFLAGS),
+        name=f"leanserve_{source.stem}", sources=[str(source)], extra_cflags=list(CFLAGS),
         extra_ldflags=list(LDFLAGS), build_directory=str(build), is_python_module=False, verbose=False)
 
 
