@@ -23,6 +23,8 @@ import threading
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from leanserve import env
+
 log = logging.getLogger("leanserve.ledger")
 
 SCHEMA_VERSION = 1
@@ -60,8 +62,7 @@ def key_id(api_key: str | None) -> str | None:
 
 
 def default_ledger_path() -> Path:
-    home = os.environ.get("LEANSERVE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "leanserve")
-    return Path(home) / "ledger.sqlite"
+    return env.home() / "ledger.sqlite"
 
 
 @dataclass

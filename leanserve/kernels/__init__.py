@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from leanserve import env
 
 log = logging.getLogger("leanserve.kernels")
 
@@ -31,7 +32,7 @@ LDFLAGS = ("-fopenmp",)
 
 def _build_dir(source: Path) -> Path:
     """The cache folder of one source: its digest covers the source, the shared headers and the flags."""
-    home = Path(os.environ.get("LEANSERVE_HOME", Path.home() / ".cache" / "leanserve"))
+    home = env.home()
     h = hashlib.sha256(source.read_bytes())
     for header in sorted(CSRC.glob("*.h")):  # a shared header's edit rebuilds every library
         h.update(header.read_bytes())
@@ -67,7 +68,7 @@ def _build(source: Path) -> None:
 
 def unavailable_reason() -> str | None:
     """Why the kernels cannot be used on this machine, or None if they can."""
-    if os.environ.get("LEANSERVE_KERNELS", "1") == "0":
+    if not env.kernels_enabled():
         return "disabled by LEANSERVE_KERNELS=0"
     cap = torch.backends.cpu.get_cpu_capability()
     if cap not in ("AVX2", "AVX512"):
@@ -96,7 +97,7 @@ def ops() -> Any | None:
 def amx_available() -> bool:
     """The kernels are on and this CPU gives the process AMX-BF16 tiles (kernels/csrc/amx_linear.cpp);
     ``LEANSERVE_AMX=0`` turns the AMX matmul off."""
-    if os.environ.get("LEANSERVE_AMX", "1") == "0" or (k := ops()) is None:
+    if not env.amx_enabled() or (k := ops()) is None:
         return False
     return bool(k.amx_available())
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from leanserve import kernels
+from leanserve import env, kernels
 from leanserve.model.attention import AttentionMetadata
 from leanserve.model.config import ModelConfig
 from leanserve.model.native import NativeDecodePlan
@@ -41,7 +40,7 @@ class CausalLM(nn.Module):
         self.lm_head_amx: torch.Tensor | None = None  # tied LM head packed for the AMX kernel
         # CPU steps in which every sequence decodes run all layers in one native call where the family
         # has native_layer_norms and the kernels apply (model/native.py; LEANSERVE_NATIVE_DECODE=0: never)
-        self.native_decode = os.environ.get("LEANSERVE_NATIVE_DECODE", "1") != "0"
+        self.native_decode = env.native_decode_enabled()
         self._plan: NativeDecodePlan | None | bool = False  # False: not built yet; None: does not apply
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

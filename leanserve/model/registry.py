@@ -9,7 +9,6 @@ keeps it in the local model store.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from torch import nn
 
+from leanserve import env
 from leanserve.model.config import ModelConfig
 
 
@@ -81,8 +81,7 @@ DEFAULT_MODEL = "smollm2-135m"
 
 def model_store() -> Path:
     """Where pulled models live: $LEANSERVE_HOME/models, default ~/.cache/leanserve/models."""
-    home = os.environ.get("LEANSERVE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "leanserve")
-    return Path(home) / "models"
+    return env.home() / "models"
 
 
 def builtin_path(name: str) -> Path:
