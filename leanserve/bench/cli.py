@@ -3,7 +3,7 @@
     leanserve bench --base-url http://127.0.0.1:8000 [options]
     leanserve bench compare a.json b.json [--html compare.html]
 
-The lead's ``leanserve/cli.py`` calls :func:`add_parser`; until then run ``python -m leanserve.bench.cli``.
+``leanserve/cli.py`` adds this command through :func:`add_parser`; ``python -m leanserve.bench.cli`` runs it alone.
 Bad input gives one line on stderr and exit code 2; an unreachable server or a run where every
 request failed gives one line and exit code 1.
 """
@@ -85,8 +85,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="chat (MT-Bench first turns, default), multi-turn (both turns, history re-sent), "
                         "shared-prefix (long shared system prompt), random, sharegpt (--dataset-path)")
     g.add_argument("--dataset-path", type=Path, help="a ShareGPT-format .json/.jsonl file (implies --workload sharegpt)")
-    g.add_argument("--data-dir", type=Path, help="folder with mt_bench_questions.jsonl (default: ../shared/data "
-                                                 "relative to the repository root)")
+    g.add_argument("--data-dir", type=Path, help="folder with mt_bench_questions.jsonl (and, for shared-prefix, "
+                                                 "mt_bench_reference_answers.jsonl) to use instead of the copies "
+                                                 "shipped in the package")
     g.add_argument("--num-prompts", type=positive_int, metavar="N",
                    help="conversations to send per run (default: 80 for MT-Bench workloads, 100 random, 1000 sharegpt); "
                         "a multi-turn conversation is 2 requests")

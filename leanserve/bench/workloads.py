@@ -14,10 +14,10 @@ import json
 import math
 import random
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Iterator
-
-import leanserve
 
 WORKLOADS = ("chat", "multi-turn", "shared-prefix", "random", "sharegpt")
 QUESTIONS_FILE = "mt_bench_questions.jsonl"
@@ -100,16 +100,17 @@ def approx_tokens(text: str) -> int:
     return math.ceil(len(text) / CHARS_PER_TOKEN) if text else 0
 
 
-def default_data_dir() -> Path:
-    """``../shared/data`` relative to the repository root (the folder holding the leanserve package)."""
-    return Path(leanserve.__file__).resolve().parent.parent.parent / "shared" / "data"
+def packaged_data() -> Traversable:
+    """The package's own data folder (``leanserve/data``): the MT-Bench files ship inside the package
+    (source and license in its README.md), so the default workloads need nothing beside it."""
+    return resources.files("leanserve").joinpath("data")
 
 
 def needs_data_dir(name: str) -> bool:
     return name in ("chat", "multi-turn", "shared-prefix")
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path | Traversable) -> list[dict[str, Any]]:
     rows = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -123,11 +124,17 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _data_file(data_dir: Path | None, name: str) -> Path:
-    d = data_dir if data_dir is not None else default_data_dir()
-    if not d.is_dir():
-        raise WorkloadError(f"data directory {d} not found; pass --data-dir DIR (a folder holding {QUESTIONS_FILE})")
-    p = d / name
+def _data_file(data_dir: Path | None, name: str) -> Path | Traversable:
+    """``name`` in ``data_dir`` (``--data-dir``), or by default the copy shipped in the package."""
+    if data_dir is None:
+        packaged = packaged_data().joinpath(name)
+        if not packaged.is_file():
+            raise WorkloadError(f"{name} is missing from the installed package (leanserve/data); "
+                                f"reinstall leanserve or pass --data-dir DIR (a folder holding {name})")
+        return packaged
+    if not data_dir.is_dir():
+        raise WorkloadError(f"data directory {data_dir} not found; pass --data-dir DIR (a folder holding {QUESTIONS_FILE})")
+    p = data_dir / name
     if not p.is_file():
         raise WorkloadError(f"{p} not found; pass --data-dir DIR (a folder holding {name})")
     return p

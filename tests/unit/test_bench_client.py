@@ -16,10 +16,9 @@ import pytest
 from leanserve.bench.cli import main
 from leanserve.bench.client import interarrival_gaps
 from leanserve.bench.stub_server import serve_in_subprocess
-from leanserve.bench.workloads import WorkloadSpec, default_data_dir, iter_conversations
+from leanserve.bench.workloads import WorkloadSpec, iter_conversations
 
 TTFT_MS, ITL_MS, OUT = 400.0, 50.0, 10  # HTTP overhead here is 3-15 ms (up to ~30 under load): small against 400
-HAVE_DATA = (default_data_dir() / "mt_bench_questions.jsonl").is_file()
 
 
 def bench(tmp_path: Path, base_url: str, *args: str, name: str = "r.json") -> dict:
@@ -120,7 +119,6 @@ def test_http_errors_are_counted_by_kind(tmp_path):
     assert {q["error"] for q in r["requests"] if not q["success"]} == {"stub failure"}
 
 
-@pytest.mark.skipif(not HAVE_DATA, reason="MT-Bench data not found in ../shared/data")
 def test_multi_turn_second_request_carries_the_first_answer(tmp_path):
     with serve_in_subprocess("--ttft-ms", "5", "--itl-ms", "2") as url:
         r = bench(tmp_path, url, "--workload", "multi-turn", "--num-prompts", "4", "--concurrency", "2",

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -12,45 +17,98 @@ from leanserve.bench.workloads import (
     WorkloadSpec,
     approx_tokens,
     build_messages,
-    default_data_dir,
     iter_conversations,
+    packaged_data,
     render_prompt,
 )
 
-DATA = default_data_dir()
-needs_data = pytest.mark.skipif(not (DATA / "mt_bench_questions.jsonl").is_file(),
-                                reason=f"MT-Bench data not found in {DATA} (../shared/data)")
+ROOT = Path(__file__).resolve().parents[2]
+DATA = packaged_data()
 
 
 def take(spec: WorkloadSpec, n: int | None) -> list:
     return list(iter_conversations(spec, n))
 
 
-@needs_data
-def test_default_data_dir_is_shared_data_beside_the_repo():
-    assert DATA.name == "data" and DATA.parent.name == "shared"
-    assert (DATA / "mt_bench_questions.jsonl").is_file()
+def _install_copy(site: Path) -> None:
+    """The package as a wheel installs it: every module, plus only the files pyproject's package-data
+    lists (so a data file left out of that list is missing here too)."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["leanserve"]
+    src = ROOT / "leanserve"
+    files = {p for p in src.rglob("*.py") if "__pycache__" not in p.parts}
+    files |= {p for g in globs for p in src.glob(g)}
+    for f in files:
+        dest = site / "leanserve" / f.relative_to(src)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(f.read_bytes())
 
 
-@needs_data
+def test_chat_and_shared_prefix_workloads_need_nothing_beside_the_installed_package(tmp_path):
+    site, work = tmp_path / "site", tmp_path / "work"
+    work.mkdir()
+    _install_copy(site)
+    # The package copy has no ../shared; an audit hook also fails any read of the repository's own
+    # package folder or of its ../shared neighbour, so neither can be used behind the test's back.
+    blocked = (str(ROOT / "leanserve"), str(ROOT.parent / "shared"))
+    code = textwrap.dedent(f"""
+        import json, os, sys
+        sys.path.insert(0, {str(site)!r})
+        BLOCKED = {blocked!r}
+        def guard(event, args):
+            if event in ("open", "os.listdir", "os.scandir") and isinstance(args[0], str):
+                if os.path.abspath(args[0]).startswith(BLOCKED):
+                    raise PermissionError(f"{{event}} {{args[0]}}: outside the installed package")
+        sys.addaudithook(guard)
+        import leanserve
+        assert leanserve.__file__.startswith({str(site)!r}), leanserve.__file__
+        from leanserve.bench.workloads import WorkloadSpec, iter_conversations
+        chat = list(iter_conversations(WorkloadSpec("chat"), 80))
+        shared = list(iter_conversations(WorkloadSpec("shared-prefix"), 2))
+        print(json.dumps({{"first_turns": [c.turns[0] for c in chat], "system": shared[0].system}}))
+    """)
+    proc = subprocess.run([sys.executable, "-I", "-c", code], cwd=work, capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert len(set(out["first_turns"])) == 80
+    assert any(t.startswith("Compose an engaging travel blog post about a recent trip to Hawaii")
+               for t in out["first_turns"])
+    assert "reference notes" in out["system"] and approx_tokens(out["system"]) > 1000
+
+
+def test_data_dir_overrides_the_packaged_questions(tmp_path):
+    rows = [{"question_id": 1, "turns": ["first question?", "and then?"]}, {"question_id": 2, "turns": ["second?"]}]
+    (tmp_path / "mt_bench_questions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    convs = take(WorkloadSpec("chat", data_dir=tmp_path), 4)
+    assert sorted(c.turns[0] for c in convs) == ["first question?", "first question?", "second?", "second?"]
+
+
+def test_packaged_files_are_described_with_their_license():
+    readme = DATA.joinpath("README.md").read_text(encoding="utf-8")
+    for name in ("mt_bench_questions.jsonl", "mt_bench_reference_answers.jsonl"):
+        assert DATA.joinpath(name).is_file() and name in readme
+    assert "Apache-2.0" in readme and "FastChat" in readme
+    assert "Apache License" in DATA.joinpath("LICENSE-mt-bench").read_text(encoding="utf-8")
+
+
 def test_chat_is_the_80_first_turns_each_once():
     convs = take(WorkloadSpec("chat"), 80)
     assert len(convs) == 80
     assert all(len(c.turns) == 1 and c.system is None for c in convs)
     assert len({c.source_id for c in convs}) == 80  # a full pass covers every question exactly once
-    questions = [json.loads(line) for line in (DATA / "mt_bench_questions.jsonl").read_text().splitlines() if line]
+    lines = DATA.joinpath("mt_bench_questions.jsonl").read_text(encoding="utf-8").splitlines()
+    questions = [json.loads(line) for line in lines if line]
     first_turns = {q["turns"][0] for q in questions}
     assert {c.turns[0] for c in convs} == first_turns
     assert all(c.output_lens == [128] for c in convs)  # the default fixed output length
 
 
-@needs_data
 def test_more_prompts_than_questions_cycles_and_fewer_truncates():
     assert len(take(WorkloadSpec("chat"), 200)) == 200
     assert len(take(WorkloadSpec("chat"), 5)) == 5
 
 
-@needs_data
 @pytest.mark.parametrize("name", ["chat", "multi-turn", "shared-prefix", "random"])
 def test_same_seed_same_workload_other_seed_other_order(name):
     def key(convs):
@@ -60,7 +118,6 @@ def test_same_seed_same_workload_other_seed_other_order(name):
     assert key(take(WorkloadSpec(name, seed=8, output_len_range=(10, 500)), 12)) != key(take(spec, 12))
 
 
-@needs_data
 def test_multi_turn_has_both_turns_and_resends_the_actual_answer():
     convs = take(WorkloadSpec("multi-turn"), 80)
     assert all(len(c.turns) == 2 for c in convs)
@@ -74,7 +131,6 @@ def test_multi_turn_has_both_turns_and_resends_the_actual_answer():
     assert c.turns[0] in prompt and "THE SERVER'S ANSWER" in prompt and prompt.endswith("Assistant:")
 
 
-@needs_data
 def test_shared_prefix_is_one_long_system_prompt_with_short_user_messages():
     convs = take(WorkloadSpec("shared-prefix", shared_prefix_tokens=1500), 20)
     prefixes = {c.system for c in convs}
