@@ -3,7 +3,7 @@ throughput, goodput and $ per million tokens (``leanserve bench``; guide in docs
 
 Modules: ``workloads`` (what is sent), ``client`` (HTTP streaming and load shapes), ``metrics``
 (records -> vLLM-named metrics), ``runner`` (warm-up, single run or sweep, result document),
-``report`` (terminal tables, self-contained HTML), ``cli`` (argparse wiring), ``stub_server``
-(a fake server with exactly known timing, for tests). Kept import-light on purpose: the top-level
-CLI imports ``leanserve.bench.cli`` at start-up.
+``report`` (terminal tables, self-contained HTML), ``cli`` (argparse wiring). The fake server with
+exactly known timing that the tests measure against is ``tests/stub_server.py``. Kept import-light
+on purpose: the top-level CLI imports ``leanserve.bench.cli`` at start-up.
 """

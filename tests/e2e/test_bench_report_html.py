@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from leanserve.bench.cli import main
-from leanserve.bench.stub_server import serve_in_subprocess
+from tests.stub_server import serve_in_subprocess
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,7 @@ import pytest
 
 from leanserve.bench.cli import main
 from leanserve.bench.client import interarrival_gaps
-from leanserve.bench.stub_server import serve_in_subprocess
+from tests.stub_server import serve_in_subprocess
 from leanserve.bench.workloads import WorkloadSpec, iter_conversations
 
 TTFT_MS, ITL_MS, OUT = 400.0, 50.0, 10  # HTTP overhead here is 3-15 ms (up to ~30 under load): small against 400

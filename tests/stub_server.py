@@ -4,9 +4,10 @@ Every streamed request waits ``ttft_ms`` before its first content chunk, then ``
 later one, one token per chunk. With ``max_concurrency`` set, at most that many requests are served
 at once and the rest queue (so throughput saturates there, which is what a sweep must find).
 
-    python -m leanserve.bench.stub_server --port 8123 --ttft-ms 100 --itl-ms 50 --output-len 10
+    .venv/bin/python tests/stub_server.py --port 8123 --ttft-ms 100 --itl-ms 50 --output-len 10
 
-Not a model: the "tokens" are the words " tok0", " tok1", ...
+Not a model: the "tokens" are the words " tok0", " tok1", ... A test helper, not part of the package:
+the tests import it as ``tests.stub_server``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
 from fastapi import FastAPI, Request
@@ -174,7 +176,7 @@ def serve_in_subprocess(*args: str, timeout_s: float = 20.0) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "leanserve.bench.stub_server", "--port", str(port), *args]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--port", str(port), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base_url = f"http://127.0.0.1:{port}"
     no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an env proxy
@@ -208,7 +210,7 @@ def serve_in_subprocess(*args: str, timeout_s: float = 20.0) -> Iterator[str]:
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    p = argparse.ArgumentParser(prog="python -m leanserve.bench.stub_server", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="tests/stub_server.py", description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--ttft-ms", type=float, default=100.0)
