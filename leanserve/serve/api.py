@@ -53,6 +53,8 @@ class ServerSettings:
     request_timeout: float | None = 600.0  # seconds from arrival; None or 0: no limit
     price_basis: PriceBasis | None = None  # None: detected hardware or cpu-local (leanserve.cost.basis)
     ledger: Ledger | None = None  # where finished requests are recorded; None: nowhere
+    max_body_bytes: int | None = None  # larger request bodies get 413; None: TransportConfig's default (serve/transport.py)
+    allowed_hosts: tuple[str, ...] | None = None  # Host header allow list (any port); None: no check
 
 
 def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -397,6 +399,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, on_ready: Callable[
                     "See docs/serving.md.")
     app.state.server = server
     install_error_handlers(app)
+    from leanserve.serve.transport import install_transport_guards  # Host check and body limit, outermost
+    install_transport_guards(app, settings)
     if auth.enabled:
         app.add_middleware(_AuthMiddleware, auth=auth)
     secured = [Security(_bearer)] if auth.enabled else []  # the check is the middleware; this documents it
