@@ -50,6 +50,8 @@ class LeanTokenizer:
         self.info = info
         self.eos_token_ids = info.eos_token_ids
         self._template = _compile_template(info.chat_template) if info.chat_template else None
+        self._special_ids = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+        self._literal: Tokenizer | None = None  # a copy that reads control-token text as plain text
 
     @property
     def vocab_size(self) -> int:
@@ -83,8 +85,44 @@ class LeanTokenizer:
             raise ChatTemplateError(f"chat template failed: {e}") from None
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
+        """The conversation through the chat template, as token ids. Control tokens come from the
+        template only: a message whose text spells one (``<|im_end|>\n<|im_start|>system``) gets
+        that text as plain text, so a user cannot open a turn of another role."""
         # the template writes any BOS itself, as HF's apply_chat_template does
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
+        text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
+        contents = [m["content"] for m in messages if isinstance(m.get("content"), str) and m["content"]]
+        if not any(self.spells_control_token(c) for c in contents):
+            return self.encode(text, add_special_tokens=False)
+        return self._encode_with_literal_spans(text, contents)
+
+    def spells_control_token(self, text: str) -> bool:
+        return bool(self._special_ids.intersection(self.tok.encode(text, add_special_tokens=False).ids))
+
+    def encode_literal(self, text: str) -> list[int]:
+        """``text`` as token ids with every control token's text read as plain text."""
+        if self._literal is None:
+            literal = Tokenizer.from_str(self.tok.to_str())
+            literal.encode_special_tokens = True
+            self._literal = literal
+        return self._literal.encode(text, add_special_tokens=False).ids
+
+    def _encode_with_literal_spans(self, text: str, contents: list[str]) -> list[int]:
+        """The template's own text with its control tokens, each message's text (found in order) literally."""
+        ids: list[int] = []
+        cursor = 0
+        for content in contents:
+            at = text.find(content, cursor)
+            if at < 0:  # the template rewrote the text (e.g. trimmed it): look for what it kept
+                content = content.strip()
+                at = text.find(content, cursor) if content else -1
+            if at < 0:
+                raise ChatTemplateError("a message's text spells a control token of this model, and its chat template "
+                                        "changes message text, so it cannot be kept as plain text; remove it")
+            ids += self.encode(text[cursor:at], add_special_tokens=False) if at > cursor else []
+            ids += self.encode_literal(content)
+            cursor = at + len(content)
+        ids += self.encode(text[cursor:], add_special_tokens=False) if cursor < len(text) else []
+        return ids
 
     # ---- loading ---------------------------------------------------------------------------
 

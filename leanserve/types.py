@@ -8,6 +8,7 @@ preemption (which resets ``num_computed_tokens`` to 0) and decode are the same a
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +20,50 @@ class Priority(enum.IntEnum):
     BATCH = 1
 
 
+# The valid range of each numeric sampling field, written once: SamplingParams checks them, the HTTP
+# schema (serve/protocol.py) is built from them, so the engine refuses exactly what the server does.
+# (low, high, low_inclusive). Ranges follow OpenAI where it has the field, vLLM otherwise, and shut out
+# values that only produce garbage (a repetition penalty of 1e-300 divides logits by zero).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MAX = 2**31 - 1
+MAX_N = 16  # choices per request: each one is a sequence in the batch and counts toward admission
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI: 5 for completions, 20 for chat)
+MAX_STOP_SEQUENCES = 4  # as OpenAI
+MAX_STOP_CHARS = 1024  # per stop string: a streamed response holds back that many characters
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 1024  # entries
+GREEDY_TEMPERATURE = 1e-5  # below this a temperature is greedy (vLLM's epsilon): 1e-45 would overflow
+BOUNDS: dict[str, tuple[float, float, bool]] = {
+    "n": (1, MAX_N, True),
+    "max_tokens": (1, INT32_MAX, True),
+    "min_tokens": (0, INT32_MAX, True),
+    "temperature": (0.0, 2.0, True),
+    "top_p": (0.0, 1.0, False),  # (0, 1]: tiny values keep only the most likely token
+    "top_k": (-1, INT32_MAX, True),  # -1 or 0: off; past the vocabulary: off
+    "min_p": (0.0, 1.0, True),
+    "presence_penalty": (-2.0, 2.0, True),
+    "frequency_penalty": (-2.0, 2.0, True),
+    "repetition_penalty": (0.01, 10.0, True),
+    "logprobs": (0, MAX_LOGPROBS, True),
+    "seed": (INT64_MIN, INT64_MAX, True),
+    "logit_bias": (-100.0, 100.0, True),  # each value
+}
+
+
+def in_bounds(name: str, value: float) -> bool:
+    lo, hi, lo_inclusive = BOUNDS[name]
+    return (lo <= value if lo_inclusive else lo < value) and value <= hi
+
+
+def bounds_text(name: str) -> str:
+    lo, hi, lo_inclusive = BOUNDS[name]
+    return f"{'[' if lo_inclusive else '('}{_num(lo)}, {_num(hi)}]"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """What to generate and when to stop; validated on construction (ValueError names the field)."""
@@ -26,7 +71,7 @@ class SamplingParams:
     n: int = 1
     max_tokens: int | None = 16  # None: up to the context length
     min_tokens: int = 0
-    temperature: float = 1.0
+    temperature: float = 1.0  # below GREEDY_TEMPERATURE: greedy
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0: disabled
     min_p: float = 0.0
@@ -47,31 +92,40 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        _check(self.n >= 1, "n", f"must be >= 1, got {self.n}")
-        _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", f"must be >= 1, got {self.max_tokens}")
-        _check(self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens}")
-        _check(
-            self.max_tokens is None or self.min_tokens <= self.max_tokens,
-            "min_tokens",
-            f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}",
-        )
-        _check(0.0 <= self.temperature <= 100.0, "temperature", f"must be in [0, 100], got {self.temperature}")
-        _check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
-        _check(self.top_k == -1 or self.top_k >= 0, "top_k", f"must be -1 (disabled) or >= 0, got {self.top_k}")
-        _check(0.0 <= self.min_p <= 1.0, "min_p", f"must be in [0, 1], got {self.min_p}")
-        _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
-        _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
-        _check(0.0 < self.repetition_penalty <= 10.0, "repetition_penalty", f"must be in (0, 10], got {self.repetition_penalty}")
-        _check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", f"must be in [0, 20], got {self.logprobs}")
+        for name in ("n", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                     "frequency_penalty", "repetition_penalty", "logprobs", "seed"):
+            v = getattr(self, name)
+            if v is None and name in ("max_tokens", "logprobs", "seed"):
+                continue
+            is_int = name in ("n", "max_tokens", "min_tokens", "top_k", "logprobs", "seed")
+            ok_type = isinstance(v, int) if is_int else isinstance(v, int | float)
+            _check(ok_type and not isinstance(v, bool), name, f"must be {'an integer' if is_int else 'a number'}, "
+                                                              f"got {v!r}")
+            _check(math.isfinite(v) and in_bounds(name, v), name, f"must be in {bounds_text(name)}, got {v}")
+        _check(self.top_k in (-1, 0) or self.top_k >= 1, "top_k", f"must be -1 (disabled) or >= 0, got {self.top_k}")
+        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+               f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
         if self.logit_bias:
+            _check(len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias",
+                   f"at most {MAX_LOGIT_BIAS} entries are allowed, got {len(self.logit_bias)}")
             for tok, bias in self.logit_bias.items():
-                _check(isinstance(tok, int) and tok >= 0, "logit_bias", f"keys must be token ids >= 0, got {tok!r}")
-                _check(-100.0 <= bias <= 100.0, "logit_bias", f"values must be in [-100, 100], got {bias}")
-        _check(all(s for s in self.stop), "stop", "stop strings must be non-empty")
+                _check(isinstance(tok, int) and not isinstance(tok, bool) and tok >= 0, "logit_bias",
+                       f"keys must be token ids >= 0, got {tok!r}")
+                _check(isinstance(bias, int | float) and math.isfinite(bias) and in_bounds("logit_bias", bias),
+                       "logit_bias", f"values must be in {bounds_text('logit_bias')}, got {bias}")
+        _check(len(self.stop) <= MAX_STOP_SEQUENCES, "stop",
+               f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(self.stop)}")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings")
+        _check(all(len(s) <= MAX_STOP_CHARS for s in self.stop), "stop",
+               f"stop strings must be at most {MAX_STOP_CHARS} characters")
+        _check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
+               f"at most {MAX_STOP_TOKEN_IDS} ids are allowed, got {len(self.stop_token_ids)}")
+        _check(all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= INT32_MAX for t in self.stop_token_ids),
+               "stop_token_ids", "must be token ids >= 0")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
 
 def _check(ok: bool, name: str, message: str) -> None:

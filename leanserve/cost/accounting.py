@@ -76,9 +76,6 @@ class CostBook:
         self._history: deque[tuple[int, Billed]] = deque()
         self._lock = threading.Lock()
 
-    def usd(self, machine_seconds: float) -> float:
-        return self.basis.usd(machine_seconds)
-
     def bill(self, rec: LedgerRecord) -> None:
         sec = math.floor(self._clock())
         with self._lock:
@@ -113,7 +110,7 @@ class CostBook:
         busy = snap.busy_seconds
         flops = 2.0 * self.num_params * snap.tokens_computed / busy if busy > 0 else None
         bandwidth = self.weight_bytes * snap.steps / busy if busy > 0 else None
-        input_usd = self.usd(b.prefill_seconds)
+        input_usd = self.basis.usd(b.prefill_seconds)
         output_usd = max(0.0, b.usd - input_usd)
         return {
             "window_seconds": window,
@@ -122,8 +119,8 @@ class CostBook:
             "idle_seconds": snap.idle_seconds,
             "utilization": snap.utilization,
             "steps": snap.steps,
-            "machine_usd": self.usd(busy),  # the busy time at the price (what requests are billed, in total)
-            "idle_usd": self.usd(snap.idle_seconds),  # paid for, billed to no request
+            "machine_usd": self.basis.usd(busy),  # the busy time at the price (what requests are billed, in total)
+            "idle_usd": self.basis.usd(snap.idle_seconds),  # paid for, billed to no request
             "requests": b.requests,
             "tokens": {"input": b.prompt_tokens, "cached": b.cached_tokens, "output": b.output_tokens,
                        "total": b.prompt_tokens + b.output_tokens,
@@ -146,12 +143,3 @@ class CostBook:
         d.update({"dtype": self.dtype, "peak_flops_for_dtype": self.basis.hardware.peak_flops_for(self.dtype),
                   "model_parameters": self.num_params, "weight_bytes": self.weight_bytes})
         return d
-
-
-def model_size(model: Any) -> tuple[int, int]:
-    """(parameters, bytes of weights) of a torch module; tied weights count once."""
-    n = b = 0
-    for p in model.parameters():
-        n += p.numel()
-        b += p.numel() * p.element_size()
-    return n, b

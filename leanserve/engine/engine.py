@@ -1,8 +1,9 @@
 """The step loop (schedule -> run -> update) and the offline `LLM` API.
 
-The engine is the one place where the scheduler, the runner and the tokenizer meet. A request with
-``n > 1`` is fanned out into n sequences (``<id>#<i>``) that share the prompt's KV blocks through
-the prefix cache; their outputs are gathered back into one RequestOutput.
+The engine is the one place where the scheduler, the runner and the tokenizer meet. It implements
+the `EngineCore` contract (engine/interface.py) the server drives. A request with ``n > 1`` is
+fanned out into n sequences (``<id>#<i>``, so request ids may not hold ``#``) that share the
+prompt's KV blocks through the prefix cache; their outputs are gathered back into one RequestOutput.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import torch
 
 from leanserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from leanserve.cost.meter import CostMeter
+from leanserve.engine.interface import ModelInfo, StepError, StepResult
 from leanserve.engine.kv_cache import KVCacheManager
 from leanserve.engine.runner import ModelRunner, kv_cache_block_bytes
 from leanserve.engine.scheduler import Scheduler
-from leanserve.model.loader import LoadedModel, load_model
+from leanserve.model.loader import LoadedModel, load_model, model_size
 from leanserve.tokenizer import IncrementalDetokenizer
 from leanserve.types import (CompletionOutput, Priority, Request, RequestOutput, RequestStatus, SamplingParams,
                              SchedulerOutput, TokenLogprob)
@@ -118,13 +120,14 @@ class LLMEngine:
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_cache)
         self.runner = ModelRunner(loaded, self.cache_config)
-        self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(mcfg.eos_token_ids)
+        self.eos_token_ids = loaded.eos_token_ids
+        n_params, n_bytes = model_size(loaded.model)
+        self.info = ModelInfo(max_model_len=max_len, vocab_size=int(mcfg.vocab_size), kv_cache_tokens=capacity,
+                              max_num_seqs=config.max_num_seqs, dtype=str(loaded.dtype).removeprefix("torch."),
+                              device=str(loaded.device), num_params=n_params, weight_bytes=n_bytes)
         self._groups: dict[str, _Group] = {}
         self._seqs: dict[str, _Sequence] = {}
         self._ids = itertools.count()
-        # What the latest step() scheduled, so a caller can tell which requests a step that raised
-        # was running (the async engine fails exactly those and keeps serving).
-        self.last_scheduler_output: SchedulerOutput | None = None
         self.meter = CostMeter()
         torch.manual_seed(config.seed)
 
@@ -164,6 +167,8 @@ class LLMEngine:
         """Queue a request. ValueError (with a message for the user) if it can never run."""
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if "#" in request_id:
+            raise ValueError("request ids must not contain '#' (the engine's suffix for the n choices)")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
@@ -192,12 +197,7 @@ class LLMEngine:
             self._seqs[seq.request.request_id] = seq
         self._groups[request_id] = group
 
-    def abort_request(self, request_id: str) -> float:
-        """Stop a request and free its blocks. Returns the machine-seconds its work cost so far."""
-        out = self.abort_request_output(request_id)
-        return out.machine_seconds if out is not None else 0.0
-
-    def abort_request_output(self, request_id: str, reason: str = "abort") -> RequestOutput | None:
+    def abort_request(self, request_id: str, reason: str = "abort") -> RequestOutput | None:
         """Stop a request and free its blocks. Returns its last output (finished, unfinished choices
         ended with ``reason``) carrying the machine-seconds its work cost; None if it is not here."""
         group = self._groups.pop(request_id, None)
@@ -219,14 +219,35 @@ class LLMEngine:
 
     # ---- the step loop -----------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, apply the sampled tokens. Returns outputs of the requests
-        that made progress (finished ones last time they appear)."""
-        start = time.perf_counter()
-        sched = self.scheduler.schedule()
-        self.last_scheduler_output = sched
+    def step(self) -> StepResult:
+        """Schedule, run the model once, apply the sampled tokens. Returns the outputs of the requests
+        that made progress (finished ones last time they appear) and the ids of those it ran. If the
+        step fails, the requests it ran are dropped (final outputs ending with "error") and
+        `StepError` names them; the engine is consistent again and keeps serving the rest."""
+        start = time.perf_counter()  # the step's time, scheduling included, is what the meter splits
+        try:
+            sched = self.scheduler.schedule()
+        except Exception as e:  # a scheduler bug: no telling which requests it touched; drop them all
+            raise self._fail(list(self._groups), e) from e
         if sched.is_empty:
-            return []
+            return StepResult()
+        ran = list(dict.fromkeys(self._seqs[s.request.request_id].parent.request_id for s in sched.scheduled))
+        try:
+            return StepResult(self._run(sched, start), ran)
+        except Exception as e:
+            raise self._fail(ran, e) from e
+
+    def _fail(self, request_ids: list[str], error: Exception) -> StepError:
+        outputs = [o for o in (self.abort_request(rid, "error") for rid in request_ids) if o is not None]
+        for o in outputs:
+            o.error = f"the model step failed: {type(error).__name__}: {error}"
+        # blocks named (hashed) in the failed step were never written: forget every block name
+        self.kv_cache.reset_prefix_cache()
+        log.error("engine step failed (%s: %s); dropped the %d request(s) of that step", type(error).__name__, error,
+                  len(outputs), exc_info=error)
+        return StepError(f"the model step failed: {type(error).__name__}: {error}", request_ids, outputs)
+
+    def _run(self, sched: SchedulerOutput, start: float) -> list[RequestOutput]:
         work: dict[str, int] = {}  # tokens computed per request group (n > 1 samples bill as one)
         prefill: dict[str, int] = {}  # of those, prompt tokens (the rest are generated tokens)
         for s in sched.scheduled:
@@ -352,7 +373,7 @@ class LLM:
         bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm or len(ids) < 2)
         start, n_out = time.perf_counter(), 0
         while self.engine.has_unfinished():
-            for out in self.engine.step():
+            for out in self.engine.step().outputs:
                 if out.finished:
                     done[out.request_id] = out
                     n_out += out.num_generated_tokens

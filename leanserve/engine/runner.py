@@ -35,8 +35,7 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=loaded.dtype, device=self.device),
                            torch.zeros(shape, dtype=loaded.dtype, device=self.device)) for _ in range(cfg.num_layers)]
         self.windows = set(cfg.layer_windows)
-        eos = set(loaded.tokenizer.eos_token_ids) | set(cfg.eos_token_ids)
-        self.sampler = Sampler(cfg.vocab_size, eos)
+        self.sampler = Sampler(cfg.vocab_size, loaded.eos_token_ids)
         self.generators: dict[str, torch.Generator] = {}
         self.workspace = GatherWorkspace()
 

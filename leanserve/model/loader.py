@@ -226,6 +226,20 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
 
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Every id that ends a sequence: the tokenizer's and the model config's (computed here only)."""
+        return frozenset(self.tokenizer.eos_token_ids) | frozenset(self.config.eos_token_ids)
+
+
+def model_size(model: nn.Module) -> tuple[int, int]:
+    """(parameters, bytes of weights) of a torch module; tied weights count once."""
+    n = b = 0
+    for p in model.parameters():
+        n += p.numel()
+        b += p.numel() * p.element_size()
+    return n, b
+
 
 def load_config_and_tokenizer(source: ModelSource) -> tuple[ModelConfig, LeanTokenizer, Any]:
     if source.kind == "gguf":

@@ -205,6 +205,7 @@ def apply_top_k_top_p_min_p(
         probs = sorted_lg.softmax(dim=-1)
         mass_before = torch.cat([torch.zeros_like(probs[:, :1]), probs.cumsum(dim=-1)[:, :-1]], dim=-1)
         drop_sorted = mass_before >= p[:, None]
+        drop_sorted[:, 0] = False  # the best token always survives, even a top_p that rounds to 0 in float32
         logits = logits.masked_fill(torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted), _NEG_INF)
     if min_p is not None:
         mp = min_p.to(device=dev, dtype=torch.float32)
@@ -292,7 +293,7 @@ class Sampler:
         if use_k or use_p or use_min_p:
             scaled = apply_top_k_top_p_min_p(
                 scaled,
-                torch.tensor([p.top_k for p in params]) if use_k else None,
+                torch.tensor([min(p.top_k, width) for p in params]) if use_k else None,
                 torch.tensor([p.top_p for p in params], dtype=torch.float32) if use_p else None,
                 torch.tensor([p.min_p for p in params], dtype=torch.float32) if use_min_p else None,
             )

@@ -1,16 +1,19 @@
 """The OpenAI-compatible HTTP API: FastAPI app around an `AsyncEngine`.
 
-A request's path: validate the body (protocol.py; a 400 in OpenAI's format for anything wrong) ->
-check the model name -> tokenize (the chat template for chat) -> check the prompt against the
-context -> build SamplingParams -> admission (429 with Retry-After when the queue is full) ->
-the engine thread -> a JSON answer, or server-sent events as tokens come. A client that goes away
-aborts its request, which frees its KV blocks at once.
+A request's path: transport guards (transport.py: Host, body size, API key) -> validate the body
+(protocol.py; a 400 in OpenAI's format for anything wrong) -> check the model name -> tokenize on a
+worker thread (the chat template for chat; message text never becomes control tokens) -> check the
+prompt against the context -> build SamplingParams -> admission (429 with Retry-After when the
+server, or the caller's share of it, is full) -> the engine thread -> a JSON answer, or server-sent
+events as tokens come. A client that goes away aborts its request, which frees its KV blocks at once.
+When the request leaves the engine, `Billing.close` (cost/billing.py) bills it and queues its ledger
+row; the handler settles that bill once, for ``usage.cost``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
 import logging
 import math
 import time
@@ -24,10 +27,10 @@ from fastapi import FastAPI, Query, Request, Security
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import leanserve
-from leanserve.cost.accounting import CostBook, model_size
 from leanserve.cost.basis import PriceBasis, resolve_price_basis
-from leanserve.cost.ledger import Ledger, LedgerRecord, key_id
-from leanserve.cost.meter import HISTORY_SECONDS, CostMeter
+from leanserve.cost.billing import Billing, RequestMeta
+from leanserve.cost.ledger import Ledger, key_id
+from leanserve.cost.meter import HISTORY_SECONDS
 from leanserve.engine.async_engine import (AsyncEngine, EngineDeadError, EngineStepError, InvalidRequestError,
                                            QueueFullError, RequestStream, RequestTimeoutError)
 from leanserve.serve import responses as R
@@ -41,7 +44,7 @@ from leanserve.types import Priority, RequestOutput, SamplingParams
 
 OPEN_PATHS = frozenset({"/health", "/version", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-LEDGER_WAIT_S = 5.0  # how long a response waits for its ledger row to be committed
+MAX_CHARS_PER_TOKEN = 32  # prompt text longer than this x the context is refused before tokenizing
 
 log = logging.getLogger("leanserve.api")
 
@@ -92,81 +95,33 @@ class OpenAIServer:
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.vocab_size
+        # a prompt's text is refused before tokenizing past this many characters: no tokenizer puts
+        # that many characters in one token on average, so such a text can never fit the context
+        self.max_prompt_chars = MAX_CHARS_PER_TOKEN * self.max_model_len
         self.token_text = R.TokenText.for_tokenizer(self.tokenizer)
-        self.ledger = settings.ledger
-        self.cost: CostBook | None = None
-        inner = engine.engine
-        if isinstance(getattr(inner, "meter", None), CostMeter):  # a real engine (test fakes have no meter)
-            basis = settings.price_basis or resolve_price_basis(device=engine.device)
-            module = getattr(getattr(inner, "loaded", None), "model", None)
-            n_params, n_bytes = model_size(module) if module is not None else (0, 0)
-            self.cost = CostBook(basis, inner.meter, n_params, n_bytes, engine.dtype)
-            engine.on_request_done = self._request_done
-        self.metrics = ServerMetrics(engine, self.model, self.cost)
+        core = engine.engine
+        basis = settings.price_basis or resolve_price_basis(device=engine.device)
+        self.billing = Billing(basis, core.meter, self.model, core.info.num_params, core.info.weight_bytes,
+                               engine.dtype, settings.ledger)
+        engine.on_request_done = self.billing.close  # the one door a request leaves by (cost/billing.py)
+        self.metrics = ServerMetrics(engine, self.model, self.billing.book)
         self.created = int(time.time())
 
-    # ---- cost --------------------------------------------------------------------------------
-
-    def _request_done(self, out: RequestOutput, meta: dict[str, Any] | None) -> None:
-        """On the engine thread, once per request that reached the engine: bill it, queue its row."""
-        assert self.cost is not None
-        meta = meta or {}
-        reasons = [c.finish_reason for c in out.outputs]
-        finish = next((r for r in ("error", "abort") if r in reasons), None) or (reasons[0] if reasons else None)
-        basis = self.cost.basis
-        output_text = None
-        if self.ledger is not None and self.ledger.store_text:
-            texts = [c.text for c in out.outputs]
-            output_text = texts[0] if len(texts) == 1 else json.dumps(texts, ensure_ascii=False)
-        arrival = meta.get("arrival")
-        rec = LedgerRecord(
-            id=out.request_id, ts=time.time(), key_id=meta.get("key_id"), model=self.model,
-            prompt_tokens=out.num_prompt_tokens, cached_tokens=out.num_cached_tokens,
-            output_tokens=out.num_generated_tokens, machine_seconds=out.machine_seconds,
-            prefill_seconds=min(out.prefill_seconds, out.machine_seconds), cost_usd=basis.usd(out.machine_seconds),
-            price_per_hour=basis.price_per_hour, hardware=basis.hardware.name,
-            latency_s=time.monotonic() - arrival if arrival is not None else None,
-            finish_reason=finish or (out.error and "error") or "abort",
-            prompt_text=meta.get("prompt_text"), output_text=output_text)
-        self.cost.bill(rec)
-        if self.ledger is not None:
-            self.ledger.record(rec)
-
-    def cost_usage(self, out: RequestOutput) -> dict[str, Any] | None:
-        if self.cost is None:
-            return None
-        b = self.cost.basis
-        return R.cost_usage(out, b.price_per_hour, b.hardware.name)
-
-    async def ledger_written(self, rid: str) -> None:
-        """Wait (briefly) until the request's ledger row is committed: an answered request is on disk."""
-        fut = self.ledger.committed(rid) if self.ledger is not None else None
-        if fut is None:
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), LEDGER_WAIT_S)
-        except Exception as e:  # noqa: BLE001 - the writer logged it; answer anyway
-            log.warning("ledger row of %s not confirmed: %s", rid, e)
-
-    def request_meta(self, request: Request, ids: list[int]) -> dict[str, Any]:
-        meta: dict[str, Any] = {"arrival": time.monotonic()}
+    def request_meta(self, request: Request) -> tuple[RequestMeta, str | None]:
+        """(the request's ledger facts, its tenant for admission: the API key when there are several)."""
+        kid = None
         if self.settings.api_key_digests:
             scheme, _, token = (request.headers.get("authorization") or "").strip().partition(" ")
-            meta["key_id"] = key_id(token.strip()) if scheme.lower() == "bearer" else None
-        if self.ledger is not None and self.ledger.store_text:
-            meta["prompt_text"] = self.tokenizer.decode(ids)
-        return meta
-
-    def cost_report(self, window: float) -> dict[str, Any]:
-        assert self.cost is not None
-        return {"object": "cost", "model": self.model, "basis": self.cost.basis_dict(),
-                "since_start": self.cost.report(None), "window": self.cost.report(window)}
+            kid = key_id(token.strip()) if scheme.lower() == "bearer" else None
+        tenant = kid if len(self.settings.api_key_digests) > 1 else None
+        return RequestMeta(arrival=time.monotonic(), key_id=kid), tenant
 
     # ---- checks shared by both endpoints -------------------------------------------------------
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model!r} "
+            shown = repr(model) if len(model) <= 80 else repr(model[:80]) + "..."
+            raise APIError(404, f"the model {shown} does not exist; this server serves {self.model!r} "
                                 "(GET /v1/models)", param="model", code="model_not_found")
 
     def check_length(self, num_prompt: int, max_tokens: int | None, param: str) -> None:
@@ -180,6 +135,26 @@ class OpenAIServer:
                                 f"{num_prompt + max_tokens} tokens ({num_prompt} in the {param}, {max_tokens} in the "
                                 f"completion). Please reduce the length of the {param} or max_tokens (at most "
                                 f"{m - num_prompt} here).", param="max_tokens", code="context_length_exceeded")
+
+    def check_chars(self, num_chars: int, param: str) -> None:
+        if num_chars > self.max_prompt_chars:
+            raise APIError(400, f"the {param} has {num_chars:,} characters; this model's context is "
+                                f"{self.max_model_len:,} tokens, so at most {self.max_prompt_chars:,} characters are "
+                                f"accepted. Please shorten the {param}.", param=param, code="context_length_exceeded")
+
+    async def tokenize(self, fn: Callable[[], list[int]], param: str) -> list[int]:
+        """Tokenize on a worker thread (a long prompt must not stall other streams); a failure caused
+        by the request's own text is a 400, never a 500."""
+        try:
+            return await asyncio.to_thread(fn)
+        except APIError:
+            raise
+        except ChatTemplateError as e:
+            raise invalid(f"{param}: {e}", param, "invalid_value") from None
+        except Exception as e:  # noqa: BLE001 - the input is the only thing that varies here
+            log.warning("tokenizing the %s failed: %s: %s", param, type(e).__name__, e)
+            raise invalid(f"{param}: the text could not be tokenized ({type(e).__name__}: {e})"[:500], param,
+                          "invalid_value") from None
 
     def sampling_params(self, body: CompletionRequest | ChatCompletionRequest, num_prompt: int,
                         logprobs: int | None) -> SamplingParams:
@@ -213,7 +188,8 @@ class OpenAIServer:
         self.check_model(body.model)
         prompt = body.prompt_input
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
+            self.check_chars(len(prompt), "prompt")
+            ids = await self.tokenize(lambda: self.tokenizer.encode(prompt), "prompt")
         else:
             bad = next((t for t in prompt if t >= self.vocab_size), None)
             if bad is not None:
@@ -231,10 +207,9 @@ class OpenAIServer:
         if not self.tokenizer.has_chat_template:
             raise invalid(f"the model {self.model!r} has no chat template; use /v1/completions", "messages",
                           "chat_template_missing")
-        try:
-            ids = self.tokenizer.encode_chat([m.to_template() for m in body.messages])
-        except ChatTemplateError as e:
-            raise invalid(f"messages: {e}", "messages", "invalid_value") from None
+        messages = [m.to_template() for m in body.messages]
+        self.check_chars(sum(len(m["content"]) for m in messages), "messages")
+        ids = await self.tokenize(lambda: self.tokenizer.encode_chat(messages), "messages")
         self.check_length(len(ids), body.max_output_tokens, "messages")
         params = self.sampling_params(body, len(ids), body.num_logprobs)
         return await self._generate(request, body, ids, params, chat=True)
@@ -245,9 +220,12 @@ class OpenAIServer:
                         params: SamplingParams, chat: bool) -> Response:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         priority = Priority.BATCH if body.priority == "batch" else Priority.INTERACTIVE
+        meta, tenant = self.request_meta(request)
+        if self.billing.stores_text:
+            meta = dataclasses.replace(meta, prompt_text=await asyncio.to_thread(self.tokenizer.decode, ids))
         try:
             stream = self.engine.add_request(rid, ids, params, priority, timeout=self.settings.request_timeout,
-                                             meta=self.request_meta(request, ids) if self.cost is not None else None)
+                                             meta=meta, tenant=tenant)
         except QueueFullError as e:
             self.metrics.failure("rejected")
             raise APIError(429, str(e), code="queue_full",
@@ -261,9 +239,9 @@ class OpenAIServer:
             gen = self._stream(rid, created, stream, body, chat)
             return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
         out = await self._collect(rid, stream, request)
-        await self.ledger_written(rid)
+        cost = await self.billing.settle(stream.receipt)
         build = R.chat_response if chat else R.completion_response
-        return JSONResponse(build(rid, created, self.model, out, self.token_text, self.cost_usage(out)))
+        return JSONResponse(build(rid, created, self.model, out, self.token_text, cost))
 
     def _error_for(self, e: BaseException) -> APIError:
         if isinstance(e, RequestTimeoutError):
@@ -358,10 +336,10 @@ class OpenAIServer:
                     break
             done = True
             self.metrics.finished(stream, out, out.outputs[0].finish_reason or "stop", time.monotonic())
-            await self.ledger_written(rid)
+            cost = await self.billing.settle(stream.receipt)
             if include_usage:
                 yield R.sse(R.usage_chunk(rid, created, model, "chat.completion.chunk" if chat else "text_completion",
-                                          out, self.cost_usage(out)))
+                                          out, cost))
             yield R.SSE_DONE
         finally:
             if not done:  # the client went away (the response task was cancelled) or a send failed
@@ -423,9 +401,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, on_ready: Callable[
              summary="cost figures since start and over a sliding window (docs/cost.md)")
     async def cost(window: float = Query(60.0, gt=0, le=HISTORY_SECONDS,
                                          description="seconds of the sliding window (whole seconds)")) -> Response:
-        if server.cost is None:
-            return APIError(404, "cost accounting is off on this server", code="not_found").response()
-        return JSONResponse(server.cost_report(window))
+        return JSONResponse(server.billing.report(window))
 
     @app.get("/v1/models", tags=["openai"], dependencies=secured, response_model=ModelList,
              responses=_error_responses(401))

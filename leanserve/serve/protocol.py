@@ -15,11 +15,41 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-MAX_STOP_SEQUENCES = 4  # as OpenAI
-MAX_LOGPROBS = 20  # top alternatives per token (OpenAI: 5 for completions, 20 for chat)
-MAX_N = 128
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+from leanserve.types import (BOUNDS, MAX_LOGIT_BIAS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS,
+                             bounds_text)
+
 ROLES = ("system", "developer", "user", "assistant")
+MAX_MODEL_NAME_CHARS = 256
+MAX_MESSAGES = 4096
+
+
+def bounded(name: str, default: Any, description: str | None = None) -> Any:
+    """A Field whose range is the engine's (leanserve.types.BOUNDS): one source for both."""
+    lo, hi, lo_inclusive = BOUNDS[name]
+    limits = {"ge": lo} if lo_inclusive else {"gt": lo}
+    return Field(default, le=hi, description=description, **limits)
+
+
+def _bad_unicode(v: Any, path: str = "") -> str | None:
+    """The first string in a JSON value that is not valid Unicode (a lone surrogate such as \\ud800
+    is valid JSON but cannot be encoded): its path, or None."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(v, dict):
+        for k, x in v.items():
+            bad = _bad_unicode(k, path) or _bad_unicode(x, f"{path}.{k}" if path else str(k))
+            if bad is not None:
+                return bad
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            bad = _bad_unicode(x, f"{path}[{i}]")
+            if bad is not None:
+                return bad
+    return None
 
 
 class StreamOptions(BaseModel):
@@ -34,33 +64,43 @@ class _SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    model: str | None = Field(None, description="the served model name (GET /v1/models); omitted: the served model")
-    n: int = Field(1, ge=1, le=MAX_N, description="how many choices to generate")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling: smallest set of tokens with this much probability")
+    model: str | None = Field(None, max_length=MAX_MODEL_NAME_CHARS,
+                              description="the served model name (GET /v1/models); omitted: the served model")
+    n: int = bounded("n", 1, "how many choices to generate")
+    temperature: float = bounded("temperature", 1.0, "0 (or below 1e-5) is greedy")
+    top_p: float = bounded("top_p", 1.0, "nucleus sampling: smallest set of tokens with this much probability")
     stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP_SEQUENCES} strings; the text ends before "
                                                            "the first one generated")
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX,
-                             description="same seed, same parameters, same prompt: same output (when sampling)")
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: int | None = bounded("seed", None, "same seed, same parameters, same prompt: same output (when sampling)")
+    presence_penalty: float = bounded("presence_penalty", 0.0)
+    frequency_penalty: float = bounded("frequency_penalty", 0.0)
     logit_bias: dict[str, float] | None = Field(None, description='token id (as a string) -> bias in [-100, 100], '
                                                                   'e.g. {"50256": -100}')
     user: str | None = Field(None, max_length=512, description="an id of the end user, for your own accounting")
     stream: bool = Field(False, description="stream the answer as server-sent events")
     stream_options: StreamOptions | None = Field(None, description="only with stream: true")
     # vLLM extras
-    top_k: int = Field(-1, ge=-1, description="vLLM extra: sample from the k most likely tokens; -1 or 0: all")
-    min_p: float = Field(0.0, ge=0.0, le=1.0, description="vLLM extra: drop tokens below min_p x the top probability")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="vLLM extra: > 1 discourages repeating "
-                                                                         "prompt and output tokens")
+    top_k: int = bounded("top_k", -1, "vLLM extra: sample from the k most likely tokens; -1 or 0: all")
+    min_p: float = bounded("min_p", 0.0, "vLLM extra: drop tokens below min_p x the top probability")
+    repetition_penalty: float = bounded("repetition_penalty", 1.0, "vLLM extra: > 1 discourages repeating prompt "
+                                                                   "and output tokens")
     ignore_eos: bool = Field(False, description="vLLM extra: keep generating past the end-of-sequence token")
-    min_tokens: int = Field(0, ge=0, description="vLLM extra: no stop (EOS or stop string) before this many tokens")
-    stop_token_ids: list[int] | None = Field(None, max_length=64, description="vLLM extra: token ids that also stop")
+    min_tokens: int = bounded("min_tokens", 0, "vLLM extra: no stop (EOS or stop string) before this many tokens")
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS,
+                                             description="vLLM extra: token ids that also stop")
     include_stop_str_in_output: bool = Field(False, description="vLLM extra: keep the stop string in the text")
     # leanserve extra
     priority: Literal["interactive", "batch"] = Field(
         "interactive", description="leanserve extra: batch requests fill idle capacity and are preempted first")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_unicode(cls, v: Any) -> Any:
+        bad = _bad_unicode(v)
+        if bad is not None:
+            raise ValueError(f"{bad.split('.')[0].split('[')[0]}: the text at {bad} is not valid Unicode (it holds a "
+                             "lone UTF-16 surrogate such as \\ud800)")
+        return v
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -68,6 +108,8 @@ class _SamplingFields(BaseModel):
         if v is None or isinstance(v, str):
             if isinstance(v, str) and not v:
                 raise ValueError("a stop string must not be empty")
+            if isinstance(v, str) and len(v) > MAX_STOP_CHARS:
+                raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters")
             return v
         if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
             raise ValueError("must be a string or a list of strings")
@@ -75,6 +117,8 @@ class _SamplingFields(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(v)}")
         if not all(v):
             raise ValueError("stop strings must not be empty")
+        if any(len(x) > MAX_STOP_CHARS for x in v):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters")
         return v
 
     @field_validator("logit_bias", mode="before")
@@ -84,13 +128,15 @@ class _SamplingFields(BaseModel):
             return v
         if not isinstance(v, dict):
             raise ValueError('must be an object mapping token ids to biases, e.g. {"50256": -100}')
-        if len(v) > 1024:
-            raise ValueError(f"at most 1024 entries are allowed, got {len(v)}")
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries are allowed, got {len(v)}")
+        lo, hi, _ = BOUNDS["logit_bias"]
         for k, b in v.items():
-            if not str(k).isdigit():
-                raise ValueError(f"keys must be token ids (non-negative integers as strings), got {k!r}")
-            if isinstance(b, bool) or not isinstance(b, int | float) or not -100 <= b <= 100:
-                raise ValueError(f"biases must be numbers in [-100, 100], got {b!r} for token {k}")
+            # ASCII digits only: str.isdigit() also accepts "\u0661" (Arabic-Indic one) and "\u00b2"
+            if not (isinstance(k, str) and 0 < len(k) <= 10 and k.isascii() and k.isdigit()):
+                raise ValueError(f"keys must be token ids (non-negative integers as strings), got {str(k)[:40]!r}")
+            if isinstance(b, bool) or not isinstance(b, int | float) or not lo <= b <= hi:
+                raise ValueError(f"biases must be numbers in {bounds_text('logit_bias')}, got {b!r} for token {k}")
         return v
 
     @field_validator("stop_token_ids")
@@ -120,9 +166,9 @@ class CompletionRequest(_SamplingFields):
 
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         ..., description="a string, a list holding one string, token ids, or a list holding one list of token ids")
-    max_tokens: int | None = Field(None, ge=1, description="omitted: up to the model's context length")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
-                                 description="return the log-probability of each token and of the N most likely ones")
+    max_tokens: int | None = bounded("max_tokens", None, "omitted: up to the model's context length")
+    logprobs: int | None = bounded("logprobs", None, "return the log-probability of each token and of the N most "
+                                                     "likely ones")
     echo: bool = Field(False, description="not supported (must be false)")
     suffix: str | None = Field(None, description="not supported")
     best_of: int | None = Field(None, ge=1, description="only best_of == n is supported")
@@ -222,12 +268,13 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions"""
 
-    messages: list[ChatMessage] = Field(..., min_length=1, description="the conversation so far")
-    max_tokens: int | None = Field(None, ge=1, description="deprecated by OpenAI in favour of max_completion_tokens")
-    max_completion_tokens: int | None = Field(None, ge=1, description="omitted: up to the model's context length")
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES,
+                                        description="the conversation so far")
+    max_tokens: int | None = bounded("max_tokens", None, "deprecated by OpenAI in favour of max_completion_tokens")
+    max_completion_tokens: int | None = bounded("max_tokens", None, "omitted: up to the model's context length")
     logprobs: bool = Field(False, description="return the log-probability of each output token")
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
-                                     description="with logprobs: also the N most likely tokens at each position")
+    top_logprobs: int | None = bounded("logprobs", None, "with logprobs: also the N most likely tokens at each "
+                                                         "position")
     tools: list[Any] | None = Field(None, description="not supported (must be empty)")
     tool_choice: Any = Field(None, description="not supported")
     functions: list[Any] | None = Field(None, description="not supported")
@@ -264,14 +311,13 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = Field(..., description="prompt tokens whose KV came from the prefix cache")
 
 
-class CostUsage(BaseModel):
-    usd: float = Field(..., description="machine_seconds x price_per_hour / 3600 (leanserve extra; docs/cost.md)")
+class CostDetails(BaseModel):
     machine_seconds: float = Field(..., description="engine time charged to the request: each step's time split "
                                                     "over its requests by tokens computed (cached tokens cost none)")
+    input_usd: float = Field(..., description="the prompt tokens' share of cost")
+    output_usd: float = Field(..., description="the generated tokens' share of cost")
     price_per_hour: float
     hardware: str = Field(..., description="the catalog entry of the price basis")
-    input_usd: float = Field(..., description="the prompt tokens' share of usd")
-    output_usd: float = Field(..., description="the generated tokens' share of usd")
 
 
 class Usage(BaseModel):
@@ -279,7 +325,9 @@ class Usage(BaseModel):
     completion_tokens: int = Field(..., description="summed over the n choices")
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
-    cost: CostUsage | None = Field(None, description="what the request cost (leanserve extra)")
+    cost: float | None = Field(None, description="what the request cost, USD: its machine-seconds at the server's "
+                                                 "price (leanserve extra, OpenRouter's convention; docs/cost.md)")
+    cost_details: CostDetails | None = Field(None, description="how cost was made (leanserve extra)")
 
 
 class CompletionLogprobs(BaseModel):

@@ -28,21 +28,14 @@ def sse(obj: dict[str, Any]) -> bytes:
 
 
 def usage(out: RequestOutput, cost: dict[str, Any] | None = None) -> dict[str, Any]:
+    """OpenAI's usage object; ``cost`` adds the bill's fields (``cost``, ``cost_details``: cost/billing.py)."""
     completion = out.num_generated_tokens
     u = {"prompt_tokens": out.num_prompt_tokens, "completion_tokens": completion,
          "total_tokens": out.num_prompt_tokens + completion,
          "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}
-    if cost is not None:
-        u["cost"] = cost
+    if cost:
+        u.update(cost)
     return u
-
-
-def cost_usage(out: RequestOutput, price_per_hour: float, hardware: str) -> dict[str, Any]:
-    """``usage.cost``: the request's machine-seconds at the server's price."""
-    per_s = price_per_hour / 3600.0
-    ms, pre = out.machine_seconds, min(out.prefill_seconds, out.machine_seconds)
-    return {"usd": ms * per_s, "machine_seconds": ms, "price_per_hour": price_per_hour, "hardware": hardware,
-            "input_usd": pre * per_s, "output_usd": (ms - pre) * per_s}
 
 
 # ---- token text -------------------------------------------------------------------------------

@@ -159,3 +159,32 @@ def test_cached_prompt_is_charged_less(llm):
     again = llm.generate(long_prompt, greedy(4, ignore_eos=True), use_tqdm=False)[0]
     assert again.num_cached_tokens > 0.9 * first.num_prompt_tokens
     assert again.machine_seconds < 0.5 * first.machine_seconds
+
+
+def test_a_failed_step_names_its_requests_and_the_engine_serves_on(llm, chats):
+    from leanserve.engine.interface import StepError
+    from tests.fake_engine import missing_members
+
+    eng = llm.engine
+    assert missing_members(eng) == []  # the EngineCore contract, attributes included
+    assert eng.info.max_model_len == eng.max_model_len and eng.info.num_params > 100_000_000
+    eng.add_request("a", chats[0], greedy(8))
+    eng.add_request("b", chats[1], SamplingParams(n=2, temperature=1.0, max_tokens=8, seed=3))
+    first = eng.step()
+    assert first.scheduled == ["a", "b"]  # request ids, not the engine's per-choice sequence ids
+    real = eng.runner.execute
+    eng.runner.execute = lambda sched: (_ for _ in ()).throw(RuntimeError("simulated kernel failure"))
+    with pytest.raises(StepError) as e:
+        eng.step()
+    eng.runner.execute = real
+    assert e.value.request_ids == ["a", "b"] and "simulated" in str(e.value)
+    assert [o.request_id for o in e.value.outputs] == ["a", "b"]
+    assert all(c.finish_reason == "error" for o in e.value.outputs for c in o.outputs)
+    assert e.value.outputs[0].machine_seconds > 0  # what the request's earlier steps cost, for its bill
+    assert not eng.has_unfinished() and eng.kv_cache.usage == 0.0
+    eng.scheduler.check_integrity()
+    with pytest.raises(ValueError, match="'#'"):
+        eng.add_request("x#1", chats[2], greedy())
+    again = llm.generate(chats[0], greedy(8), use_tqdm=False)[0]
+    assert again.outputs[0].finish_reason in ("stop", "length")
+    assert eng.abort_request("nobody") is None

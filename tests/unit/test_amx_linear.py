@@ -122,7 +122,7 @@ def test_loaded_bf16_model_packs_every_matmul_and_keeps_its_logits(monkeypatch):
 
     if not is_pulled("smollm2-135m"):
         pytest.skip("model smollm2-135m not pulled")
-    from leanserve.cost.accounting import model_size
+    from leanserve.model.loader import model_size
     from leanserve.model.attention import AttentionMetadata
     from leanserve.model.loader import load_model
 

@@ -9,7 +9,7 @@ from leanserve.cost.basis import DEFAULT_HARDWARE, resolve_price_basis
 from leanserve.cost.catalog import get_hardware
 from leanserve.cost.ledger import LedgerRecord
 from leanserve.cost.meter import CostMeter
-from leanserve.serve.responses import cost_usage
+from leanserve.cost.billing import Billing
 from leanserve.types import RequestOutput
 
 
@@ -39,9 +39,10 @@ def test_hardware_gives_catalog_price_and_peaks_and_a_price_overrides_only_the_p
 
 def test_usage_cost_splits_input_and_output():
     out = RequestOutput("r", [1, 2, 3], [], machine_seconds=2.0, prefill_seconds=0.5)
-    c = cost_usage(out, 3.6, "cpu-local")
-    assert c == {"usd": pytest.approx(0.002), "machine_seconds": 2.0, "price_per_hour": 3.6, "hardware": "cpu-local",
-                 "input_usd": pytest.approx(0.0005), "output_usd": pytest.approx(0.0015)}
+    bill = Billing(resolve_price_basis(None, 3.6, device="cpu"), CostMeter(), "m").close(out, None)
+    assert bill.usage() == {"cost": pytest.approx(0.002), "cost_details": {
+        "machine_seconds": 2.0, "price_per_hour": 3.6, "hardware": "cpu-local", "input_usd": pytest.approx(0.0005),
+        "output_usd": pytest.approx(0.0015)}}
 
 
 def _rec(rid: str, secs: float, prefill: float, prompt: int, out: int, basis) -> LedgerRecord:

@@ -254,7 +254,7 @@ def test_higher_temperature_spreads_distribution() -> None:
         total = sum(counts.values())
         return -sum(c / total * math.log(c / total) for c in counts.values())
 
-    cold, warm, hot = (draw(logits, 4000, temperature=t) for t in (0.3, 1.0, 3.0))
+    cold, warm, hot = (draw(logits, 4000, temperature=t) for t in (0.3, 1.0, 2.0))
     assert entropy(cold) < entropy(warm) < entropy(hot)
     assert cold[0] > warm[0] > hot[0]
 
@@ -381,3 +381,40 @@ def test_argmax_picks_the_first_maximum_like_torch_argmax(dtype):
     x[7, 9] = float("nan")  # NaN counts as the maximum, as in argmax
     assert torch.equal(_argmax(x), x.argmax(dim=-1))
     assert _argmax(x)[3].item() == 10 and _argmax(x)[5].item() == 20000 and _argmax(x)[7].item() == 9
+
+
+# ---------------------------------------------------------------- bounds: a row can only fail itself
+
+def test_top_k_past_the_vocabulary_is_off_and_does_not_fail_the_batch() -> None:
+    logits = rand_logits(2, 50, seed=3)
+    rows = [make_row(temperature=1.0, top_k=2**31 - 1, seed=1), make_row(temperature=1.0, top_k=5, seed=2)]
+    out = Sampler(50, [EOS])(logits, rows)  # int64 overflow of a huge top_k failed the whole step before
+    off = Sampler(50, [EOS])(logits[:1], [make_row(temperature=1.0, seed=1)])
+    assert out.token_ids[0] == off.token_ids[0]
+    assert out.token_ids[1] in logits[1].topk(5).indices.tolist()
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 1e-45, 1e-12])
+def test_a_top_p_that_rounds_to_zero_keeps_the_best_token(top_p: float) -> None:
+    logits = rand_logits(4, 64, seed=5)
+    rows = [make_row(temperature=1.0, top_p=top_p, seed=i) for i in range(4)]
+    assert Sampler(64, [EOS])(logits, rows).token_ids == logits.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-30, 9e-6])
+def test_a_temperature_below_the_epsilon_is_greedy(temperature: float) -> None:
+    logits = rand_logits(3, 64, seed=6)
+    rows = [make_row(temperature=temperature, seed=i) for i in range(3)]
+    assert all(r.params.greedy for r in rows)
+    assert Sampler(64, [EOS])(logits, rows).token_ids == logits.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("top_k", 2**63), ("top_k", -2), ("repetition_penalty", 1e-300), ("repetition_penalty", 0.0),
+    ("temperature", 2.5), ("temperature", float("inf")), ("top_p", 0.0), ("n", 17), ("seed", 2**64),
+    ("logprobs", 21), ("presence_penalty", float("nan")), ("max_tokens", 2**40), ("stop", ("x" * 1025,)),
+    ("stop_token_ids", (-1,)), ("logit_bias", {1: 1e9}), ("temperature", True),
+])
+def test_sampling_params_refuse_what_the_server_refuses(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})

@@ -12,101 +12,12 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 
+from leanserve.cost.basis import resolve_price_basis
 from leanserve.engine.async_engine import AsyncEngine, QueueFullError, RequestTimeoutError
 from leanserve.serve.api import ServerSettings, build_app
 from leanserve.serve.auth import key_digest
-from leanserve.types import CompletionOutput, Request, RequestOutput, SamplingParams, ScheduledRequest, SchedulerOutput
-
-BAD_TOKEN = 42  # the fake engine refuses prompts holding it
-
-
-class FakeTokenizer:
-    eos_token_ids = (0,)
-    has_chat_template = True
-    vocab_size = 100
-    tok = None
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return [10 + ord(c) % 26 for c in text]
-
-    def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
-        return self.encode("".join(m["content"] for m in messages))
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return "".join(chr(ord("a") + i % 26) for i in ids)
-
-    def id_to_token(self, i: int) -> str:
-        return self.decode([i])
-
-
-class FakeEngine:
-    """One token per step for each of the first ``max_num_seqs`` requests; token i decodes to a letter."""
-
-    def __init__(self, max_num_seqs: int = 4, step_s: float = 0.002) -> None:
-        self.tokenizer = FakeTokenizer()
-        self.max_model_len = 64
-        self.kv_cache_tokens = 1024
-        self.loaded = SimpleNamespace(config=SimpleNamespace(vocab_size=100), dtype="float32", device="cpu")
-        self.scheduler = SimpleNamespace(config=SimpleNamespace(max_num_seqs=max_num_seqs))
-        self.kv_cache = SimpleNamespace(reset_prefix_cache=self._reset)
-        self.max_num_seqs = max_num_seqs
-        self.step_s = step_s
-        self.requests: dict[str, dict] = {}
-        self.batches: list[list[str]] = []
-        self.aborted: list[str] = []
-        self.resets = 0
-        self.step_calls = 0
-        self.fail_when = None  # callable(batch ids) -> bool: raise in that step
-        self.last_scheduler_output: SchedulerOutput | None = None
-        self.thread_ids: set[int] = set()
-
-    def _reset(self) -> None:
-        self.resets += 1
-
-    def add_request(self, rid, prompt, params, priority) -> None:
-        self.thread_ids.add(threading.get_ident())
-        if BAD_TOKEN in prompt:
-            raise ValueError(f"prompt token {BAD_TOKEN} is not allowed here")
-        self.requests[rid] = {"prompt": list(prompt), "params": params, "tokens": [[] for _ in range(params.n)]}
-
-    def abort_request(self, rid) -> None:
-        self.thread_ids.add(threading.get_ident())
-        if self.requests.pop(rid, None) is not None:
-            self.aborted.append(rid)
-
-    def has_unfinished(self) -> bool:
-        return bool(self.requests)
-
-    def stats(self) -> dict:
-        return {"num_running": min(len(self.requests), self.max_num_seqs),
-                "num_waiting": max(0, len(self.requests) - self.max_num_seqs),
-                "kv_cache_usage": len(self.requests) / 100, "prefix_cache_queries": 0, "prefix_cache_hits": 0}
-
-    def step(self) -> list[RequestOutput]:
-        self.thread_ids.add(threading.get_ident())
-        self.step_calls += 1
-        batch = list(self.requests)[:self.max_num_seqs]
-        self.last_scheduler_output = SchedulerOutput(
-            [ScheduledRequest(Request(rid, [1], self.requests[rid]["params"]), 1, []) for rid in batch])
-        self.batches.append(batch)
-        time.sleep(self.step_s)
-        if self.fail_when is not None and self.fail_when(batch):
-            self.fail_when = None
-            raise RuntimeError("simulated kernel failure")
-        outs = []
-        for rid in batch:
-            r = self.requests[rid]
-            p: SamplingParams = r["params"]
-            for toks in r["tokens"]:
-                toks.append(len(toks) % 26)
-            done = all(len(t) >= p.max_tokens for t in r["tokens"])
-            choices = [CompletionOutput(i, self.tokenizer.decode(t), list(t), "length" if done else None)
-                       for i, t in enumerate(r["tokens"])]
-            outs.append(RequestOutput(rid, r["prompt"], choices, finished=done))
-            if done:
-                del self.requests[rid]
-        return outs
-
+from leanserve.types import SamplingParams
+from tests.fake_engine import BAD_TOKEN, FakeEngine
 
 def _wait_for(cond, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
@@ -287,7 +198,8 @@ def fake_server():
     def make(max_num_seqs: int = 4, keys: tuple[str, ...] = ()):
         fake = FakeEngine(max_num_seqs=max_num_seqs, step_s=0.003)
         ae = AsyncEngine(fake, max_queue=8)
-        app = build_app(ae, ServerSettings("fake-model", frozenset(key_digest(k) for k in keys), request_timeout=30))
+        app = build_app(ae, ServerSettings("fake-model", frozenset(key_digest(k) for k in keys), request_timeout=30,
+                                           price_basis=resolve_price_basis(price_per_hour=3.6)))
         return fake, app
     return make
 
@@ -365,8 +277,12 @@ def test_streamed_text_equals_whole_text_with_n_and_usage(fake_server):
         assert c["usage"] is None
     assert texts == {c["index"]: c["text"] for c in whole["choices"]} == {0: "abcde", 1: "abcde"}
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    # usage.cost is a number (USD), the breakdown in cost_details: 5 fake steps of 3 ms at $3.6/h
     assert whole["usage"] == {"prompt_tokens": 2, "completion_tokens": 10, "total_tokens": 12,
-                              "prompt_tokens_details": {"cached_tokens": 0}}
+                              "prompt_tokens_details": {"cached_tokens": 0}, "cost": pytest.approx(1.5e-5),
+                              "cost_details": {"machine_seconds": pytest.approx(0.015), "input_usd": 0.0,
+                                               "output_usd": pytest.approx(1.5e-5), "price_per_hour": 3.6,
+                                               "hardware": "cpu-local"}}
 
 
 def test_api_keys(fake_server):

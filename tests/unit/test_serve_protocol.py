@@ -47,7 +47,7 @@ def test_bad_prompts(prompt, fragment):
 
 
 @pytest.mark.parametrize("field,value,fragment", [
-    ("n", 0, "greater than or equal to 1"), ("n", 1000, "less than or equal to 128"),
+    ("n", 0, "greater than or equal to 1"), ("n", 17, "less than or equal to 16"),
     ("temperature", -0.1, "greater than or equal to 0"), ("temperature", 2.5, "less than or equal to 2"),
     ("top_p", 0, "greater than 0"), ("top_p", 1.01, "less than or equal to 1"),
     ("presence_penalty", 2.1, "less than or equal to 2"), ("frequency_penalty", -2.1, "greater than or equal to -2"),
@@ -57,7 +57,7 @@ def test_bad_prompts(prompt, fragment):
     ("stop", 7, "string or a list of strings"), ("logit_bias", {"x": 1}, "token ids"),
     ("logit_bias", {"5": 101}, "[-100, 100]"), ("logit_bias", [1], "object mapping"),
     ("top_k", -2, "greater than or equal to -1"), ("min_p", 1.5, "less than or equal to 1"),
-    ("repetition_penalty", 0, "greater than 0"), ("min_tokens", -1, "greater than or equal to 0"),
+    ("repetition_penalty", 0.001, "greater than or equal to 0.01"), ("min_tokens", -1, "greater than or equal to 0"),
     ("priority", "now", "'interactive' or 'batch'"), ("n", "two", "valid integer"), ("n", 1.5, "valid integer"),
     ("temperature", float("nan"), "finite number"), ("stream", "maybe", "valid boolean"),
     ("stop_token_ids", [-1], ">= 0"), ("echo", True, "not supported"), ("suffix", "x", "not supported"),
