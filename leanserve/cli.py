@@ -1,52 +1,19 @@
-"""`leanserve serve | generate | bench | pull | models`: argument parsing and one-line errors."""
+"""`leanserve pull | models | generate | serve | bench | usage`: argument parsing and one-line errors."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from collections.abc import Callable
 
-from leanserve.argtypes import positive_int
-from leanserve.config import parse_bytes
+from leanserve.bench.cli import add_parser as add_bench
+from leanserve.cli_common import CLIError, add_engine_args, engine_config, ensure_model
+from leanserve.cost.cli import add_parser as add_usage
+from leanserve.serve.cli import add_parser as add_serve
 
-
-class CLIError(Exception):
-    """A user error: printed as one line, exit code 2."""
-
-
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    from leanserve.model.registry import DEFAULT_MODEL
-
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help=f"built-in model name, .gguf file or HF folder (default: {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--kv-cache-memory", type=parse_bytes, default=None, metavar="SIZE",
-                   help="bytes for the KV cache, e.g. 1GiB (default: 1GiB on CPU, 80%% of free GPU memory)")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=128)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help="CPU threads for the model (default: one per core, torch's choice; stated at start-up)")
-
-
-def _engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
-                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-                enable_prefix_caching=not args.no_prefix_caching, threads=args.threads)
-
-
-def ensure_model(name: str) -> None:
-    """Built-in names are pulled on first use, so `leanserve serve` works with no arguments."""
-    from leanserve.model.registry import BUILTIN_MODELS, is_pulled, pull
-
-    if name in BUILTIN_MODELS and not is_pulled(name):
-        print(f"{name} is not in the model store yet: pulling it", file=sys.stderr)
-        pull(name, lambda s: print(s, file=sys.stderr))
+# Every command's module is imported directly: a broken import fails `leanserve` loudly instead of
+# hiding the command. Each module keeps its heavy imports (torch, the model) inside its commands.
+COMMANDS = (add_serve, add_bench, add_usage)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -71,12 +38,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from leanserve.engine.engine import LLM
     from leanserve.types import SamplingParams
 
-    ensure_model(args.model)
+    config = engine_config(args)  # a bad value fails now, before a pull or a load
+    given = {k: getattr(args, k) for k in ("top_p", "top_k", "seed") if getattr(args, k) is not None}
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, ignore_eos=args.ignore_eos,
+                            **given)
+    ensure_model(config.model)
     t0 = time.perf_counter()
-    llm = LLM(args.model, **_engine_kwargs(args))
+    llm = LLM(**vars(config))
     load_s = time.perf_counter() - t0
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
     if args.chat:
         out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)[0]
     else:
@@ -103,39 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate a continuation of a prompt (greedy by default)")
     p.add_argument("prompt")
-    _add_engine_args(p)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ignore-eos", action="store_true")
+    add_engine_args(p)
+    s = p.add_argument_group("sampling (unset: SamplingParams' defaults)")
+    s.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    s.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default: 0)")
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.set_defaults(func=cmd_generate)
 
-    for add in _optional_commands():
+    for add in COMMANDS:
         add(sub)
     return parser
-
-
-def _optional_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
-    adders = []
-    try:
-        from leanserve.bench.cli import add_parser as add_bench
-        adders.append(add_bench)
-    except ImportError:
-        pass
-    try:
-        from leanserve.serve.cli import add_parser as add_serve
-        adders.append(add_serve)
-    except ImportError:
-        pass
-    try:
-        from leanserve.cost.cli import add_parser as add_usage
-        adders.append(add_usage)
-    except ImportError:
-        pass
-    return adders
 
 
 def main(argv: list[str] | None = None) -> int:

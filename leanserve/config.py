@@ -1,8 +1,14 @@
-"""Every knob, as frozen dataclasses validated on construction. No global state, no torch import."""
+"""Every knob, as frozen dataclasses validated on construction. No global state, no torch import.
+
+A field's ``metadata`` may carry ``cli``: how the command line shows it (help, choices, type, flag
+name; ``{"cli": False}``: no flag). `leanserve.argtypes.add_config_args` derives the flags from the
+fields, so a default is written once, here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -10,6 +16,30 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _cli(help: str, **how: Any) -> dict[str, Any]:
+    """A field's command-line metadata: help text (plain, no % formatting) and add_argument options
+    (choices, type, metavar), ``flag`` for a name other than ``--field-name``, ``positional``."""
+    return {"cli": {"help": help, **how}}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB' -> 2147483648, '512MB' -> 512000000, '1000' -> 1000. ValueError on anything else."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+             "k": 2**10, "m": 2**20, "g": 2**30}
+    s = text.strip().lower().replace(" ", "")
+    i = len(s)
+    while i > 0 and s[i - 1].isalpha():
+        i -= 1
+    number, unit = s[:i], s[i:]
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (expected e.g. 512MiB, 2GiB, 1000000)") from None
+    if unit not in units or value <= 0:
+        raise ValueError(f"not a size: {text!r} (expected e.g. 512MiB, 2GiB, 1000000)")
+    return int(value * units[unit])
 
 
 @dataclass(frozen=True)
@@ -53,17 +83,27 @@ class SchedulerConfig:
 class EngineConfig:
     """What `LLM` and the server are built from."""
 
-    model: str = "smollm2-135m"
-    dtype: str = "auto"  # auto: bfloat16 where the hardware has fast bf16 matmul, else float32
-    device: str = "auto"  # auto: cuda if available, else cpu
-    kv_cache_memory: int | None = None  # bytes for the KV cache; None: a default by device
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-    max_num_batched_tokens: int = 512
-    max_num_seqs: int = 128
-    max_model_len: int | None = None  # None: the model's own context length, capped by the KV cache
-    seed: int = 0
-    threads: int | None = None  # CPU threads for torch and the native kernels; None: torch's default (one per core)
+    model: str = field(default="smollm2-135m", metadata=_cli(
+        "built-in model name, .gguf file or HF folder", positional=True))
+    dtype: str = field(default="auto", metadata=_cli(
+        "weights and activations; auto: bfloat16 where the hardware has fast bf16 matmul, else float32",
+        choices=DTYPES))
+    device: str = field(default="auto", metadata=_cli("auto (cuda if available, else cpu), cpu, cuda or cuda:N"))
+    kv_cache_memory: int | None = field(default=None, metadata=_cli(
+        "bytes for the KV cache, e.g. 1GiB (default: 1GiB on CPU, 80% of free GPU memory)",
+        type=parse_bytes, metavar="SIZE"))
+    block_size: int = field(default=16, metadata=_cli("tokens per KV cache block"))
+    enable_prefix_caching: bool = field(default=True, metadata=_cli(
+        "do not reuse the KV cache of prompt prefixes already computed", flag="--no-prefix-caching"))
+    max_num_batched_tokens: int = field(default=512, metadata=_cli(
+        "tokens one model step may compute (its prefill chunks and decodes together)"))
+    max_num_seqs: int = field(default=128, metadata=_cli("sequences in the running batch at most"))
+    max_model_len: int | None = field(default=None, metadata=_cli(
+        "context length (default: the model's own, capped by the KV cache)"))
+    seed: int = field(default=0, metadata={"cli": False})  # torch's seed at load; requests carry their own
+    threads: int | None = field(default=None, metadata=_cli(
+        "CPU threads for the model and the native kernels (default: one per core, torch's choice; stated at "
+        "start-up)", metavar="N"))
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
@@ -76,21 +116,3 @@ class EngineConfig:
         _require(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         _require(self.max_model_len is None or self.max_model_len >= 1, f"max_model_len must be >= 1, got {self.max_model_len}")
         _require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
-
-
-def parse_bytes(text: str) -> int:
-    """'2GiB' -> 2147483648, '512MB' -> 512000000, '1000' -> 1000. ValueError on anything else."""
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-             "k": 2**10, "m": 2**20, "g": 2**30}
-    s = text.strip().lower().replace(" ", "")
-    i = len(s)
-    while i > 0 and s[i - 1].isalpha():
-        i -= 1
-    number, unit = s[:i], s[i:]
-    try:
-        value = float(number)
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (expected e.g. 512MiB, 2GiB, 1000000)") from None
-    if unit not in units or value <= 0:
-        raise ValueError(f"not a size: {text!r} (expected e.g. 512MiB, 2GiB, 1000000)")
-    return int(value * units[unit])
