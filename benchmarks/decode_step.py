@@ -28,20 +28,27 @@ import sys
 import time
 
 
-def measure(batches: list[int], steps: int, profile: bool, dtype: str = "float32", context: int = 0) -> dict[int, float]:
+def _prompt(i: int, context: int, vocab_size: int) -> str | list[int]:
+    if not context:
+        return f"Write a long story about a cat and a dog, in great detail {i}"
+    # distinct token ids: no prefix hits
+    return [(100 + (i * 7919 + j * 31) % 40000) % vocab_size for j in range(context)]
+
+
+def measure(batches: list[int], steps: int, profile: bool, dtype: str = "float32", context: int = 0,
+            model_name: str = "smollm2-135m", warmup: int = 20) -> dict[int, float]:
     from leanserve.engine.engine import LLM
     from leanserve.types import SamplingParams
 
-    llm = LLM("smollm2-135m", dtype=dtype, max_num_seqs=max(batches), max_num_batched_tokens=1024)
+    llm = LLM(model_name, dtype=dtype, max_num_seqs=max(batches), max_num_batched_tokens=1024)
     eng = llm.engine
+    vocab = eng.runner.model.cfg.vocab_size
     result = {}
     for b in batches:
-        params = SamplingParams(max_tokens=20 + steps + 10, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=warmup + steps + 10, temperature=0.0, ignore_eos=True)
         for i in range(b):
-            prompt = (f"Write a long story about a cat and a dog, in great detail {i}" if not context else
-                      [100 + (i * 7919 + j * 31) % 40000 for j in range(context)])  # distinct token ids: no prefix hits
-            eng.add_request(eng.new_request_id(), prompt, params)
-        for _ in range(20):
+            eng.add_request(eng.new_request_id(), _prompt(i, context, vocab), params)
+        for _ in range(warmup):
             eng.step()
         times = []
         for _ in range(steps):
@@ -63,7 +70,7 @@ def measure(batches: list[int], steps: int, profile: bool, dtype: str = "float32
 
 
 def compare_native(batches: list[int], steps: int, dtype: str, context: int, rounds: int = 5,
-                   model_name: str = "smollm2-135m") -> None:
+                   model_name: str = "smollm2-135m", warmup: int = 20) -> None:
     """Median step time with the native decode loop on and off, alternating blocks of `steps` steps."""
     from leanserve.engine.engine import LLM
     from leanserve.types import SamplingParams
@@ -74,12 +81,10 @@ def compare_native(batches: list[int], steps: int, dtype: str, context: int, rou
     print("| batch | step ms, Python layers | step ms, native loop | speed-up | out tok/s native |")
     print("| --- | --- | --- | --- | --- |")
     for b in batches:
-        params = SamplingParams(max_tokens=20 + 2 * rounds * steps + 10, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=warmup + 2 * rounds * steps + 10, temperature=0.0, ignore_eos=True)
         for i in range(b):
-            prompt = (f"Write a long story about a cat and a dog, in great detail {i}" if not context else
-                      [100 + (i * 7919 + j * 31) % 40000 for j in range(context)])
-            eng.add_request(eng.new_request_id(), prompt, params)
-        for _ in range(20):
+            eng.add_request(eng.new_request_id(), _prompt(i, context, model.cfg.vocab_size), params)
+        for _ in range(warmup):
             eng.step()
         times: dict[bool, list[float]] = {True: [], False: []}
         for _ in range(rounds):
@@ -106,22 +111,25 @@ def main() -> None:
     ap.add_argument("--off", default="LEANSERVE_KERNELS=0",
                     help="environment setting of the 'off' side (e.g. LEANSERVE_AMX=0: the AMX matmul off, oneDNN's on)")
     ap.add_argument("--native", action="store_true", help="native decode loop vs Python layers, alternating in one process")
-    ap.add_argument("--model", default="smollm2-135m", help="--native: the model (a built-in name, .gguf or HF folder)")
+    ap.add_argument("--model", default="smollm2-135m", help="the model (a built-in name, .gguf or HF folder)")
+    ap.add_argument("--warmup", type=int, default=20, help="steps run before timing, per batch size (default 20)")
+    ap.add_argument("--rounds", type=int, default=5, help="--native: alternations of the two sides (default 5)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     if args.native:
-        compare_native(batches, args.steps, args.dtype, args.context, model_name=args.model)
+        compare_native(batches, args.steps, args.dtype, args.context, args.rounds, args.model, args.warmup)
         return
     if args.child:
-        print(json.dumps(measure(batches, args.steps, False, args.dtype, args.context)))
+        print(json.dumps(measure(batches, args.steps, False, args.dtype, args.context, args.model, args.warmup)))
         return
     off = subprocess.run([sys.executable, __file__, "--child", "--batch", args.batch, "--steps", str(args.steps),
-                          "--dtype", args.dtype, "--context", str(args.context)],
+                          "--dtype", args.dtype, "--context", str(args.context), "--model", args.model,
+                          "--warmup", str(args.warmup)],
                          env={**os.environ, args.off.split("=", 1)[0]: args.off.split("=", 1)[1]}, check=True,
                          capture_output=True, text=True)
     off_times = {int(k): v for k, v in json.loads(off.stdout.strip().splitlines()[-1]).items()}
-    on_times = measure(batches, args.steps, args.profile, args.dtype, args.context)
+    on_times = measure(batches, args.steps, args.profile, args.dtype, args.context, args.model, args.warmup)
     from leanserve import kernels
 
     print(f"\n{args.dtype}, {kernels.status()}, {__import__('torch').get_num_threads()} threads")

@@ -273,50 +273,67 @@ def run(args: argparse.Namespace) -> None:
                     proc.kill()
                     proc.wait()
                 log.close()
-    print(f"\noutput tokens/s, chat workload, {args.output_len} tokens per request")
-    print(f"{'server':10s} " + " ".join(f"{'c=' + str(c):>9s}" for c in levels))
-    for name, row in results.items():
-        print(f"{name:10s} " + " ".join(f"{row.get(c, float('nan')):9.1f}" for c in levels))
-    base = results.get("leanserve", {})
-    for name, row in results.items():
-        if name != "leanserve" and base and row:
-            print(f"leanserve / {name}: " + ", ".join(f"c={c}: {base[c] / row[c]:.2f}x" for c in levels if c in row and c in base)
-                  + f"; best vs best: {max(base.values()) / max(row.values()):.2f}x")
-    flops_per_token = 2 * params
     offline = None
     if args.offline and (not args.only or "leanserve" in args.only.split(",")):
         from throughput import chat_prompts, run_leanserve  # benchmarks/throughput.py
 
         prompts = chat_prompts("smollm2-135m", args.num_prompts)
         out_tokens, seconds, prompt_tokens = run_leanserve("smollm2-135m", prompts, args.output_len, 128, dtype)
-        offline = (out_tokens / seconds, (out_tokens + prompt_tokens) / seconds)
-        print(f"\nleanserve offline ({dtype}, {len(prompts)} prompts in one batch): {offline[0]:.1f} output tok/s, "
-              f"{offline[1]:.1f} tok/s computed (prompt + output)")
+        offline = (out_tokens / seconds, (out_tokens + prompt_tokens) / seconds, len(prompts))
+    print("\n".join(report(levels, results, runs, limits, weight_bytes, params, dtype, args.output_len,
+                           args.num_prompts_single, alone, offline)))
+
+
+def report(levels: list[int], results: dict[str, dict[int, float]], runs: dict[str, dict[int, dict]],
+           limits: dict[str, float], weight_bytes: float, params: int, dtype: str, output_len: int,
+           num_prompts_single: int, alone: float | None = None,
+           offline: tuple[float, float, int] | None = None) -> list[str]:
+    """The run's report: output tok/s per server and level (``results``), leanserve's ratios to each
+    peer, and leanserve against the machine's ``limits``. ``runs`` holds the `leanserve bench` result
+    documents, ``alone`` the engine's 1-client rate without HTTP, ``offline`` (output tok/s, computed
+    tok/s, prompts) of the offline batch."""
+    out = [f"\noutput tokens/s, chat workload, {output_len} tokens per request",
+           f"{'server':10s} " + " ".join(f"{'c=' + str(c):>9s}" for c in levels)]
+    for name, row in results.items():
+        out.append(f"{name:10s} " + " ".join(f"{row.get(c, float('nan')):9.1f}" for c in levels))
+    base = results.get("leanserve", {})
+    for name, row in results.items():
+        if name != "leanserve" and base and row:
+            out.append(f"leanserve / {name}: "
+                       + ", ".join(f"c={c}: {base[c] / row[c]:.2f}x" for c in levels if c in row and c in base)
+                       + f"; best vs best: {max(base.values()) / max(row.values()):.2f}x")
+    flops_per_token = 2 * params
+    if offline:
+        out.append(f"\nleanserve offline ({dtype}, {offline[2]} prompts in one batch): {offline[0]:.1f} output tok/s, "
+                   f"{offline[1]:.1f} tok/s computed (prompt + output)")
     if alone and 1 in base:
-        print(f"leanserve engine alone, {args.num_prompts_single} prompts one after another (no HTTP, just before "
-              f"the servers): {alone:.1f} output tok/s; through HTTP with 1 client {base[1]:.1f} ({base[1] / alone:.0%} of it)")
-    print(f"\nmachine, measured now: read bandwidth {limits['read_bytes_per_s'] / 1e9:.1f} GB/s, matmul float32 "
-          f"{limits['fp32_flops'] / 1e9:.0f} GFLOP/s, bfloat16 {limits['bf16_flops'] / 1e9:.1f} GFLOP/s")
+        out.append(f"leanserve engine alone, {num_prompts_single} prompts one after another (no HTTP, just before "
+                   f"the servers): {alone:.1f} output tok/s; through HTTP with 1 client {base[1]:.1f} "
+                   f"({base[1] / alone:.0%} of it)")
+    out.append(f"\nmachine, measured now: read bandwidth {limits['read_bytes_per_s'] / 1e9:.1f} GB/s, matmul float32 "
+               f"{limits['fp32_flops'] / 1e9:.0f} GFLOP/s, bfloat16 {limits['bf16_flops'] / 1e9:.1f} GFLOP/s")
     bw_limit = limits["read_bytes_per_s"] / weight_bytes
-    print(f"leanserve ({dtype}) reads {weight_bytes / 1e6:.0f} MB of weights per decode token of one sequence: "
-          f"bandwidth limit {bw_limit:.0f} tok/s"
-          + (f"; 1 client at {base[1]:.1f} tok/s = {base[1] / bw_limit:.0%} of it" if 1 in base else "")
-          + (f"; the engine alone {alone / bw_limit:.0%}" if alone else ""))
+    out.append(f"leanserve ({dtype}) reads {weight_bytes / 1e6:.0f} MB of weights per decode token of one sequence: "
+               f"bandwidth limit {bw_limit:.0f} tok/s"
+               + (f"; 1 client at {base[1]:.1f} tok/s = {base[1] / bw_limit:.0%} of it" if 1 in base else "")
+               + (f"; the engine alone {alone / bw_limit:.0%}" if alone else ""))
     cached = limits["weights_read_bytes_per_s"] / weight_bytes
-    print(f"a buffer of the weights' size, read again and again, reads at {limits['weights_read_bytes_per_s'] / 1e9:.1f} "
-          f"GB/s here (from cache where it fits): {cached:.0f} tok/s" + (f"; 1 client at {base[1] / cached:.0%} of it" if 1 in base else ""))
+    out.append(f"a buffer of the weights' size, read again and again, reads at "
+               f"{limits['weights_read_bytes_per_s'] / 1e9:.1f} GB/s here (from cache where it fits): {cached:.0f} tok/s"
+               + (f"; 1 client at {base[1] / cached:.0%} of it" if 1 in base else ""))
     if base:  # tokens the model computed: prompt tokens not served from the prefix cache, plus outputs
         c = max(base, key=base.get)
         r = runs["leanserve"][c]
         computed = (r["total_input_tokens"] - (r.get("total_cached_tokens") or 0) + r["total_output_tokens"]) / r["duration"]
         for kind in ("fp32", "bf16"):
             limit = limits[f"{kind}_flops"] / flops_per_token
-            print(f"{kind} compute limit ({flops_per_token / 1e9:.2f} GFLOP/token): {limit:.0f} tok/s; leanserve at "
-                  f"c={c} computed {computed:.0f} tok/s (prompt + output) = {computed / limit:.0%} of it"
-                  + (f"; offline {offline[1]:.0f} tok/s = {offline[1] / limit:.0%}" if offline else ""))
+            out.append(f"{kind} compute limit ({flops_per_token / 1e9:.2f} GFLOP/token): {limit:.0f} tok/s; leanserve at "
+                       f"c={c} computed {computed:.0f} tok/s (prompt + output) = {computed / limit:.0%} of it"
+                       + (f"; offline {offline[1]:.0f} tok/s = {offline[1] / limit:.0%}" if offline else ""))
+    return out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("install")
@@ -332,7 +349,19 @@ def main() -> None:
     p.add_argument("--vllm-dtype", default="float32",
                    help="vLLM's --dtype, or several comma-separated, one server each (bfloat16 is emulated on CPUs "
                         "without AVX512-BF16/AMX: float32 is vLLM's best there)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.cmd == "run":
+        try:
+            levels = [int(c) for c in args.concurrency.split(",")]
+        except ValueError:
+            ap.error(f"--concurrency takes comma-separated integers, got {args.concurrency!r}")
+        if not levels or min(levels) < 1:
+            ap.error("--concurrency levels must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     PEERS.mkdir(exist_ok=True)
     if args.cmd == "install":
         (install_vllm if args.peer == "vllm" else install_llamacpp)()

@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default 128)")
     p.add_argument("--concurrency", type=int, default=32, help="streaming clients at once (default 32)")
     p.add_argument("--data-dir", type=Path, default=None, help="folder with mt_bench_questions.jsonl "
-                                                               "(default ../shared/data)")
+                                                               "(default: the copy shipped in the package)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-num-seqs", type=int, default=64)

@@ -1,7 +1,7 @@
 """Offline throughput on the chat workload: leanserve's engine against HF transformers `generate`
 one request at a time (the naive deployment), measured in one run on the same machine.
 
-Chat workload (docs/benchmarks.md): MT-Bench first turns through the model's chat template,
+Chat workload (docs/performance.md): MT-Bench first turns through the model's chat template,
 fixed output length (EOS ignored), greedy, float32. leanserve runs all prompts as one offline batch;
 HF runs ``--hf-prompts`` of them one after another (its rate per request does not depend on how
 many it runs, so a subset keeps the run short; the count is printed). Prints output tokens/s for
@@ -9,19 +9,18 @@ both, the ratio, and the compute achieved against this machine's measured float3
 
     .venv/bin/python benchmarks/throughput.py                     # 80 prompts x 128 tokens
     .venv/bin/python benchmarks/throughput.py --num-prompts 16 --hf-prompts 2 --max-tokens 32
+
+``--model`` takes a built-in name, a .gguf file or an HF folder (the smoke test's tiny model).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 10) -> float:
@@ -40,8 +39,13 @@ def run_hf(model: str, prompts: list[list[int]], max_tokens: int) -> tuple[int, 
 
     from leanserve.model.loader import resolve
 
-    path = resolve(model).path
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    source = resolve(model)
+    if source.kind == "gguf":
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(source.path.parent), gguf_file=source.path.name,
+                                                               dtype=torch.float32)
+    else:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch.float32)
+    hf = hf.eval()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     hf.generate(torch.tensor([prompts[0]]), max_new_tokens=4, do_sample=False)  # warm-up
@@ -53,13 +57,14 @@ def run_hf(model: str, prompts: list[list[int]], max_tokens: int) -> tuple[int, 
     return tokens, time.perf_counter() - start
 
 
-def chat_prompts(model: str, num_prompts: int, data: Path | None = None) -> list[list[int]]:
-    """The chat workload's prompts as token ids: MT-Bench first turns through the model's chat template."""
+def chat_prompts(model: str, num_prompts: int, data_dir: Path | None = None) -> list[list[int]]:
+    """The chat workload's prompts as token ids: the first ``num_prompts`` MT-Bench first turns, in the
+    file's order, through the model's chat template (the questions shipped in the package, or ``data_dir``'s)."""
+    from leanserve.bench.workloads import load_mt_bench
     from leanserve.model.loader import load_config_and_tokenizer, resolve
 
     _, tokenizer, _ = load_config_and_tokenizer(resolve(model))
-    data = data or ROOT.parent / "shared" / "data" / "mt_bench_questions.jsonl"
-    questions = [json.loads(line)["turns"][0] for line in data.read_text().splitlines() if line.strip()]
+    questions = [q["turns"][0] for q in load_mt_bench(data_dir)]
     return [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions[:num_prompts]]
 
 
@@ -90,13 +95,14 @@ def main() -> None:
     ap.add_argument("--hf-prompts", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--max-num-seqs", type=int, default=128)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mt_bench_questions.jsonl"))
+    ap.add_argument("--data-dir", type=Path, default=None,
+                    help="folder with mt_bench_questions.jsonl (default: the copy shipped in the package)")
     args = ap.parse_args()
 
     from leanserve.model.loader import load_config_and_tokenizer, resolve
 
     cfg, _, _ = load_config_and_tokenizer(resolve(args.model))
-    prompts = chat_prompts(args.model, args.num_prompts, Path(args.data))
+    prompts = chat_prompts(args.model, args.num_prompts, args.data_dir)
 
     peak = measure_matmul_peak()
     hf_tokens, hf_s = run_hf(args.model, prompts[: args.hf_prompts], args.max_tokens)

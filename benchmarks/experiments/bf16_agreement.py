@@ -8,8 +8,8 @@ differently and the continuations part; agreement up to the first divergence is 
 
 On a CPU without AVX512-BF16/AMX torch emulates bfloat16 (about 1 GFLOP/s here), so keep N small:
 
-    .venv/bin/python benchmarks/bf16_agreement.py --num-prompts 8 --max-tokens 32
-    .venv/bin/python benchmarks/bf16_agreement.py --num-prompts 40 --max-tokens 64 --hf   # with HF's own rate
+    .venv/bin/python benchmarks/experiments/bf16_agreement.py --num-prompts 8 --max-tokens 32
+    .venv/bin/python benchmarks/experiments/bf16_agreement.py --num-prompts 40 --max-tokens 64 --hf   # with HF's own rate
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from leanserve.engine.engine import LLM
 from leanserve.types import SamplingParams
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
                     help="also HF transformers' own bfloat16 vs float32 agreement on the same prompts (the baseline "
                          "for what bfloat16 alone does to greedy decoding), and leanserve bf16 vs HF bf16")
     args = ap.parse_args()
-    path = ROOT.parent / "shared" / "data" / "mt_bench_questions.jsonl"
+    path = ROOT / "leanserve" / "data" / "mt_bench_questions.jsonl"
     prompts = [json.loads(line)["turns"][0] for line in path.read_text().splitlines() if line.strip()][: args.num_prompts]
     messages = [[{"role": "user", "content": p}] for p in prompts]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)

@@ -8,8 +8,8 @@ the float32 one, and KL(p_fp32 || p_bf16) of the next-token distributions. The b
 rows at once, so with N > 4 the bf16 matmuls are the dense path (AMX on CPUs that have it).
 Compare paths by environment: LEANSERVE_AMX=0 (oneDNN), LEANSERVE_AVX512=0 (AVX2 attention).
 
-    .venv/bin/python benchmarks/bf16_error.py
-    LEANSERVE_AMX=0 .venv/bin/python benchmarks/bf16_error.py
+    .venv/bin/python benchmarks/experiments/bf16_error.py
+    LEANSERVE_AMX=0 .venv/bin/python benchmarks/experiments/bf16_error.py
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from leanserve import kernels  # noqa: E402
@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=40)
     ap.add_argument("--steps", type=int, default=64)
     args = ap.parse_args()
-    path = ROOT.parent / "shared" / "data" / "mt_bench_questions.jsonl"
+    path = ROOT / "leanserve" / "data" / "mt_bench_questions.jsonl"
     texts = [json.loads(line)["turns"][0] for line in path.read_text().splitlines() if line.strip()][: args.num_prompts]
     tok = load_model(args.model, torch.float32).tokenizer
     prompts = [tok.encode(t) for t in texts]

@@ -8,7 +8,7 @@ against it (largest difference) and their medians given as its ratio. The machin
 minute to minute, so only ratios from one run mean anything.
 
     git show HEAD:leanserve/kernels/csrc/qlinear.cpp > /tmp/base.cpp    # then edit a copy
-    .venv/bin/python benchmarks/qlinear_ab.py /tmp/base.cpp /tmp/variant.cpp --threads 2 --passes 40
+    .venv/bin/python benchmarks/experiments/qlinear_ab.py /tmp/base.cpp /tmp/variant.cpp --threads 2 --passes 40
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ def test_bf16_decode_stays_close_to_float32_teacher_forced():
     # bfloat16 changes greedy outputs at near-ties, so its kernels (the AMX matmul, the AVX512-BF16
     # attention, where the CPU has them) are held to float32 teacher-forced: both models fed the
     # float32 greedy tokens, 16 sequences decoding together (past qlinear's rows: the dense bf16
-    # path). benchmarks/bf16_error.py measured 98.0-98.5% argmax agreement, mean KL ~9e-4 (40 x 64).
+    # path). benchmarks/experiments/bf16_error.py measured 98.0-98.5% argmax agreement, mean KL ~9e-4 (40 x 64).
     from leanserve.engine.engine import cpu_has_native_bf16
     from leanserve.model.attention import AttentionMetadata
 
