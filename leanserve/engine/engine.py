@@ -47,7 +47,7 @@ def resolve_device(device: str) -> torch.device:
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """AVX512-BF16 or AMX-BF16: bfloat16 matmuls run in hardware. Without them torch emulates
-    bfloat16 on CPU, ~100x slower than float32 here (docs/benchmarks.md)."""
+    bfloat16 on CPU, ~100x slower than float32 here (docs/performance.md)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
