@@ -6,16 +6,16 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import DATA_DIR, ROOT, mt_bench_prompts
+from tests.conftest import ROOT
 
 NUM_PROMPTS, OUTPUT_LEN = 6, 8
 
 
 def test_bench_measures_a_real_leanserve_server(server, tmp_path):
-    mt_bench_prompts(1)  # skips without the shared data
+    # the chat workload's questions come from the package's own copy (no --data-dir)
     out = tmp_path / "run.json"
     cmd = [sys.executable, "-m", "leanserve", "bench", "--base-url", server.base_url, "--workload", "chat",
-           "--data-dir", str(DATA_DIR), "--num-prompts", str(NUM_PROMPTS), "--output-len", str(OUTPUT_LEN),
+           "--num-prompts", str(NUM_PROMPTS), "--output-len", str(OUTPUT_LEN),
            "--ignore-eos", "--concurrency", "3", "--price-per-hour", "0.36", "--json", str(out), "--no-progress"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
