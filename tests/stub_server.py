@@ -38,7 +38,7 @@ class StubConfig:
     honor_max_tokens: bool = True
     model: str = "stub-model"
     report_usage: bool = True  # include usage in the final chunk when stream_options.include_usage
-    cost_per_token_usd: float | None = None  # adds usage.cost.usd like a leanserve server
+    cost_per_token_usd: float | None = None  # adds usage.cost (USD) like a leanserve server
     max_concurrency: int = 0  # 0: unlimited
     role_chunk: bool = True  # chat: send an empty-content role chunk first, as real servers do
     fail_status: int = 0  # >0: every `fail_every`-th request answers with this HTTP status
@@ -98,7 +98,7 @@ def create_app(config: StubConfig | None = None) -> FastAPI:
         def usage() -> dict[str, Any]:
             u: dict[str, Any] = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
             if cfg.cost_per_token_usd is not None:
-                u["cost"] = {"usd": cfg.cost_per_token_usd * (n_in + n_out)}
+                u["cost"] = cfg.cost_per_token_usd * (n_in + n_out)
             return u
 
         def chunk(text: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:

@@ -231,9 +231,9 @@ async def send_request(
                     details = usage.get("prompt_tokens_details")
                     if isinstance(details, dict) and details.get("cached_tokens") is not None:
                         record.cached_tokens = int(details["cached_tokens"])
-                    cost = usage.get("cost")
-                    if isinstance(cost, dict) and cost.get("usd") is not None:
-                        record.server_cost_usd = float(cost["usd"])
+                    cost = usage.get("cost")  # USD as a number (leanserve, OpenRouter)
+                    if isinstance(cost, int | float) and not isinstance(cost, bool) and math.isfinite(cost):
+                        record.server_cost_usd = float(cost)
     except httpx.TimeoutException as e:
         record.error_kind, record.error = "timeout", f"{type(e).__name__}: no data for {cfg.timeout_s:g} s"
         return record, "".join(parts)

@@ -48,7 +48,7 @@ class RequestRecord:
     num_chunks: int = 0
     requested_output_tokens: int | None = None
     cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when reported
-    server_cost_usd: float | None = None  # usage.cost.usd, when reported (a leanserve server does)
+    server_cost_usd: float | None = None  # usage.cost (USD), when reported (a leanserve server does)
     generated_text: str | None = None
 
     @property

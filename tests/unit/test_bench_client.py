@@ -77,7 +77,7 @@ def test_tokens_come_from_usage_and_cost_is_reported(timed_run):
     assert r["output_tokens_counted_by"] == "usage" and r["input_tokens_counted_by"] == "usage"
     # the stub counts prompt words; the random workload sends exactly 32 words
     assert all(q["input_tokens"] == 32 for q in r["requests"])
-    # the stub bills 1e-6 $/token (usage.cost.usd): server-side $/Mtok is exactly 1
+    # the stub bills 1e-6 $/token (usage.cost, USD): server-side $/Mtok is exactly 1
     assert r["server_reported_cost_usd"] == pytest.approx(1e-6 * (12 * 32 + 12 * OUT))
     assert r["server_cost_per_million_total_tokens"] == pytest.approx(1.0)
     # our own $/Mtok at the L4 list price
