@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("leanserve.async_engine")
 
+DEFAULT_MAX_QUEUE = 256  # sequences that may wait beyond a full batch (leanserve serve --max-queue)
+
 
 class InvalidRequestError(ValueError):
     """The engine refused the request (the message is for the user: an HTTP 400)."""
@@ -179,7 +181,7 @@ class _Abort:
 class AsyncEngine:
     """Runs ``engine`` in a background thread. Create it, then ``start()`` inside the event loop."""
 
-    def __init__(self, engine: EngineCore, max_queue: int = 256) -> None:
+    def __init__(self, engine: EngineCore, max_queue: int = DEFAULT_MAX_QUEUE) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.engine = engine
@@ -209,7 +211,7 @@ class AsyncEngine:
     # ---- lifecycle ---------------------------------------------------------------------------
 
     @classmethod
-    def built_on_engine_thread(cls, build: Callable[[], EngineCore], max_queue: int = 256) -> AsyncEngine:
+    def built_on_engine_thread(cls, build: Callable[[], EngineCore], max_queue: int = DEFAULT_MAX_QUEUE) -> AsyncEngine:
         """Build the engine on the thread that will run its loop; return once it is built (``build``'s
         exception is raised here). On CPU, all of torch's parallel work then starts from one thread:
         with OpenMP teams in two threads (the loader and the loop), libgomp on a 2-core machine stops

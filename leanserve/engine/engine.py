@@ -341,7 +341,7 @@ def _find_stop(text: str, stops: Sequence[str], detok: IncrementalDetokenizer, i
 class LLM:
     """Offline batch generation: ``LLM("smollm2-135m").generate(prompts, SamplingParams(...))``."""
 
-    def __init__(self, model: str = "smollm2-135m", loaded: LoadedModel | None = None, **kwargs: Any) -> None:
+    def __init__(self, model: str = EngineConfig.model, loaded: LoadedModel | None = None, **kwargs: Any) -> None:
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs), loaded)
         self.tokenizer = self.engine.tokenizer
 

@@ -76,8 +76,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     )
 }
 
-DEFAULT_MODEL = "smollm2-135m"
-
 
 def model_store() -> Path:
     """Where pulled models live: $LEANSERVE_HOME/models, default ~/.cache/leanserve/models."""

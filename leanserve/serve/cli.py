@@ -21,6 +21,7 @@ from leanserve import env
 from leanserve.argtypes import add_config_args, config_from_args, nonneg_float, nonneg_int, port
 from leanserve.cli_common import CLIError, add_engine_args, engine_config, ensure_model
 from leanserve.config import EngineConfig
+from leanserve.engine.async_engine import DEFAULT_MAX_QUEUE
 from leanserve.serve import transport
 from leanserve.serve.transport import TransportConfig
 
@@ -54,9 +55,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="comma-separated names the Host header may carry (any port; *.example.com for subdomains; "
                         "'*': no check). Bound to loopback, localhost, 127.0.0.1 and [::1] are allowed and these "
                         "add to them; elsewhere no check unless given")
-    g.add_argument("--max-queue", type=nonneg_int, default=256, metavar="N",
+    g.add_argument("--max-queue", type=nonneg_int, default=DEFAULT_MAX_QUEUE, metavar="N",
                    help="sequences that may wait beyond a full batch (--max-num-seqs); past it: 429 with Retry-After "
-                        "(default 256)")
+                        "(default %(default)d)")
     g.add_argument("--request-timeout", type=nonneg_float, default=ServerSettings.request_timeout, metavar="S",
                    help="abort a request S seconds after it arrived: 504, or an error event when streaming "
                         "(default %(default)g; 0: no limit)")
