@@ -186,8 +186,10 @@ class LLMEngine:
         group = _Group(request_id, ids, params)
         for i in range(params.n):
             rid = request_id if params.n == 1 else f"{request_id}#{i}"
-            # n seeded samples must differ from each other and still be reproducible: seed + i
-            child = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
+            # n seeded samples must differ from each other and still be reproducible: seed + i, wrapped
+            # into int64 so that every valid seed stays valid
+            child = params if params.seed is None or i == 0 else dataclasses.replace(
+                params, seed=(params.seed + i + 2**63) % 2**64 - 2**63)
             req = Request(rid, ids, child, priority)
             seq = _Sequence(req, group, i, IncrementalDetokenizer(self.tokenizer, ids),
                             logprobs=[] if params.logprobs is not None else None)
