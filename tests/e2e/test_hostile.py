@@ -241,6 +241,7 @@ def G(name: str, **sampling) -> Case:
 
 
 DEEP = 10_000
+MSG = [{"role": "user", "content": "hi"}]
 CASES: list[Case] = [
     # ---- bodies that are not what they claim --------------------------------------------------
     C("bad-json", 400, raw=b'{"prompt": "hi",', code="invalid_json"),
