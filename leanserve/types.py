@@ -45,6 +45,8 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "frequency_penalty": (-2.0, 2.0, True),
     "repetition_penalty": (0.01, 10.0, True),
     "logprobs": (0, MAX_LOGPROBS, True),
+    "prompt_logprobs": (0, MAX_LOGPROBS, True),
+    "prompt_logprobs_start": (0, INT32_MAX, True),
     "seed": (INT64_MIN, INT64_MAX, True),
     "logit_bias": (-100.0, 100.0, True),  # each value
 }
@@ -85,6 +87,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs to return per token (0: only the chosen)
     include_stop_str_in_output: bool = False
+    # log-probabilities of the prompt's own tokens (vLLM's prompt_logprobs: the top-N alternatives
+    # too), for prompt tokens from prompt_logprobs_start on; tokens before it may come from the
+    # prefix cache and get none (the first token never has one)
+    prompt_logprobs: int | None = None
+    prompt_logprobs_start: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -93,11 +100,13 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         for name in ("n", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
-                     "frequency_penalty", "repetition_penalty", "logprobs", "seed"):
+                     "frequency_penalty", "repetition_penalty", "logprobs", "seed", "prompt_logprobs",
+                     "prompt_logprobs_start"):
             v = getattr(self, name)
-            if v is None and name in ("max_tokens", "logprobs", "seed"):
+            if v is None and name in ("max_tokens", "logprobs", "seed", "prompt_logprobs"):
                 continue
-            is_int = name in ("n", "max_tokens", "min_tokens", "top_k", "logprobs", "seed")
+            is_int = name in ("n", "max_tokens", "min_tokens", "top_k", "logprobs", "seed", "prompt_logprobs",
+                              "prompt_logprobs_start")
             ok_type = isinstance(v, int) if is_int else isinstance(v, int | float)
             _check(ok_type and not isinstance(v, bool), name, f"must be {'an integer' if is_int else 'a number'}, "
                                                               f"got {v!r}")
@@ -182,6 +191,16 @@ class Request:
     def is_finished(self) -> bool:
         return self.status.finished
 
+    @property
+    def max_cached_tokens(self) -> int:
+        """Tokens the prefix cache may supply: never the last (a step must run the model to sample),
+        nor any position whose logits a prompt logprob needs."""
+        limit = self.num_tokens - 1
+        p = self.sampling_params
+        if p.prompt_logprobs is not None:
+            limit = min(limit, max(p.prompt_logprobs_start, 1) - 1)
+        return limit
+
 
 @dataclass
 class ScheduledRequest:
@@ -213,6 +232,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # (token_id, logprob) of the top-n alternatives, best first
+    rank: int | None = None  # 1 + how many tokens were likelier (prompt logprobs); 1: the argmax
 
 
 @dataclass
@@ -221,6 +241,8 @@ class StepOutput:
 
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    # request id -> (prompt index, logprob of that prompt token given the ones before it)
+    prompt_logprobs: dict[str, list[tuple[int, TokenLogprob]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -243,6 +265,7 @@ class RequestOutput:
     error: str | None = None
     machine_seconds: float = 0.0  # engine time charged to this request so far (leanserve.cost.meter)
     prefill_seconds: float = 0.0  # of machine_seconds, the share of its prompt tokens (the rest: decode)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token when asked for
 
     @property
     def num_prompt_tokens(self) -> int:

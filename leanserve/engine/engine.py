@@ -76,6 +76,7 @@ class _Sequence:
     text: str = ""
     logprobs: list[TokenLogprob] | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: dict[int, TokenLogprob] | None = None  # prompt index -> logprob (a recompute overwrites)
 
 
 @dataclass
@@ -192,7 +193,8 @@ class LLMEngine:
                 params, seed=(params.seed + i + 2**63) % 2**64 - 2**63)
             req = Request(rid, ids, child, priority)
             seq = _Sequence(req, group, i, IncrementalDetokenizer(self.tokenizer, ids),
-                            logprobs=[] if params.logprobs is not None else None)
+                            logprobs=[] if params.logprobs is not None else None,
+                            prompt_logprobs={} if params.prompt_logprobs is not None else None)
             group.seqs.append(seq)
         for seq in group.seqs:
             self.scheduler.add_request(seq.request)
@@ -259,6 +261,10 @@ class LLMEngine:
             if in_prompt > 0:
                 prefill[gid] = prefill.get(gid, 0) + in_prompt
         result = self.runner.execute(sched)
+        for rid, items in result.prompt_logprobs.items():
+            seq = self._seqs[rid]
+            assert seq.prompt_logprobs is not None
+            seq.prompt_logprobs.update(items)
         updated = self.scheduler.update(sched, result.sampled)
         touched: dict[str, _Group] = {}
         for req in updated:
@@ -310,8 +316,12 @@ class LLMEngine:
                                          s.request.status.value if done else None,
                                          list(s.logprobs) if s.logprobs is not None else None, s.stop_reason))
         cached = max(0, g.seqs[0].request.num_cached_tokens)
+        prompt_lps = None
+        if g.seqs[0].prompt_logprobs is not None:  # every choice scores the same prompt: the first's
+            got = g.seqs[0].prompt_logprobs
+            prompt_lps = [got.get(i) for i in range(len(g.prompt_token_ids))]
         return RequestOutput(g.request_id, g.prompt_token_ids, outs, cached, g.finished, g.error,
-                             self.meter.charged(g.request_id), self.meter.charged_prefill(g.request_id))
+                             self.meter.charged(g.request_id), self.meter.charged_prefill(g.request_id), prompt_lps)
 
     # ---- stats -------------------------------------------------------------------------------
 

@@ -109,8 +109,9 @@ class KVCacheManager:
         """The longest run of cached blocks matching the start of ``request.all_token_ids``.
 
         Returns (block ids, number of tokens they hold). Pure lookup: nothing is touched or
-        counted until ``allocate_slots`` consumes the result. At least one token is always left
-        to compute, since the step that samples the next token has to run the model on something.
+        counted until ``allocate_slots`` consumes the result. At most ``request.max_cached_tokens``:
+        at least one token is always left to compute, since the step that samples the next token
+        has to run the model on something, and positions whose prompt logprobs were asked for too.
         """
         if not self.enable_prefix_caching:
             return [], 0
@@ -118,7 +119,7 @@ class KVCacheManager:
         bs = self.block_size
         parent: BlockHash | None = None
         hits: list[int] = []
-        for i in range((len(tokens) - 1) // bs):
+        for i in range(request.max_cached_tokens // bs):
             parent = hash_block(parent, tokens[i * bs : (i + 1) * bs])
             block_id = self._cached.get(parent)
             if block_id is None:

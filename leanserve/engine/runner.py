@@ -15,13 +15,16 @@ import torch
 from leanserve.config import CacheConfig
 from leanserve.model.attention import AttentionMetadata, GatherWorkspace
 from leanserve.model.loader import LoadedModel
-from leanserve.sampling.sampler import Sampler, SamplingRow
+from leanserve.sampling.sampler import Sampler, SamplingRow, token_logprobs
 from leanserve.types import Request, SchedulerOutput, StepOutput
 
 
 def kv_cache_block_bytes(loaded: LoadedModel, block_size: int) -> int:
     itemsize = torch.empty(0, dtype=loaded.dtype).element_size()
     return loaded.config.kv_bytes_per_token * itemsize * block_size
+
+
+PROMPT_LOGPROB_ROWS = 128  # prompt positions whose logits are computed at once (128 x 49k float32: 25 MB)
 
 
 class ModelRunner:
@@ -46,8 +49,15 @@ class ModelRunner:
         query_lens, context_lens, tables = [], [], []
         sample_rows: list[int] = []
         sampling: list[Request] = []
+        # prompt logprobs: (flat row, request, prompt index of the token that row's logits predict)
+        prompt_rows: list[tuple[int, Request, int]] = []
         for s in out.scheduled:
             r, start, n = s.request, s.request.num_computed_tokens, s.num_new_tokens
+            if r.sampling_params.prompt_logprobs is not None:
+                first = max(r.sampling_params.prompt_logprobs_start, 1)
+                base = len(input_ids) - start  # flat row of position q is base + q
+                for q in range(max(start, first - 1), min(start + n, r.num_prompt_tokens - 1)):
+                    prompt_rows.append((base + q, r, q + 1))
             input_ids += _token_slice(r, start, n)
             positions += range(start, start + n)
             query_lens.append(n)
@@ -62,6 +72,8 @@ class ModelRunner:
         pos_t = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
         hidden = self.model(ids_t, pos_t, meta, self.kv_caches)  # (num_tokens, hidden_size)
         result = StepOutput()
+        if prompt_rows:
+            self._prompt_logprobs(hidden, prompt_rows, result)
         if not sampling:
             return result
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
@@ -72,6 +84,21 @@ class ModelRunner:
             if lp is not None:
                 result.logprobs[r.request_id] = lp
         return result
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list[tuple[int, Request, int]],
+                         result: StepOutput) -> None:
+        """Logprob (with rank and top-N) of each asked-for prompt token given the tokens before it,
+        from the logits of the row before it; in slices, so a long prefill never holds all its logits."""
+        for lo in range(0, len(prompt_rows), PROMPT_LOGPROB_ROWS):
+            part = prompt_rows[lo:lo + PROMPT_LOGPROB_ROWS]
+            rows = torch.tensor([row for row, _, _ in part], dtype=torch.long, device=self.device)
+            logits = self.model.compute_logits(hidden[rows])  # (len(part), vocab_size)
+            targets = [r.prompt_token_ids[i] for _, r, i in part]
+            top_n = max(r.sampling_params.prompt_logprobs or 0 for _, r, _ in part)
+            for (_, r, i), lp in zip(part, token_logprobs(logits, targets, top_n)):
+                n = r.sampling_params.prompt_logprobs or 0
+                lp.top = lp.top[:n]
+                result.prompt_logprobs.setdefault(r.request_id, []).append((i, lp))
 
     def _sampling_row(self, r: Request) -> SamplingRow:
         p = r.sampling_params

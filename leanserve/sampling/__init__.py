@@ -6,6 +6,7 @@ from leanserve.sampling.sampler import (
     SamplingRow,
     apply_top_k_top_p_min_p,
     process_logits,
+    token_logprobs,
 )
 
-__all__ = ["Sampler", "SamplerOutput", "SamplingRow", "apply_top_k_top_p_min_p", "process_logits"]
+__all__ = ["Sampler", "SamplerOutput", "SamplingRow", "apply_top_k_top_p_min_p", "process_logits", "token_logprobs"]

@@ -37,8 +37,9 @@ from leanserve.serve import responses as R
 from leanserve.serve.auth import APIKeyAuth, _bearer
 from leanserve.serve.errors import APIError, from_value_error, install_error_handlers, invalid
 from leanserve.serve.metrics import CONTENT_TYPE, ServerMetrics
-from leanserve.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse,
-                                      CompletionRequest, CompletionResponse, ErrorResponse, ModelCard, ModelList)
+from leanserve.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                                      CompletionResponse, ErrorResponse, ModelCard, ModelList, TokenizeRequest,
+                                      TokenizeResponse)
 from leanserve.tokenizer import ChatTemplateError
 from leanserve.types import Priority, RequestOutput, SamplingParams
 
@@ -157,10 +158,14 @@ class OpenAIServer:
                           "invalid_value") from None
 
     def sampling_params(self, body: CompletionRequest | ChatCompletionRequest, num_prompt: int,
-                        logprobs: int | None) -> SamplingParams:
+                        logprobs: int | None, prompt_logprobs: int | None = None,
+                        prompt_logprobs_start: int = 0) -> SamplingParams:
         max_tokens = body.max_output_tokens
         if max_tokens is None:  # as vLLM: up to the context
             max_tokens = self.max_model_len - num_prompt
+        # max_tokens 0 (echo only): the engine samples one token at the end of the prefill anyway;
+        # the response leaves it out
+        max_tokens = max(max_tokens, 1)
         bias = None
         if body.logit_bias:
             bias = {int(k): float(v) for k, v in body.logit_bias.items()}
@@ -178,7 +183,8 @@ class OpenAIServer:
                 frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
                 logit_bias=bias, seed=body.seed, stop=tuple(body.stop_list), stop_token_ids=stop_ids,
                 ignore_eos=body.ignore_eos, logprobs=logprobs,
-                include_stop_str_in_output=body.include_stop_str_in_output)
+                include_stop_str_in_output=body.include_stop_str_in_output, prompt_logprobs=prompt_logprobs,
+                prompt_logprobs_start=prompt_logprobs_start)
         except ValueError as e:
             raise from_value_error(e) from None
 
@@ -199,7 +205,10 @@ class OpenAIServer:
         if not ids:
             raise invalid("prompt: the prompt is empty", "prompt", "invalid_value")
         self.check_length(len(ids), body.max_tokens, "prompt")
-        params = self.sampling_params(body, len(ids), body.logprobs)
+        # prompt log-probabilities: echo with logprobs (OpenAI) and prompt_logprobs (vLLM)
+        wanted = [n for n in (body.logprobs if body.echo else None, body.prompt_logprobs) if n is not None]
+        params = self.sampling_params(body, len(ids), body.logprobs, max(wanted) if wanted else None,
+                                      body.prompt_logprobs_start)
         return await self._generate(request, body, ids, params, chat=False)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
@@ -240,8 +249,19 @@ class OpenAIServer:
             return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
         out = await self._collect(rid, stream, request)
         cost = await self.billing.settle(stream.receipt)
-        build = R.chat_response if chat else R.completion_response
-        return JSONResponse(build(rid, created, self.model, out, self.token_text, cost))
+        if chat:
+            return JSONResponse(R.chat_response(rid, created, self.model, out, self.token_text, cost))
+        assert isinstance(body, CompletionRequest)
+        if body.max_tokens == 0:  # echo only: the token sampled after the prompt is not part of the answer
+            for c in out.outputs:
+                c.text, c.token_ids, c.logprobs = "", [], [] if c.logprobs is not None else None
+        echo = None
+        if body.echo:
+            prompt = body.prompt_input
+            echo = prompt if isinstance(prompt, str) else await asyncio.to_thread(
+                self.tokenizer.decode, ids, skip_special_tokens=False)
+        return JSONResponse(R.completion_response(rid, created, self.model, out, self.token_text, cost, echo,
+                                                  prompt_logprobs=body.prompt_logprobs is not None))
 
     def _error_for(self, e: BaseException) -> APIError:
         if isinstance(e, RequestTimeoutError):
@@ -346,6 +366,22 @@ class OpenAIServer:
                 self.metrics.finished(stream, None, "abort", time.monotonic())
             self.engine.abort(rid)  # no-op once finished
 
+    async def tokenize_request(self, body: TokenizeRequest) -> dict[str, Any]:
+        self.check_model(body.model)
+        if body.messages is not None:
+            if not self.tokenizer.has_chat_template:
+                raise invalid(f"the model {self.model!r} has no chat template; tokenize a prompt", "messages",
+                              "chat_template_missing")
+            messages = [m.to_template() for m in body.messages]
+            self.check_chars(sum(len(m["content"]) for m in messages), "messages")
+            ids = await self.tokenize(lambda: self.tokenizer.encode_chat(messages), "messages")
+        else:
+            text = body.prompt or ""
+            self.check_chars(len(text), "prompt")
+            ids = await self.tokenize(lambda: self.tokenizer.encode(text, add_special_tokens=body.add_special_tokens),
+                                      "prompt")
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
+
     # ---- the rest ----------------------------------------------------------------------------
 
     def model_card(self) -> dict[str, Any]:
@@ -429,6 +465,11 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, on_ready: Callable[
                          **_error_responses(400, 401, 404, 429, 500, 504)})
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
         return await server.chat_completions(body, request)
+
+    @app.post("/tokenize", tags=["openai"], dependencies=secured, response_model=TokenizeResponse,
+              responses=_error_responses(400, 401, 404), summary="token ids of a prompt or conversation (vLLM's shape)")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        return await server.tokenize_request(body)
 
     _drop_422_from_openapi(app)
     return app

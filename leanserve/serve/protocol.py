@@ -5,7 +5,7 @@ failure into a 400 in OpenAI's error format. What needs the model (prompt length
 context, token ids against the vocabulary) is checked by the server after tokenizing.
 
 Unknown fields are ignored, as OpenAI-compatible servers do, so clients that send newer OpenAI
-options keep working; options whose meaning we cannot honour (tools, echo, suffix, JSON mode) are
+options keep working; options whose meaning we cannot honour (tools, suffix, JSON mode) are
 refused with a 400 instead of being silently dropped.
 """
 
@@ -166,10 +166,19 @@ class CompletionRequest(_SamplingFields):
 
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         ..., description="a string, a list holding one string, token ids, or a list holding one list of token ids")
-    max_tokens: int | None = bounded("max_tokens", None, "omitted: up to the model's context length")
+    max_tokens: int | None = Field(None, ge=0, le=BOUNDS["max_tokens"][1],
+                                   description="omitted: up to the model's context length; 0 only with echo (the "
+                                               "prompt's log-probabilities alone)")
     logprobs: int | None = bounded("logprobs", None, "return the log-probability of each token and of the N most "
                                                      "likely ones")
-    echo: bool = Field(False, description="not supported (must be false)")
+    echo: bool = Field(False, description="return the prompt before the completion; with logprobs, the prompt "
+                                          "tokens' log-probabilities too (the first token's is null)")
+    prompt_logprobs: int | None = bounded("prompt_logprobs", None, "vLLM extra: the log-probability, rank and N "
+                                                                   "most likely alternatives of each prompt token")
+    prompt_logprobs_start: int = bounded("prompt_logprobs_start", 0, "leanserve extra: prompt log-probabilities "
+                                                                      "(echo or prompt_logprobs) only from this token "
+                                                                      "on (null before); the tokens before may come "
+                                                                      "from the prefix cache")
     suffix: str | None = Field(None, description="not supported")
     best_of: int | None = Field(None, ge=1, description="only best_of == n is supported")
 
@@ -199,8 +208,10 @@ class CompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _check(self) -> "CompletionRequest":
         self._check_stream_options()
-        if self.echo:
-            raise ValueError("echo: echoing the prompt is not supported by this server")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: must be >= 1 (0 only with echo: true)")
+        if self.stream and (self.echo or self.prompt_logprobs is not None):
+            raise ValueError(f"{'echo' if self.echo else 'prompt_logprobs'}: not supported with stream: true")
         if self.suffix:
             raise ValueError("suffix: insertion (suffix) is not supported by this server")
         if self.best_of is not None and self.best_of != self.n:
@@ -305,6 +316,38 @@ class ChatCompletionRequest(_SamplingFields):
         return self.top_logprobs or 0
 
 
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's shape): a prompt's token ids, or a conversation's through the chat template."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, max_length=MAX_MODEL_NAME_CHARS)
+    prompt: str | None = Field(None, description="text to tokenize")
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES,
+                                               description="or a conversation, through the chat template")
+    add_special_tokens: bool = Field(True, description="with prompt: add BOS as the model does")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_unicode(cls, v: Any) -> Any:
+        bad = _bad_unicode(v)
+        if bad is not None:
+            raise ValueError(f"{bad.split('.')[0].split('[')[0]}: the text at {bad} is not valid Unicode")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("prompt: give exactly one of prompt and messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
 # ---- responses (documentation only: the server writes them as plain dicts) ----------------------
 
 class PromptTokensDetails(BaseModel):
@@ -332,8 +375,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None] = Field(..., description="with echo, null for the first prompt token")
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 
@@ -341,6 +384,9 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = Field(
+        None, description="vLLM extra, with prompt_logprobs: per prompt token, null or {token id: {logprob, rank, "
+                          "decoded_token}}")
     finish_reason: Literal["stop", "length"] | None
     stop_reason: str | int | None = Field(None, description="vLLM extra: the stop string or token id that matched")
 

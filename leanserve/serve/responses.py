@@ -115,6 +115,47 @@ def completion_logprobs(lps: Sequence[TokenLogprob], tt: TokenText, offset: int 
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}, offset
 
 
+def prompt_completion_logprobs(prompt_ids: Sequence[int], lps: Sequence[TokenLogprob | None] | None,
+                               tt: TokenText) -> tuple[dict[str, Any], int]:
+    """The legacy completions format for an echoed prompt: every prompt token, with null logprobs
+    where none was computed (the first token; tokens before ``prompt_logprobs_start``)."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    offset = 0
+    for i, tid in enumerate(prompt_ids):
+        text = tt.text(tid)
+        lp = lps[i] if lps is not None and i < len(lps) else None
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        if lp is None:
+            token_lps.append(None)
+            tops.append(None)
+            continue
+        token_lps.append(lp.logprob)
+        top: dict[str, float] = {}
+        for t, v in lp.top:
+            top.setdefault(tt.text(t), v)
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}, offset
+
+
+def vllm_prompt_logprobs(prompt_ids: Sequence[int], lps: Sequence[TokenLogprob | None] | None,
+                         tt: TokenText) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs``: per prompt token, null or {token id: {logprob, rank, decoded_token}}
+    holding the token itself and its top-N alternatives."""
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for i, tid in enumerate(prompt_ids):
+        lp = lps[i] if lps is not None and i < len(lps) else None
+        if lp is None:
+            out.append(None)
+            continue
+        entry = {str(tid): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": tt.text(tid)}}
+        for rank, (t, v) in enumerate(lp.top, 1):
+            entry.setdefault(str(t), {"logprob": v, "rank": rank, "decoded_token": tt.text(t)})
+        out.append(entry)
+    return out
+
+
 def chat_logprobs(lps: Sequence[TokenLogprob], tt: TokenText) -> dict[str, Any]:
     content = []
     for lp in lps:
@@ -197,12 +238,24 @@ def error_event(message: str, type: str = "server_error", code: str | None = Non
 # ---- whole responses --------------------------------------------------------------------------
 
 def completion_response(rid: str, created: int, model: str, out: RequestOutput, tt: TokenText | None,
-                        cost: dict[str, Any] | None = None) -> dict[str, Any]:
+                        cost: dict[str, Any] | None = None, echo: str | None = None,
+                        prompt_logprobs: bool = False) -> dict[str, Any]:
+    """``echo``: the prompt's text, put before each choice's text (with its tokens' logprobs first
+    when the choice has logprobs); ``prompt_logprobs``: vLLM's per-choice prompt_logprobs list."""
     choices = []
     for c in out.outputs:
-        lp = completion_logprobs(c.logprobs, tt)[0] if c.logprobs is not None and tt is not None else None
-        choices.append({"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason,
-                        "stop_reason": c.stop_reason})
+        lp = None
+        if c.logprobs is not None and tt is not None:
+            offset = 0
+            if echo is not None:
+                lp, offset = prompt_completion_logprobs(out.prompt_token_ids, out.prompt_logprobs, tt)
+            gen, _ = completion_logprobs(c.logprobs, tt, offset)
+            lp = gen if lp is None else {k: lp[k] + gen[k] for k in lp}
+        choice = {"index": c.index, "text": c.text if echo is None else echo + c.text, "logprobs": lp,
+                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+        if prompt_logprobs and tt is not None:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(out.prompt_token_ids, out.prompt_logprobs, tt)
+        choices.append(choice)
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
             "usage": usage(out, cost)}
 

@@ -264,3 +264,38 @@ def test_metrics_exposed(server):
     assert m["leanserve:prefix_cache_hits_total"] > 0  # test_cached_tokens_on_repeated_prompt
     assert m['leanserve:request_success_total{finished_reason="length"}'] > 0
     assert m["leanserve:e2e_request_latency_seconds_count"] > 0
+
+
+def test_echo_and_prompt_logprobs_score_the_prompt(server, client):
+    """The evaluation path: prompt log-probabilities through OpenAI's echo + logprobs and vLLM's
+    prompt_logprobs agree with each other, with /tokenize's ids, and with the scored-suffix form."""
+    h = {"Authorization": f"Bearer {API_KEY}"}
+    text = "The capital of France is Paris, and the capital of Italy is Rome."
+    tok = httpx.post(server.base_url + "/tokenize", json={"prompt": text}, headers=h, timeout=30).json()
+    ids = tok["tokens"]
+    assert tok["count"] == len(ids) > 10 and tok["max_model_len"] == MAX_MODEL_LEN
+    echo = client.completions.create(model=MODEL, prompt=text, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    c = echo.choices[0]
+    assert c.text == text and echo.usage.completion_tokens == 0 and echo.usage.prompt_tokens == len(ids)
+    lps = c.logprobs.token_logprobs
+    assert len(lps) == len(ids) and lps[0] is None and all(x is not None and x <= 0 for x in lps[1:])
+    assert "".join(c.logprobs.tokens) == text and c.logprobs.text_offset[0] == 0
+    # vLLM's form, on token ids, with the generated token kept this time
+    r = httpx.post(server.v1 + "/completions", headers=h, timeout=60, json={
+        "model": MODEL, "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 2}).json()
+    plp = r["choices"][0]["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(ids) and r["usage"]["completion_tokens"] == 1
+    for i in range(1, len(ids)):
+        own = plp[i][str(ids[i])]
+        assert abs(own["logprob"] - lps[i]) < 1e-4 and own["rank"] >= 1 and len(plp[i]) in (2, 3)
+    # only the tail scored: the head may come from the prefix cache, and gets null
+    start = len(ids) - 5
+    tail = httpx.post(server.v1 + "/completions", headers=h, timeout=60, json={
+        "model": MODEL, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0,
+        "prompt_logprobs_start": start}).json()["choices"][0]["logprobs"]["token_logprobs"]
+    assert tail[:start] == [None] * start
+    assert tail[start:] == pytest.approx(lps[start:], abs=1e-4)
+    # echo cannot stream; max_tokens 0 needs echo
+    for body in ({"echo": True, "stream": True}, {"max_tokens": 0}):
+        bad = httpx.post(server.v1 + "/completions", headers=h, json={"model": MODEL, "prompt": text, **body})
+        assert bad.status_code == 400, bad.text

@@ -81,7 +81,7 @@ MALFORMED = [
     ("priority-unknown", *C(priority="urgent"), 400, "priority"),
     ("stream-options-without-stream", *C(stream_options={"include_usage": True}), 400, "stream_options"),
     ("stream-not-bool", *CH(stream="maybe"), 400, "stream"),
-    ("echo", *C(echo=True), 400, "echo"),
+    ("echo-with-stream", *C(echo=True, stream=True), 400, "echo"),
     ("empty-messages", *CH(messages=[]), 400, "messages"),
     ("messages-not-list", *CH(messages="hello"), 400, "messages"),
     ("unknown-role", *CH(messages=[{"role": "wizard", "content": "x"}]), 400, "messages.0"),

@@ -51,7 +51,7 @@ def test_bad_prompts(prompt, fragment):
     ("temperature", -0.1, "greater than or equal to 0"), ("temperature", 2.5, "less than or equal to 2"),
     ("top_p", 0, "greater than 0"), ("top_p", 1.01, "less than or equal to 1"),
     ("presence_penalty", 2.1, "less than or equal to 2"), ("frequency_penalty", -2.1, "greater than or equal to -2"),
-    ("max_tokens", 0, "greater than or equal to 1"), ("logprobs", 21, "less than or equal to 20"),
+    ("max_tokens", -1, "greater than or equal to 0"), ("logprobs", 21, "less than or equal to 20"),
     ("logprobs", -1, "greater than or equal to 0"), ("seed", 2**63, "less than or equal to"),
     ("stop", ["a"] * 5, "at most 4 stop sequences"), ("stop", "", "must not be empty"), ("stop", [""], "must not be empty"),
     ("stop", 7, "string or a list of strings"), ("logit_bias", {"x": 1}, "token ids"),
@@ -60,7 +60,7 @@ def test_bad_prompts(prompt, fragment):
     ("repetition_penalty", 0.001, "greater than or equal to 0.01"), ("min_tokens", -1, "greater than or equal to 0"),
     ("priority", "now", "'interactive' or 'batch'"), ("n", "two", "valid integer"), ("n", 1.5, "valid integer"),
     ("temperature", float("nan"), "finite number"), ("stream", "maybe", "valid boolean"),
-    ("stop_token_ids", [-1], ">= 0"), ("echo", True, "not supported"), ("suffix", "x", "not supported"),
+    ("stop_token_ids", [-1], ">= 0"), ("max_tokens", 0, "0 only with echo"), ("suffix", "x", "not supported"),
     ("best_of", 3, "best_of == n"), ("stream_options", {"include_usage": True}, "only allowed when stream is true"),
 ])
 def test_completion_field_errors_name_the_field(field, value, fragment):
