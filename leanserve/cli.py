@@ -9,11 +9,12 @@ import time
 from leanserve.bench.cli import add_parser as add_bench
 from leanserve.cli_common import CLIError, add_engine_args, engine_config, ensure_model
 from leanserve.cost.cli import add_parser as add_usage
+from leanserve.eval.cli import add_parser as add_eval
 from leanserve.serve.cli import add_parser as add_serve
 
 # Every command's module is imported directly: a broken import fails `leanserve` loudly instead of
 # hiding the command. Each module keeps its heavy imports (torch, the model) inside its commands.
-COMMANDS = (add_serve, add_bench, add_usage)
+COMMANDS = (add_serve, add_bench, add_usage, add_eval)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

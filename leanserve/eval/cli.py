@@ -1,0 +1,264 @@
+"""`leanserve eval`: quality and cost of a model, in-process or behind any OpenAI-compatible server.
+
+    leanserve eval [--model NAME|PATH ENGINE FLAGS | --base-url URL] --tasks arc_easy,wikitext2 [options]
+    leanserve eval compare A.json B.json [--json]
+    leanserve eval report A.json B.json ... --html report.html
+
+``leanserve/cli.py`` adds the command through :func:`add_parser`. Every user error is one line,
+``leanserve: error: ...``, exit code 2. The backends are imported only when a run needs one
+(`make_backend`), so this module imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from leanserve.argtypes import add_config_args, config_kwargs, positive_int
+from leanserve.cli_common import CLIError, engine_config, ensure_model
+from leanserve.config import EngineConfig
+from leanserve.eval.tasks import BUILTIN_TASKS, EvalOptions, Selection, TaskError, resolve_tasks
+
+EPILOG = "Full guide: docs/eval.md."
+
+
+def _one_line_error(parser: argparse.ArgumentParser):
+    def error(message: str) -> None:  # argparse's own errors, as one line like every other user error
+        sys.stderr.write(f"leanserve: error: {message}\n")
+        raise SystemExit(2)
+    return error
+
+
+class _ModelAsFlag:
+    """Hands `add_config_args` a target that turns EngineConfig's positional MODEL into ``--model``
+    (``eval`` has sub-commands, which a positional would swallow), with no default, so that a model
+    given beside ``--base-url`` can be told apart; the flags' defaults and help stay in config.py."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    def add_argument(self, *names: str, **kwargs: Any) -> Any:
+        if names == ("model",):
+            kwargs.pop("nargs", None)
+            kwargs["default"] = None
+            return self.group.add_argument("--model", dest="model", metavar="NAME|PATH", **kwargs)
+        return self.group.add_argument(*names, **kwargs)
+
+
+def _task_names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``eval`` (with ``compare`` and ``report``) to the top-level CLI's subparsers."""
+    p = subparsers.add_parser(
+        "eval", help="measure quality beside cost: perplexity and task accuracy, in-process or over HTTP",
+        description="Run evaluation tasks on a model in this process (--model and the engine flags) or on any "
+                    "OpenAI-compatible server (--base-url), and report each task's metrics with its cost: $ and "
+                    "machine-seconds per 1,000 items, $/Mtok, items/s.", epilog=EPILOG)
+    configure_parser(p)
+    return p
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.error = _one_line_error(p)  # type: ignore[method-assign]
+    add_config_args(_ModelAsFlag(p.add_argument_group("in-process model (the engine's flags)")), EngineConfig)
+    g = p.add_argument_group("or a server")
+    g.add_argument("--base-url", metavar="URL", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000; it "
+                   "must return prompt logprobs (echo + logprobs on /v1/completions)")
+    g.add_argument("--api-key", metavar="KEY", help="bearer token for --base-url")
+    g.add_argument("--served-model", metavar="NAME", help="the model name to request (default: the server's first)")
+
+    g = p.add_argument_group("tasks")
+    g.add_argument("--tasks", type=_task_names, default=[], metavar="T1,T2",
+                   help=f"built-in tasks, comma-separated: {', '.join(BUILTIN_TASKS)}")
+    g.add_argument("--task-file", type=Path, action="append", default=[], metavar="PATH.jsonl",
+                   help='a task from a JSONL file (repeatable), lines of one shape: {"query", "choices", "gold"}, '
+                        '{"question", "answers"} or {"text"}; named by the file\'s stem')
+    pick = g.add_mutually_exclusive_group()
+    pick.add_argument("--limit", type=positive_int, metavar="N",
+                      help="N items per task, chosen by a seeded shuffle (--seed); wikitext2: the first N windows")
+    pick.add_argument("--first", type=positive_int, metavar="N", help="the first N items of each task, in file order")
+    g.add_argument("--seed", type=int, default=0, help="the shuffle that --limit draws from (default 0)")
+    g.add_argument("--context-length", type=positive_int, metavar="N",
+                   help="perplexity window in tokens (default: min(1024, the model's context))")
+    g.add_argument("--stride", type=positive_int, metavar="N",
+                   help="new tokens scored per perplexity window, < --context-length (default: context length - 1: "
+                        "windows share one token, every token but the first is scored once)")
+    g.add_argument("--batch-size", type=positive_int, default=EvalOptions.batch_size, metavar="N",
+                   help="items per backend call (default %(default)s)")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output", type=Path, metavar="PATH", help="write the results JSON")
+    g.add_argument("--save-items", action="store_true", help="keep one record per item in the results (compare "
+                   "needs them)")
+    g.add_argument("--html", type=Path, metavar="PATH", help="write a self-contained HTML report")
+    g.add_argument("--label", metavar="NAME", help="this configuration's name in tables and charts (default: the "
+                   "model and its dtype/quantization)")
+    g.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=cmd_eval)
+
+    sub = p.add_subparsers(dest="eval_command", metavar="{compare,report}")
+    c = sub.add_parser("compare", help="per-task deltas with paired statistics and the cost ratio",
+                       description="B - A per task on the items both runs scored (paired bootstrap 95%% CI, "
+                                   "McNemar's exact p), and B/A of $ and machine-seconds per 1,000 items. Both runs "
+                                   "need --save-items.", epilog=EPILOG)
+    c.error = _one_line_error(c)  # type: ignore[method-assign]
+    c.add_argument("results", nargs=2, type=Path, metavar="RESULTS.json")
+    c.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    c.add_argument("--resamples", type=positive_int, default=2000, metavar="N", help="bootstrap resamples (default 2000)")
+    c.add_argument("--seed", dest="stats_seed", type=int, default=0, help="bootstrap seed (default 0)")
+    c.set_defaults(func=cmd_compare)
+    r = sub.add_parser("report", help="an HTML quality-vs-cost report of one or more results files",
+                       description="One self-contained HTML page: a quality-vs-cost chart per task (one point per "
+                                   "configuration) and the tables.", epilog=EPILOG)
+    r.error = _one_line_error(r)  # type: ignore[method-assign]
+    r.add_argument("results", nargs="+", type=Path, metavar="RESULTS.json")
+    r.add_argument("--html", type=Path, required=True, metavar="PATH", help="where to write the page")
+    r.set_defaults(func=cmd_report)
+
+
+# ----------------------------------------------------------------------------- backends
+
+def make_backend(args: argparse.Namespace) -> Any:
+    """The backend the flags ask for: a server (--base-url) or the engine in this process."""
+    if args.base_url:
+        from leanserve.eval.server import ServerBackend
+
+        return ServerBackend(args.base_url, api_key=args.api_key, model=args.served_model)
+    from leanserve.eval.inprocess import InProcessBackend
+
+    config = engine_config(args)
+    ensure_model(config.model)
+    return InProcessBackend(config)
+
+
+def _check_backend_flags(args: argparse.Namespace) -> None:
+    """One backend: engine flags beside --base-url would be silently ignored, so they are an error."""
+    if args.base_url:
+        given = [f for f, v in config_kwargs(args, EngineConfig).items()
+                 if f != "model" and v != EngineConfig.__dataclass_fields__[f].default]
+        if args.model is not None or given:
+            flags = ["--model"] * (args.model is not None) + ["--" + f.replace("_", "-") for f in given]
+            raise CLIError(f"{', '.join(flags)} configure the in-process engine; drop them with --base-url "
+                           "(the server has its own)")
+        return
+    if args.api_key or args.served_model:
+        raise CLIError("--api-key and --served-model go with --base-url")
+    if args.model is None:
+        args.model = EngineConfig.model
+    engine_config(args)  # a bad engine value fails now, before any task data is read or a model loaded
+
+
+# ----------------------------------------------------------------------------- commands
+
+class _Reporter:
+    """Progress on stderr: one line that updates in place on a terminal, nothing otherwise; a line per task."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+
+    def progress(self, task: str, done: int, total: int) -> None:
+        if not self.quiet and self.tty:
+            sys.stderr.write(f"\r{task}: {done}/{total} ")
+            sys.stderr.flush()
+
+    def log(self, line: str) -> None:
+        if not self.quiet:
+            sys.stderr.write(("\r\033[K" if self.tty else "") + line + "\n")
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise CLIError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _print(text: str) -> None:
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `leanserve eval compare a b | head`
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep the interpreter from failing at exit
+        except OSError:
+            pass
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from leanserve.eval.html import render_report
+    from leanserve.eval.run import dumps, format_results, run_tasks
+
+    _check_backend_flags(args)
+    try:
+        options = EvalOptions(selection=Selection(limit=args.limit, seed=args.seed, first=args.first),
+                              batch_size=args.batch_size, context_length=args.context_length, stride=args.stride)
+        tasks = resolve_tasks(args.tasks, args.task_file)  # task files are read and checked now, before any load
+    except TaskError as e:
+        raise CLIError(str(e)) from None
+    for path in (args.output, args.html):
+        if path is not None and path.is_dir():
+            raise CLIError(f"{path} is a folder; give a file name")
+    backend = make_backend(args)
+    try:
+        reporter = _Reporter(args.quiet)
+        result = run_tasks(backend, tasks, options, save_items=args.save_items, label=args.label,
+                           log=reporter.log, progress=reporter.progress)
+    except TaskError as e:
+        raise CLIError(str(e)) from None
+    finally:
+        backend.close()
+    if args.output:
+        _write(args.output, dumps(result) + "\n")
+    if args.html:
+        _write(args.html, render_report([(result["label"], result)]))
+    _print(format_results(result))
+    return 0
+
+
+def _load_all(paths: list[Path]) -> list[tuple[str, dict[str, Any]]]:
+    from leanserve.eval.run import load_results
+
+    return [(p.stem, load_results(p)) for p in paths]
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from leanserve.eval.compare import compare_runs, format_comparison
+    from leanserve.eval.run import dumps
+
+    (name_a, a), (name_b, b) = _load_all(args.results)
+    if name_a == name_b:
+        name_a, name_b = str(args.results[0]), str(args.results[1])
+    comparison = compare_runs(a, b, (name_a, name_b), resamples=args.resamples, seed=args.stats_seed)
+    _print(dumps(comparison) if args.json else format_comparison(comparison))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from leanserve.eval.html import render_report, run_names
+
+    runs = _load_all(args.results)
+    _write(args.html, render_report(run_names(runs)))
+    print(f"wrote {args.html}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m leanserve.eval.cli``: the command alone, with leanserve's one-line errors."""
+    parser = argparse.ArgumentParser(prog="leanserve eval", epilog=EPILOG)
+    configure_parser(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, ValueError) as e:
+        print(f"leanserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
