@@ -16,8 +16,8 @@ from leanserve.bench.report import CSS, PALETTE, _esc, _figure, _Frame, _html_ta
 from leanserve.eval.compare import COMPARISON_HEADER, COST_HEADER, compare_runs, comparison_rows, cost_rows
 from leanserve.eval.run import METRIC_DIGITS, fmt
 
-METRIC_LABELS = {"acc": "accuracy", "acc_norm": "accuracy (length-normalized)", "exact_match": "exact match",
-                 "bits_per_byte": "bits per byte (lower is better)", "perplexity": "perplexity (lower is better)"}
+METRIC_LABELS = {"acc": "accuracy", "acc_norm": "length-normalized accuracy", "exact_match": "exact match",
+                 "bits_per_byte": "bits per byte, lower is better", "perplexity": "perplexity, lower is better"}
 DEFINITIONS = (
     "acc: the choice with the highest summed log-probability is right. acc_norm: the same, the sum divided by the "
     "choice's UTF-8 bytes. exact_match: the greedy answer equals the answer or an alias after SQuAD normalization. "
