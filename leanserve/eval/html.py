@@ -18,6 +18,9 @@ from leanserve.eval.run import METRIC_DIGITS, fmt
 
 METRIC_LABELS = {"acc": "accuracy", "acc_norm": "length-normalized accuracy", "exact_match": "exact match",
                  "bits_per_byte": "bits per byte, lower is better", "perplexity": "perplexity, lower is better"}
+FRACTIONS = ("acc", "acc_norm", "exact_match")
+LABEL_CHAR_PX = 6.2  # about one character of an 11px label
+
 DEFINITIONS = (
     "acc: the choice with the highest summed log-probability is right. acc_norm: the same, the sum divided by the "
     "choice's UTF-8 bytes. exact_match: the greedy answer equals the answer or an alias after SQuAD normalization. "
@@ -48,8 +51,11 @@ def quality_cost_svg(task: str, labels: Sequence[str], entries: Sequence[dict[st
     finite = [y for y in ys if math.isfinite(y)]
     ylo, yhi = (min(finite), max(finite)) if finite else (0.0, 1.0)
     pad = (yhi - ylo) * 0.15 or max(abs(ylo) * 0.05, 0.01)
+    ylo, yhi = max(0.0, ylo - pad), yhi + pad  # every metric here is >= 0
+    if metric in FRACTIONS:
+        yhi = min(1.0, yhi)
     xhi = max(xs) * 1.15 if max(xs) > 0 else 1.0
-    f = _Frame(0.0, xhi, ylo - pad, yhi + pad, xticks=nice_ticks(0.0, xhi), yticks=nice_ticks(ylo - pad, yhi + pad))
+    f = _Frame(0.0, xhi, ylo, yhi, xticks=nice_ticks(0.0, xhi), yticks=nice_ticks(ylo, yhi))
     p = f.open(f"{task}: quality vs cost", xlabel, f"{metric} ({METRIC_LABELS.get(metric, metric)})")
     for i, (label, x, y) in enumerate(zip(labels, xs, ys)):
         if not math.isfinite(y):
@@ -57,7 +63,8 @@ def quality_cost_svg(task: str, labels: Sequence[str], entries: Sequence[dict[st
         color = PALETTE[i % len(PALETTE)]
         cx, cy = f.px(x), f.py(y)
         short = label if len(label) <= 28 else label[:27] + "…"
-        anchor, dx = ("end", -8) if cx > f.L + f.pw * 0.7 else ("start", 8)
+        fits_right = cx + 8 + LABEL_CHAR_PX * len(short) <= f.W - f.R
+        anchor, dx = ("start", 8) if fits_right else ("end", -8)
         p.append(f'<circle class="point" cx="{cx:.2f}" cy="{cy:.2f}" r="5" fill="{color}">'
                  f'<title>{_esc(label)}: {metric} {fmt_tick(y)}, {_esc(xlabel)} {fmt_tick(x)}</title></circle>')
         p.append(f'<text class="point-label" x="{cx + dx:.1f}" y="{cy - 7:.1f}" text-anchor="{anchor}" '

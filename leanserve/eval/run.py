@@ -28,6 +28,7 @@ from leanserve.eval.tasks import EvalOptions, Task
 RESULTS_KIND = "leanserve-eval"
 RESULTS_FORMAT = 1
 LABEL_KEYS = ("dtype", "quantization", "kv_cache_dtype", "speculation")  # shown in a label when set
+LABEL_PART_MAX = 24  # a longer value (a sentence describing the weights) stays in the description only
 
 Log = Callable[[str], None]
 Progress = Callable[[str, int, int], None]  # (task, items done, items in all)
@@ -57,7 +58,8 @@ def default_label(backend_description: dict[str, Any]) -> str:
         value = backend_description.get(key)
         if key == "kv_cache_dtype" and value == backend_description.get("dtype"):
             continue  # the KV cache in the model's dtype is the default, not a lever
-        if value not in (None, "", False, "auto", "none") and str(value) not in parts:
+        if value not in (None, "", False, "auto", "none") and len(str(value)) <= LABEL_PART_MAX \
+                and str(value) not in parts:
             parts.append(str(value))
     return " ".join(parts)
 

@@ -88,6 +88,8 @@ def test_default_label():
     assert default_label({"model": "smollm2-135m", "dtype": "float32", "kv_cache_dtype": "int8"}) == \
         "smollm2-135m float32 int8"
     assert default_label({"base_url": "http://h:8000", "model": None}) == "h:8000"
+    assert default_label({"model": "smollm2-135m", "dtype": "float32",
+                          "quantization": "121 of 121 matmuls also in 4/8-bit GGUF blocks"}) == "smollm2-135m float32"
 
 
 def test_results_round_trip_and_table(tmp_path):
