@@ -172,6 +172,18 @@ class _Reporter:
             sys.stderr.write(("\r\033[K" if self.tty else "") + line + "\n")
 
 
+def _check_writable(path: Path) -> None:
+    if path.is_dir():
+        raise CLIError(f"{path} is a folder; give a file name")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CLIError(f"cannot write {path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise CLIError(f"cannot write {path}: permission denied")
+
+
 def _write(path: Path, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,9 +213,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tasks = resolve_tasks(args.tasks, args.task_file)  # task files are read and checked now, before any load
     except TaskError as e:
         raise CLIError(str(e)) from None
-    for path in (args.output, args.html):
-        if path is not None and path.is_dir():
-            raise CLIError(f"{path} is a folder; give a file name")
+    for path in (args.output, args.html):  # found now, not after an hour of evaluation
+        if path is not None:
+            _check_writable(path)
     backend = make_backend(args)
     try:
         reporter = _Reporter(args.quiet)

@@ -62,9 +62,18 @@ def test_malformed_task_file_names_file_and_line(tmp_path, capsys, backends):
     (["--tasks", "arc_easy", "--limit", "0"], "expected a whole number >= 1"),
     (["--tasks", "arc_easy", "--max-num-seqs", "0"], "max_num_seqs must be >= 1"),
     ([], "no task: give --tasks"),
+    (["--tasks", "arc_easy", "--html", "/"], "/ is a folder"),
 ])
 def test_bad_flags_are_one_line_errors(capsys, backends, argv, message):
     assert message in one_line_error(capsys, ["eval", *argv])
+    assert backends == []
+
+
+def test_an_unwritable_output_is_found_before_the_run(tmp_path, capsys, backends):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("")
+    err = one_line_error(capsys, ["eval", "--tasks", "arc_easy", "--output", str(blocker / "run.json")])
+    assert err == f"leanserve: error: cannot write {blocker / 'run.json'}: {blocker} is not a folder"
     assert backends == []
 
 

@@ -135,6 +135,8 @@ def test_acc_norm_divides_by_utf8_bytes_of_the_choice_not_characters():
     # "éé": -4.0 over 4 bytes = -1.0 (over 2 characters: -2.0); "xyz": -4.5 over 3 bytes (and characters) = -1.5
     rec = judge(MultipleChoiceItem(0, "Q", ("éé", "xyz"), gold=1), [-4.0, -4.5], [3, 4])
     assert rec["chosen_norm"] == 0  # by characters it would be 1
+    # the leading space is not counted: "a" -1.0/1 < "bb" -1.8/2 (with the space: -0.5 > -0.6, "a" would win)
+    assert judge(MultipleChoiceItem(0, "Q", ("a", "bb"), gold=1), [-1.0, -1.8], [2, 3])["chosen_norm"] == 1
     assert judge(MultipleChoiceItem(0, "Q", ("a", "b"), 0), [-1.0, -1.0], [2, 2])["chosen"] == 0  # ties: the first
 
 
