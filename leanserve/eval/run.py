@@ -143,8 +143,9 @@ def load_results(path: Path) -> dict[str, Any]:
 
 
 def dumps(result: dict[str, Any]) -> str:
-    """Strict JSON: NaN and infinity written as null."""
-    return json.dumps(_finite(result), indent=1, allow_nan=False)
+    """Strict JSON: NaN and infinity written as null; anything else JSON lacks (a path in a backend's
+    description) as its text, so a long run is never lost to a value that cannot be written."""
+    return json.dumps(_finite(result), indent=1, allow_nan=False, default=str)
 
 
 def _finite(o: Any) -> Any:

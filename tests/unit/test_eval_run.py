@@ -102,6 +102,7 @@ def test_results_round_trip_and_table(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(dumps(result))
     assert load_results(path) == json.loads(dumps(result))
+    assert json.loads(dumps({"p": Path("/m/x.gguf"), "nan": float("nan")})) == {"p": "/m/x.gguf", "nan": None}
     table = format_results(result)
     lines = table.splitlines()
     assert lines[0].startswith("fake run  (")
