@@ -120,3 +120,23 @@ def test_report_of_several_runs(tmp_path, capsys, backends):
     assert capsys.readouterr().err == f"wrote {page}\n"
     err = one_line_error(capsys, ["eval", "report", str(paths[0])])
     assert "--html" in err
+
+
+def test_make_backend_builds_the_backend_the_flags_name(monkeypatch):
+    import leanserve.eval.inprocess as inprocess
+    import leanserve.eval.server as server
+
+    made = []
+    monkeypatch.setattr(server, "ServerBackend", lambda *a, **k: made.append(("server", a, k)))
+    monkeypatch.setattr(inprocess, "InProcessBackend", lambda *a, **k: made.append(("inprocess", a, k)))
+    monkeypatch.setattr(eval_cli, "ensure_model", lambda name: made.append(("pulled", name)))
+    parser = __import__("argparse").ArgumentParser()
+    eval_cli.configure_parser(parser)
+    eval_cli.make_backend(parser.parse_args(["--base-url", "http://h:1/v1", "--api-key", "k", "--served-model", "m"]))
+    args = parser.parse_args(["--model", "gemma3-270m", "--dtype", "float32", "--max-model-len", "512"])
+    eval_cli._check_backend_flags(args)
+    eval_cli.make_backend(args)
+    assert made[0] == ("server", ("http://h:1/v1",), {"api_key": "k", "model": "m"})
+    assert made[1] == ("pulled", "gemma3-270m")
+    kind, (config,), _ = made[2]
+    assert kind == "inprocess" and (config.model, config.dtype, config.max_model_len) == ("gemma3-270m", "float32", 512)
