@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from leanserve.argtypes import add_config_args, config_kwargs, positive_int
+from leanserve.argtypes import add_config_args, config_kwargs, nonneg_float, positive_int
 from leanserve.cli_common import CLIError, engine_config, ensure_model
 from leanserve.config import EngineConfig
 from leanserve.eval.tasks import BUILTIN_TASKS, EvalOptions, Selection, TaskError, resolve_tasks
@@ -66,6 +66,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.error = _one_line_error(p)  # type: ignore[method-assign]
     add_config_args(_ModelAsFlag(p.add_argument_group("in-process model (the engine's flags)")), EngineConfig)
+    c = p.add_argument_group("in-process cost basis (docs/cost.md)")
+    c.add_argument("--hardware", default=None, metavar="NAME",
+                   help="hardware catalog entry for the price (default: the detected GPU, else cpu-local)")
+    c.add_argument("--price-per-hour", type=nonneg_float, default=None, metavar="USD",
+                   help="your $ per machine hour; overrides the catalog price")
     g = p.add_argument_group("or a server")
     g.add_argument("--base-url", metavar="URL", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000; it "
                    "must return prompt logprobs (echo + logprobs on /v1/completions)")
@@ -133,7 +138,7 @@ def make_backend(args: argparse.Namespace) -> Any:
 
     config = engine_config(args)
     ensure_model(config.model)
-    return InProcessBackend(config)
+    return InProcessBackend(config, price_per_hour=args.price_per_hour, hardware=args.hardware)
 
 
 def _check_backend_flags(args: argparse.Namespace) -> None:
@@ -145,9 +150,16 @@ def _check_backend_flags(args: argparse.Namespace) -> None:
             flags = ["--model"] * (args.model is not None) + ["--" + f.replace("_", "-") for f in given]
             raise CLIError(f"{', '.join(flags)} configure the in-process engine; drop them with --base-url "
                            "(the server has its own)")
+        if args.hardware is not None or args.price_per_hour is not None:
+            raise CLIError("--hardware and --price-per-hour set the in-process price; a server reports its own "
+                           "usage.cost")
         return
     if args.api_key or args.served_model:
         raise CLIError("--api-key and --served-model go with --base-url")
+    if args.hardware is not None:
+        from leanserve.cost.catalog import get_hardware
+
+        get_hardware(args.hardware)  # an unknown name fails now, not after the model loads
     if args.model is None:
         args.model = EngineConfig.model
     engine_config(args)  # a bad engine value fails now, before any task data is read or a model loaded

@@ -39,7 +39,7 @@ BUILTIN_TASKS = ("arc_easy", "hellaswag", "triviaqa", "wikitext2")
 DEFAULT_BATCH_SIZE = 32  # items per backend call (multiple choice: all their choices in one score())
 DEFAULT_CONTEXT_LENGTH = 1024  # perplexity windows: min(this, the backend's max_length)
 ANSWER_MAX_TOKENS = 24
-ANSWER_STOP = ("\n",)  # "." is not a stop: answers such as "St. Louis" or "J.R.R. Tolkien" hold one
+ANSWER_STOP: tuple[str, ...] = ()  # the answer is the first non-empty line (instruct models open with "\n")
 
 Progress = Callable[[int, int], None]  # (items done, items in all)
 
@@ -366,6 +366,12 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
+def first_line(text: str) -> str:
+    """The answer in a generation: its first non-empty line, stripped. ("." ends no answer: "St. Louis",
+    "J.R.R. Tolkien"; and a model that opens with a newline, as chat-tuned ones do, still answers.)"""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
 def exact_match(prediction: str, answers: Sequence[str]) -> bool:
     """The normalized prediction equals a normalized answer (answers that normalize to nothing, such
     as "The", never match)."""
@@ -402,8 +408,9 @@ class GenerationTask(Task):
             if len(texts) != len(batch):
                 raise RuntimeError(f"the backend answered {len(texts)} generations for {len(batch)} requests")
             for it, text in zip(batch, texts):
-                out.append({"index": it.index, "prediction": text, "answer": it.answers[0],
-                            "correct": exact_match(text, it.answers)})
+                answer = first_line(text)
+                out.append({"index": it.index, "prediction": answer, "generated": text, "answer": it.answers[0],
+                            "correct": exact_match(answer, it.answers)})
             if progress:
                 progress(len(out), len(picked))
         n = len(out)
@@ -700,7 +707,7 @@ def load_task_file(path: Path) -> Task:
         return MultipleChoiceTask(name, lambda: items, 'context: the query verbatim; continuations: " " + choice', where)
     if shape == "generation":
         return GenerationTask(name, lambda: items, 'prompt: "Question: {question}\\nAnswer:"; greedy, at most '
-                              f'{ANSWER_MAX_TOKENS} tokens, stop at a newline; exact match against answers', where)
+                              f'{ANSWER_MAX_TOKENS} tokens, the first non-empty line; exact match against answers', where)
     return PerplexityTask(name, lambda: items, "each text its own document, tokenized without special tokens, "
                           "rolling windows", where)
 

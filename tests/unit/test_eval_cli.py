@@ -59,6 +59,8 @@ def test_malformed_task_file_names_file_and_line(tmp_path, capsys, backends):
     (["--tasks", "arc_easy", "--base-url", "http://127.0.0.1:1", "--dtype", "float32"], "--dtype configure the in-process"),
     (["--tasks", "arc_easy", "--base-url", "http://127.0.0.1:1", "--model", "x"], "--model configure the in-process"),
     (["--tasks", "arc_easy", "--api-key", "k"], "--api-key and --served-model go with --base-url"),
+    (["--tasks", "arc_easy", "--base-url", "http://127.0.0.1:1", "--price-per-hour", "1"], "a server reports its own"),
+    (["--tasks", "arc_easy", "--hardware", "tpu-v99"], "unknown hardware"),
     (["--tasks", "arc_easy", "--limit", "0"], "expected a whole number >= 1"),
     (["--tasks", "arc_easy", "--max-num-seqs", "0"], "max_num_seqs must be >= 1"),
     ([], "no task: give --tasks"),
@@ -133,10 +135,12 @@ def test_make_backend_builds_the_backend_the_flags_name(monkeypatch):
     parser = __import__("argparse").ArgumentParser()
     eval_cli.configure_parser(parser)
     eval_cli.make_backend(parser.parse_args(["--base-url", "http://h:1/v1", "--api-key", "k", "--served-model", "m"]))
-    args = parser.parse_args(["--model", "gemma3-270m", "--dtype", "float32", "--max-model-len", "512"])
+    args = parser.parse_args(["--model", "gemma3-270m", "--dtype", "float32", "--max-model-len", "512",
+                              "--price-per-hour", "0.5"])
     eval_cli._check_backend_flags(args)
     eval_cli.make_backend(args)
     assert made[0] == ("server", ("http://h:1/v1",), {"api_key": "k", "model": "m"})
     assert made[1] == ("pulled", "gemma3-270m")
-    kind, (config,), _ = made[2]
+    kind, (config,), kw = made[2]
     assert kind == "inprocess" and (config.model, config.dtype, config.max_model_len) == ("gemma3-270m", "float32", 512)
+    assert kw == {"price_per_hour": 0.5, "hardware": None}

@@ -263,13 +263,16 @@ def test_normalize_answer():
     assert normalize_answer("  The  Quick, brown-fox's A  tale ") == "quick brownfoxs tale"
 
 
-def test_generation_is_greedy_short_and_stops_at_a_newline():
-    items = [GenerationItem(0, "Question: a?\nAnswer:", ("Paris",)), GenerationItem(1, "Question: b?\nAnswer:", ("x",))]
-    fb = FakeBackend(answers={"Question: a?\nAnswer:": " paris."})
+def test_generation_is_greedy_short_and_answers_with_the_first_non_empty_line():
+    items = [GenerationItem(0, "Question: a?\nAnswer:", ("Paris",)), GenerationItem(1, "Question: b?\nAnswer:", ("x",)),
+             GenerationItem(2, "Question: c?\nAnswer:", ("St. Louis",))]
+    fb = FakeBackend(answers={"Question: a?\nAnswer:": " paris.\nQuestion: next", "Question: c?\nAnswer:": "\n\n St. Louis \n"})
     out = GenerationTask("qa", lambda: items, "t", "t").run(fb, EvalOptions())
-    assert fb.generate_calls == [[GenerateRequest("Question: a?\nAnswer:", 24, ("\n",)),
-                                  GenerateRequest("Question: b?\nAnswer:", 24, ("\n",))]]
-    assert [r["correct"] for r in out.items] == [True, False] and out.metrics == {"exact_match": 0.5}
+    assert fb.generate_calls == [[GenerateRequest("Question: a?\nAnswer:", 24, ()),
+                                  GenerateRequest("Question: b?\nAnswer:", 24, ()),
+                                  GenerateRequest("Question: c?\nAnswer:", 24, ())]]
+    assert [r["prediction"] for r in out.items] == ["paris.", "", "St. Louis"]
+    assert [r["correct"] for r in out.items] == [True, False, True] and out.metrics == {"exact_match": 2 / 3}
 
 
 # ----------------------------------------------------------------------------- perplexity
