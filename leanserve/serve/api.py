@@ -372,12 +372,12 @@ class OpenAIServer:
             if not self.tokenizer.has_chat_template:
                 raise invalid(f"the model {self.model!r} has no chat template; tokenize a prompt", "messages",
                               "chat_template_missing")
+            # no length check against the context: counting a long text's tokens is what /tokenize is for
+            # (the body limit bounds it, and it runs on a worker thread)
             messages = [m.to_template() for m in body.messages]
-            self.check_chars(sum(len(m["content"]) for m in messages), "messages")
             ids = await self.tokenize(lambda: self.tokenizer.encode_chat(messages), "messages")
         else:
             text = body.prompt or ""
-            self.check_chars(len(text), "prompt")
             ids = await self.tokenize(lambda: self.tokenizer.encode(text, add_special_tokens=body.add_special_tokens),
                                       "prompt")
         return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
