@@ -23,7 +23,7 @@ def server_args() -> list[str]:
     return ["--dtype", "float32", "--max-model-len", "1024"]
 
 
-@pytest.mark.parametrize("name,first,extra", [("arc_easy", 20, {}), ("hellaswag", 8, {}), ("triviaqa", 4, {}),
+@pytest.mark.parametrize("name,first,extra", [("arc_easy", 12, {}), ("hellaswag", 4, {}), ("triviaqa", 4, {}),
                                               ("wikitext2", 2, {"context_length": 128, "stride": 100})])
 def test_server_backend_gives_the_in_process_results(server, name, first, extra, inprocess):
     remote = ServerBackend(server.base_url + "/v1")
