@@ -1,4 +1,4 @@
-"""`leanserve pull | models | generate | serve | bench | usage`: argument parsing and one-line errors."""
+"""`leanserve pull | models | generate | serve | bench | usage | eval`: argument parsing and one-line errors."""
 
 from __future__ import annotations
 
