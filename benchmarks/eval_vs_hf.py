@@ -42,7 +42,8 @@ def main() -> None:
     backend = InProcessBackend(EngineConfig(model=args.model, dtype="float32"))
     task = builtin_task("arc_easy")
     options = EvalOptions(selection=Selection(first=len(items)), batch_size=args.batch_size)
-    task.run(backend, EvalOptions(selection=Selection(first=8), batch_size=8))  # warm-up (kernels, allocator)
+    warm = min(8, len(items))
+    task.run(backend, EvalOptions(selection=Selection(first=warm), batch_size=warm))  # warm-up (kernels, allocator)
     t0 = time.perf_counter()
     ours = task.run(backend, options)
     ours_s = time.perf_counter() - t0

@@ -283,7 +283,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
         return 130
     try:
         if args.json:
-            _write(args.json, json.dumps(_finite(result), indent=1, allow_nan=False, default=_json_default))
+            from leanserve.bench.report import finite
+
+            _write(args.json, json.dumps(finite(result), indent=1, allow_nan=False, default=_json_default))
         if args.html:
             _write(args.html, render_html(result))
     except UsageError as e:
@@ -298,17 +300,6 @@ def run_bench_command(args: argparse.Namespace) -> int:
         _err(f"every request failed ({', '.join(f'{k}: {v}' for k, v in errors.items())}): {first}")
         return 1
     return 0
-
-
-def _finite(o: Any) -> Any:
-    """A copy of ``o`` with NaN/inf floats replaced by None, so the JSON is strict."""
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    return o
 
 
 def _json_default(o: Any) -> Any:

@@ -663,3 +663,14 @@ def render_compare_html(named_results: Sequence[tuple[str, dict[str, Any]]]) -> 
     body.append("<h2>Metrics</h2>")
     body.append(_html_table(["metric"] + names, _metrics_rows(cols)))
     return _page("leanserve bench comparison", body)
+
+
+def finite(o: Any) -> Any:
+    """A copy of ``o`` with NaN/inf floats replaced by None, so the JSON is strict."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [finite(v) for v in o]
+    return o

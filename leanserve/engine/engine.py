@@ -191,10 +191,13 @@ class LLMEngine:
             # into int64 so that every valid seed stays valid
             child = params if params.seed is None or i == 0 else dataclasses.replace(
                 params, seed=(params.seed + i + 2**63) % 2**64 - 2**63)
+            if i > 0 and child.prompt_logprobs is not None:
+                # the prompt is scored once, by the first choice; the others may take it from the cache
+                child = dataclasses.replace(child, prompt_logprobs=None, prompt_logprobs_start=0)
             req = Request(rid, ids, child, priority)
             seq = _Sequence(req, group, i, IncrementalDetokenizer(self.tokenizer, ids),
                             logprobs=[] if params.logprobs is not None else None,
-                            prompt_logprobs={} if params.prompt_logprobs is not None else None)
+                            prompt_logprobs={} if child.prompt_logprobs is not None else None)
             group.seqs.append(seq)
         for seq in group.seqs:
             self.scheduler.add_request(seq.request)

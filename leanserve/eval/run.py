@@ -145,17 +145,9 @@ def load_results(path: Path) -> dict[str, Any]:
 def dumps(result: dict[str, Any]) -> str:
     """Strict JSON: NaN and infinity written as null; anything else JSON lacks (a path in a backend's
     description) as its text, so a long run is never lost to a value that cannot be written."""
-    return json.dumps(_finite(result), indent=1, allow_nan=False, default=str)
+    from leanserve.bench.report import finite
 
-
-def _finite(o: Any) -> Any:
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    return o
+    return json.dumps(finite(result), indent=1, allow_nan=False, default=str)
 
 
 METRIC_DIGITS = {"acc": 4, "acc_norm": 4, "exact_match": 4, "perplexity": 3, "bits_per_byte": 4}

@@ -231,7 +231,22 @@ def group_by_context(items: Sequence[MultipleChoiceItem]) -> list[MultipleChoice
     return [item for group in groups.values() for item in group]
 
 
-class MultipleChoiceTask(Task):
+class _LoadedItems(Task):
+    """A task over a list of items loaded once, on first use."""
+
+    _load: Callable[[], list[Any]]
+    _items: list[Any] | None
+
+    def items(self) -> list[Any]:
+        if self._items is None:
+            self._items = self._load()
+        return self._items
+
+    def num_available(self) -> int:
+        return len(self.items())
+
+
+class MultipleChoiceTask(_LoadedItems):
     kind = "multiple_choice"
     main_metric = "acc_norm"
 
@@ -239,14 +254,6 @@ class MultipleChoiceTask(Task):
         super().__init__(name, prompt_format, source)
         self._load = load
         self._items: list[MultipleChoiceItem] | None = None
-
-    def items(self) -> list[MultipleChoiceItem]:
-        if self._items is None:
-            self._items = self._load()
-        return self._items
-
-    def num_available(self) -> int:
-        return len(self.items())
 
     def run(self, backend: EvalBackend, options: EvalOptions, progress: Progress | None = None) -> TaskOutcome:
         items = self.items()
@@ -379,7 +386,7 @@ def exact_match(prediction: str, answers: Sequence[str]) -> bool:
     return any(pred == a for a in map(normalize_answer, answers) if a)
 
 
-class GenerationTask(Task):
+class GenerationTask(_LoadedItems):
     kind = "generation"
     main_metric = "exact_match"
 
@@ -390,14 +397,6 @@ class GenerationTask(Task):
         self._items: list[GenerationItem] | None = None
         self.max_tokens = max_tokens
         self.stop = stop
-
-    def items(self) -> list[GenerationItem]:
-        if self._items is None:
-            self._items = self._load()
-        return self._items
-
-    def num_available(self) -> int:
-        return len(self.items())
 
     def run(self, backend: EvalBackend, options: EvalOptions, progress: Progress | None = None) -> TaskOutcome:
         items = self.items()

@@ -214,3 +214,11 @@ def test_peers_report_from_a_canned_run(peers):
     # computed at c=80: (8000 - 1000 + 10240) / 10 s = 1724 tok/s; bf16 limit 2181e9 / 0.27e9 = 8078 tok/s
     assert "leanserve at c=80 computed 1724 tok/s (prompt + output) = 21% of it; offline 1614 tok/s = 20%" in text
     assert "leanserve offline (bfloat16, 80 prompts in one batch): 979.6 output tok/s" in text
+
+
+@pytest.mark.model
+def test_eval_vs_hf_scores_the_same_items_both_ways():
+    require_model("smollm2-135m")
+    out = json.loads(run_script("eval_vs_hf.py", "--items", "2", "--json").stdout.strip().splitlines()[-1])
+    assert out["items"] == 2 and out["same_choices"] == 2
+    assert out["leanserve_s"] > 0 and out["hf_s"] > 0 and out["speedup"] == pytest.approx(out["hf_s"] / out["leanserve_s"], rel=0.05)

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -21,6 +16,7 @@ from leanserve.bench.workloads import (
     packaged_data,
     render_prompt,
 )
+from tests.conftest import run_in_installed_copy
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = packaged_data()
@@ -30,47 +26,13 @@ def take(spec: WorkloadSpec, n: int | None) -> list:
     return list(iter_conversations(spec, n))
 
 
-def _install_copy(site: Path) -> None:
-    """The package as a wheel installs it: every module, plus only the files pyproject's package-data
-    lists (so a data file left out of that list is missing here too)."""
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    globs = pyproject["tool"]["setuptools"]["package-data"]["leanserve"]
-    src = ROOT / "leanserve"
-    files = {p for p in src.rglob("*.py") if "__pycache__" not in p.parts}
-    files |= {p for g in globs for p in src.glob(g)}
-    for f in files:
-        dest = site / "leanserve" / f.relative_to(src)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(f.read_bytes())
-
-
 def test_chat_and_shared_prefix_workloads_need_nothing_beside_the_installed_package(tmp_path):
-    site, work = tmp_path / "site", tmp_path / "work"
-    work.mkdir()
-    _install_copy(site)
-    # The package copy has no ../shared; an audit hook also fails any read of the repository's own
-    # package folder or of its ../shared neighbour, so neither can be used behind the test's back.
-    blocked = (str(ROOT / "leanserve"), str(ROOT.parent / "shared"))
-    code = textwrap.dedent(f"""
-        import json, os, sys
-        sys.path.insert(0, {str(site)!r})
-        BLOCKED = {blocked!r}
-        def guard(event, args):
-            if event in ("open", "os.listdir", "os.scandir") and isinstance(args[0], str):
-                if os.path.abspath(args[0]).startswith(BLOCKED):
-                    raise PermissionError(f"{{event}} {{args[0]}}: outside the installed package")
-        sys.addaudithook(guard)
-        import leanserve
-        assert leanserve.__file__.startswith({str(site)!r}), leanserve.__file__
+    out = run_in_installed_copy(tmp_path, """
         from leanserve.bench.workloads import WorkloadSpec, iter_conversations
         chat = list(iter_conversations(WorkloadSpec("chat"), 80))
         shared = list(iter_conversations(WorkloadSpec("shared-prefix"), 2))
-        print(json.dumps({{"first_turns": [c.turns[0] for c in chat], "system": shared[0].system}}))
-    """)
-    proc = subprocess.run([sys.executable, "-I", "-c", code], cwd=work, capture_output=True, text=True, timeout=60,
-                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout)
+        print(json.dumps({"first_turns": [c.turns[0] for c in chat], "system": shared[0].system}))
+    """, timeout=60)
     assert len(set(out["first_turns"])) == 80
     assert any(t.startswith("Compose an engaging travel blog post about a recent trip to Hawaii")
                for t in out["first_turns"])

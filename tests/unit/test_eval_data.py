@@ -4,17 +4,12 @@ and ../shared out of reach."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-import tomllib
 from pathlib import Path
 
 import pytest
 
 from leanserve.eval.tasks import data_dir
+from tests.conftest import run_in_installed_copy
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data" / "eval"
@@ -38,40 +33,10 @@ def test_each_file_is_described_with_source_and_license():
     assert "Apache-2.0" in rows["triviaqa_sub.jsonl"] and "Joshi" in rows["triviaqa_sub.jsonl"]
 
 
-def _install_copy(site: Path) -> None:
-    """The package as a wheel installs it: every module, plus only the files pyproject's package-data
-    lists (so a data file left out of that list is missing here too)."""
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    globs = pyproject["tool"]["setuptools"]["package-data"]["leanserve"]
-    src = ROOT / "leanserve"
-    files = {p for p in src.rglob("*.py") if "__pycache__" not in p.parts}
-    files |= {p for g in globs for p in src.glob(g)}
-    for f in files:
-        dest = site / "leanserve" / f.relative_to(src)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(f.read_bytes())
-
-
 def test_every_builtin_task_loads_from_the_installed_package_alone(tmp_path):
-    site, work = tmp_path / "site", tmp_path / "work"
-    work.mkdir()
-    _install_copy(site)
-    # An audit hook fails any read of the repository's package folder or of ../shared, so the data can
-    # only come from the installed copy.
-    blocked = (str(ROOT / "leanserve"), str(ROOT.parent / "shared"))
-    code = textwrap.dedent(f"""
-        import json, os, sys
-        sys.path.insert(0, {str(site)!r})
-        BLOCKED = {blocked!r}
-        def guard(event, args):
-            if event in ("open", "os.listdir", "os.scandir") and isinstance(args[0], str):
-                if os.path.abspath(args[0]).startswith(BLOCKED):
-                    raise PermissionError(f"{{event}} {{args[0]}}: outside the installed package")
-        sys.addaudithook(guard)
-        import leanserve
-        assert leanserve.__file__.startswith({str(site)!r}), leanserve.__file__
+    out = run_in_installed_copy(tmp_path, """
         from leanserve.eval.tasks import builtin_task
-        out = {{}}
+        out = {}
         for name in ("arc_easy", "hellaswag", "triviaqa"):
             items = builtin_task(name).items()
             out[name] = [len(items), items[0].index]
@@ -79,9 +44,5 @@ def test_every_builtin_task_loads_from_the_installed_package_alone(tmp_path):
         out["wikitext2"] = [len(text.encode("utf-8")), text[:40]]
         print(json.dumps(out))
     """)
-    proc = subprocess.run([sys.executable, "-I", "-c", code], cwd=work, capture_output=True, text=True, timeout=120,
-                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout)
     assert out["arc_easy"] == [2376, 0] and out["hellaswag"] == [10042, 0] and out["triviaqa"] == [3000, 0]
     assert out["wikitext2"] == [1290590, " \n = Robert Boulter = \n \n Robert Boulter"]
