@@ -117,8 +117,6 @@ class Ledger:
         self.store_text = store_text
         self._conn = connect(self.path)  # errors surface here, at startup
         self._queue: queue.SimpleQueue[tuple[LedgerRecord, concurrent.futures.Future] | None] = queue.SimpleQueue()
-        self._pending: dict[str, concurrent.futures.Future] = {}
-        self._lock = threading.Lock()
         self.num_written = 0
         self.num_failed = 0
         self._thread = threading.Thread(target=self._run, name="leanserve-ledger", daemon=True)
@@ -129,15 +127,8 @@ class Ledger:
         if not self.store_text:
             rec.prompt_text = rec.output_text = None
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        with self._lock:
-            self._pending[rec.id] = fut
         self._queue.put((rec, fut))
         return fut
-
-    def committed(self, request_id: str) -> concurrent.futures.Future | None:
-        """The pending write of ``request_id``; None if it is not pending (written, or never queued)."""
-        with self._lock:
-            return self._pending.get(request_id)
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued, then stop the writer."""
@@ -175,10 +166,6 @@ class Ledger:
             error = e
             self.num_failed += len(batch)
             log.error("could not write %d ledger row(s) to %s: %s", len(batch), self.path, e)
-        with self._lock:
-            for rec, fut in batch:
-                if self._pending.get(rec.id) is fut:
-                    del self._pending[rec.id]
         for _, fut in batch:
             if fut.set_running_or_notify_cancel():  # False: the waiter gave up (cancelled it)
                 if error is None:
