@@ -24,7 +24,7 @@ def kv_cache_block_bytes(loaded: LoadedModel, block_size: int) -> int:
     return loaded.config.kv_bytes_per_token * itemsize * block_size
 
 
-PROMPT_LOGPROB_ROWS = 128  # prompt positions whose logits are computed at once (128 x 49k float32: 25 MB)
+LOGIT_ROWS = 128  # rows whose logits are computed at once (128 x 49k float32: 25 MB)
 
 
 class ModelRunner:
@@ -72,33 +72,39 @@ class ModelRunner:
         pos_t = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
         hidden = self.model(ids_t, pos_t, meta, self.kv_caches)  # (num_tokens, hidden_size)
         result = StepOutput()
-        if prompt_rows:
-            self._prompt_logprobs(hidden, prompt_rows, result)
+        sample_logits = self._logits(hidden, prompt_rows, sample_rows, result)
         if not sampling:
             return result
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden[rows])  # (num_sampling, vocab_size)
-        sampled = self.sampler(logits, [self._sampling_row(r) for r in sampling])
+        sampled = self.sampler(sample_logits, [self._sampling_row(r) for r in sampling])
         for r, token, lp in zip(sampling, sampled.token_ids, sampled.logprobs):
             result.sampled[r.request_id] = token
             if lp is not None:
                 result.logprobs[r.request_id] = lp
         return result
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list[tuple[int, Request, int]],
-                         result: StepOutput) -> None:
-        """Logprob (with rank and top-N) of each asked-for prompt token given the tokens before it,
-        from the logits of the row before it; in slices, so a long prefill never holds all its logits."""
-        for lo in range(0, len(prompt_rows), PROMPT_LOGPROB_ROWS):
-            part = prompt_rows[lo:lo + PROMPT_LOGPROB_ROWS]
-            rows = torch.tensor([row for row, _, _ in part], dtype=torch.long, device=self.device)
-            logits = self.model.compute_logits(hidden[rows])  # (len(part), vocab_size)
-            targets = [r.prompt_token_ids[i] for _, r, i in part]
-            top_n = max(r.sampling_params.prompt_logprobs or 0 for _, r, _ in part)
-            for (_, r, i), lp in zip(part, token_logprobs(logits, targets, top_n)):
-                n = r.sampling_params.prompt_logprobs or 0
-                lp.top = lp.top[:n]
-                result.prompt_logprobs.setdefault(r.request_id, []).append((i, lp))
+    def _logits(self, hidden: torch.Tensor, prompt_rows: list[tuple[int, Request, int]], sample_rows: list[int],
+                result: StepOutput) -> torch.Tensor | None:
+        """The LM head over the prompt-logprob rows and then the sample rows, in slices of
+        ``LOGIT_ROWS`` (a long prefill never holds all its logits; few rows read the head's weights
+        once, not once for each kind). Each asked-for prompt token's logprob (with rank and top-N)
+        goes into ``result``; returns the sample rows' logits (None: none)."""
+        flat = [row for row, _, _ in prompt_rows] + sample_rows
+        kept: list[torch.Tensor] = []
+        for lo in range(0, len(flat), LOGIT_ROWS):
+            rows = torch.tensor(flat[lo:lo + LOGIT_ROWS], dtype=torch.long, device=self.device)
+            logits = self.model.compute_logits(hidden[rows])  # (rows, vocab_size)
+            part = prompt_rows[lo:lo + LOGIT_ROWS]
+            if part:
+                targets = [r.prompt_token_ids[i] for _, r, i in part]
+                top_n = max(r.sampling_params.prompt_logprobs or 0 for _, r, _ in part)
+                for (_, r, i), lp in zip(part, token_logprobs(logits[:len(part)], targets, top_n)):
+                    lp.top = lp.top[:r.sampling_params.prompt_logprobs or 0]
+                    result.prompt_logprobs.setdefault(r.request_id, []).append((i, lp))
+            if len(part) < logits.shape[0]:
+                kept.append(logits[len(part):])
+        if not kept:
+            return None
+        return kept[0] if len(kept) == 1 else torch.cat(kept)
 
     def _sampling_row(self, r: Request) -> SamplingRow:
         p = r.sampling_params

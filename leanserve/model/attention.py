@@ -21,7 +21,8 @@ Implementations, tested against each other:
   head sharing each row (GQA). Otherwise (CUDA, other dtypes, no kernels): one batched SDPA call over
   the K/V gathered a whole block at a time (block tables padded to the longest) with masks, the
   query heads of each KV head grouped so no K/V is repeated. Prefill chunks: one SDPA call per
-  sequence. Index tensors are built once per step in ``AttentionMetadata`` and shared by every
+  sequence; on CPU a chunk whose context is at most ``FOLD_PREFILL_UPTO`` tokens is folded into the
+  decode rows instead, one row per query token seeing its own causal prefix. Index tensors are built once per step in ``AttentionMetadata`` and shared by every
   layer; the SDPA decode masks only when first asked for (``DecodeMasks``), so the kernel path never
   builds them, nor fills the gather workspace.
 """
@@ -34,6 +35,12 @@ import torch
 import torch.nn.functional as F
 
 from leanserve import kernels
+
+
+# On CPU, a prefill chunk whose context is at most this many tokens goes to the decode path as one
+# row per query token (each seeing its own causal prefix): one native call for every short prompt of
+# a step instead of an SDPA call per sequence per layer. Chosen by benchmarks/attention_fold.py.
+FOLD_PREFILL_UPTO = 128
 
 
 @dataclass
@@ -70,33 +77,37 @@ class AttentionMetadata:
         block_size: int,
         windows: set[int | None],
         device: torch.device | str = "cpu",
+        fold_upto: int = FOLD_PREFILL_UPTO,
     ) -> "AttentionMetadata":
         slots: list[int] = []  # plain ints: a tensor per sequence cost ~10 us each at 80 sequences
-        decode_idx, prefills = [], []
+        rows, lens, owners, prefills = [], [], [], []  # decode rows: flat-batch row, context length, sequence
+        fold = fold_upto if torch.device(device).type == "cpu" else 0
         row = 0
         for i, (q_len, ctx_len, table) in enumerate(zip(query_lens, context_lens, block_tables)):
             slots += [table[p // block_size] * block_size + p % block_size for p in range(ctx_len - q_len, ctx_len)]
-            if q_len == 1:
-                decode_idx.append(i)
+            if q_len == 1 or ctx_len <= fold:  # each query token a row that sees its own causal prefix
+                rows += range(row, row + q_len)
+                lens += range(ctx_len - q_len + 1, ctx_len + 1)
+                owners += [i] * q_len
             else:
                 blocks = torch.tensor(table[: -(-ctx_len // block_size)], dtype=torch.long)
                 prefills.append(PrefillSeq(row, q_len, ctx_len, blocks,
                                            {w: _prefill_mask(q_len, ctx_len, w) for w in windows}))
             row += q_len
         meta = cls(torch.tensor(slots, dtype=torch.long), query_lens, context_lens, block_tables, block_size, prefills=prefills)
-        if decode_idx:
-            starts = torch.tensor(query_lens).cumsum(0) - 1
-            meta.decode_rows = starts[decode_idx]
-            lens = torch.tensor([context_lens[i] for i in decode_idx])
-            max_len = int(lens.max())
-            max_blocks = -(-max_len // block_size)
-            rows = []
-            for i in decode_idx:
+        if rows:
+            meta.decode_rows = torch.tensor(rows)
+            meta.decode_lens = torch.tensor(lens)
+            max_blocks = -(-max(lens) // block_size)
+            seqs = sorted(set(owners))
+            padded = {}
+            for i in seqs:
                 used = block_tables[i][: -(-context_lens[i] // block_size)]
-                rows.append(used + [0] * (max_blocks - len(used)))
-            meta.decode_tables = torch.tensor(rows)  # (num_decode, max_blocks)
-            meta.decode_lens = lens
-            meta.decode_masks = DecodeMasks(lens, max_blocks * block_size)
+                padded[i] = used + [0] * (max_blocks - len(used))
+            table_rows = torch.tensor([padded[i] for i in seqs])  # (sequences with decode rows, max_blocks)
+            where = {i: j for j, i in enumerate(seqs)}
+            meta.decode_tables = table_rows[torch.tensor([where[i] for i in owners])]  # (num_decode, max_blocks)
+            meta.decode_masks = DecodeMasks(meta.decode_lens, max_blocks * block_size)
         return meta.to(device)
 
     def to(self, device: torch.device | str) -> "AttentionMetadata":

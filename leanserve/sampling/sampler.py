@@ -333,14 +333,15 @@ def token_logprobs(logits: torch.Tensor, targets: Sequence[int], top_n: int = 0)
     """Each row's log-probability of its target token under the raw logits (float32 log-softmax),
     the target's rank (1 + how many tokens are strictly likelier: 1 is the argmax) and the
     ``top_n`` likeliest tokens, best first. For prompt logprobs, where the target is known."""
-    lp = torch.log_softmax(logits.to(torch.float32), dim=-1)  # (rows, vocab)
-    tgt = torch.tensor(list(targets), dtype=torch.long, device=lp.device)[:, None]
-    chosen = lp.gather(1, tgt)  # (rows, 1)
-    ranks: list[int] = ((lp > chosen).sum(dim=-1) + 1).tolist()
-    values: list[float] = chosen.squeeze(1).tolist()
-    k = min(top_n, lp.shape[-1])
+    x = logits.to(torch.float32)  # (rows, vocab); the log-softmax is never materialized
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)  # (rows, 1)
+    tgt = torch.tensor(list(targets), dtype=torch.long, device=x.device)[:, None]
+    target = x.gather(1, tgt)  # (rows, 1)
+    ranks: list[int] = ((x > target).sum(dim=-1) + 1).tolist()
+    values: list[float] = (target - lse).squeeze(1).tolist()
+    k = min(top_n, x.shape[-1])
     tops: list[list[tuple[int, float]]] = [[] for _ in values]
     if k > 0:
-        vals, ids = lp.topk(k, dim=-1)
-        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+        vals, ids = x.topk(k, dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), (vals - lse).tolist())]
     return [TokenLogprob(t, v, top, rank) for t, v, top, rank in zip(targets, values, tops, ranks)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leanserve.model.attention import AttentionMetadata, paged_attention, reference_attention, write_kv
+from leanserve.model.attention import FOLD_PREFILL_UPTO, AttentionMetadata, paged_attention, reference_attention, write_kv
 
 
 def _setup(query_lens, context_lens, block_size=4, num_blocks=40, heads=4, kv_heads=2, dim=8, seed=0):
@@ -23,11 +23,13 @@ def _setup(query_lens, context_lens, block_size=4, num_blocks=40, heads=4, kv_he
 
 
 @pytest.mark.parametrize("window", [None, 3, 6])
-def test_fast_path_matches_reference_mixed_batch(window):
+@pytest.mark.parametrize("fold_upto", [0, 10, FOLD_PREFILL_UPTO], ids=["sdpa", "some-folded", "all-folded"])
+def test_fast_path_matches_reference_mixed_batch(window, fold_upto):
     # two decodes, a chunk mid-prompt, a whole prompt, another decode
     qlens, clens = [1, 1, 5, 9, 1], [7, 13, 11, 9, 1]
     q, k, v, tables = _setup(qlens, clens)
-    meta = AttentionMetadata.build(qlens, clens, tables, 4, {window})
+    meta = AttentionMetadata.build(qlens, clens, tables, 4, {window}, fold_upto=fold_upto)
+    assert len(meta.prefills) == {0: 2, 10: 1, FOLD_PREFILL_UPTO: 0}[fold_upto]
     got = paged_attention(q, k, v, meta, 0.3, window)
     ref = reference_attention(q, k, v, meta, 0.3, window)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
@@ -36,12 +38,27 @@ def test_fast_path_matches_reference_mixed_batch(window):
 def test_slot_mapping_points_at_new_tokens():
     # sequence 0: blocks [5, 2], context 6, 2 new tokens at positions 4, 5 -> block 2 offsets 0, 1
     # sequence 1: blocks [7], context 3, 1 new token at position 2 -> block 7 offset 2
-    meta = AttentionMetadata.build([2, 1], [6, 3], [[5, 2], [7]], 4, {None})
+    meta = AttentionMetadata.build([2, 1], [6, 3], [[5, 2], [7]], 4, {None}, fold_upto=0)
     assert meta.slot_mapping.tolist() == [2 * 4 + 0, 2 * 4 + 1, 7 * 4 + 2]
     assert meta.decode_rows.tolist() == [2]
     assert meta.decode_tables.tolist() == [[7]]
     assert meta.decode_masks[None][0, 0, 0].tolist() == [True, True, True, False]  # the block's 4th slot is empty
     assert len(meta.prefills) == 1 and meta.prefills[0].blocks.tolist() == [5, 2]
+
+
+def test_short_prefill_folds_into_decode_rows():
+    # the same step with folding: each of sequence 0's two new tokens is a decode row seeing its own
+    # causal prefix (5 and 6 tokens) through sequence 0's table; the tables pad with block 0
+    meta = AttentionMetadata.build([2, 1], [6, 3], [[5, 2], [7]], 4, {None}, fold_upto=6)
+    assert meta.prefills == []
+    assert meta.decode_rows.tolist() == [0, 1, 2]
+    assert meta.decode_lens.tolist() == [5, 6, 3]
+    assert meta.decode_tables.tolist() == [[5, 2], [5, 2], [7, 0]]
+    assert meta.decode_masks[None][:, 0, 0].tolist() == [[True] * 5 + [False] * 3, [True] * 6 + [False] * 2,
+                                                         [True] * 3 + [False] * 5]
+    # a context one past the limit stays a prefill; off the CPU nothing folds
+    assert len(AttentionMetadata.build([2, 1], [6, 3], [[5, 2], [7]], 4, {None}, fold_upto=5).prefills) == 1
+    assert AttentionMetadata.build([2], [6], [[5, 2]], 4, {None}, device="meta", fold_upto=6).decode_rows is None
 
 
 def test_write_kv_then_attention_reads_it():

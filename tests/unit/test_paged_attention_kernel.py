@@ -57,11 +57,11 @@ def _sdpa_path(monkeypatch, q, k, v, meta, window):
 
 
 def _check(monkeypatch, qlens, clens, block_size, heads, kv_heads, dim, window, q_transform=None,
-           dtype=torch.float32):
+           dtype=torch.float32, fold_upto=0):
     q, k, v, tables = _case(qlens, clens, block_size, heads, kv_heads, dim, dtype=dtype)
     if q_transform is not None:
         q = q_transform(q)
-    meta = AttentionMetadata.build(qlens, clens, tables, block_size, {window})
+    meta = AttentionMetadata.build(qlens, clens, tables, block_size, {window}, fold_upto=fold_upto)
     calls = []
     real = attention._decode_kernel
     with monkeypatch.context() as m:  # record that the kernel path was taken
@@ -109,12 +109,13 @@ def test_decode_mha_mqa_and_head_dims(monkeypatch, heads, kv_heads, dim, window,
 
 @DTYPES
 @pytest.mark.parametrize("window", [None, 4, 20])
-def test_mixed_batch_decode_rows_use_the_kernel(monkeypatch, window, dtype):
-    # decodes between prefill chunks (a chunk mid-prompt, a whole prompt): decode rows go through the
-    # kernel, the chunks through SDPA
-    qlens = [1, 7, 1, 40, 1, 1]
-    clens = [33, 20, 1, 40, 16, 300]
-    _check(monkeypatch, qlens, clens, 16, 9, 3, 64, window, dtype=dtype)
+@pytest.mark.parametrize("fold_upto", [0, attention.FOLD_PREFILL_UPTO], ids=["sdpa-prefill", "folded"])
+def test_mixed_batch_decode_rows_use_the_kernel(monkeypatch, window, dtype, fold_upto):
+    # decodes between prefill chunks (a chunk mid-prompt, a whole prompt, a long prompt): decode rows
+    # go through the kernel, the chunks through SDPA, or the short ones folded into the kernel too
+    qlens = [1, 7, 1, 40, 1, 1, 150]
+    clens = [33, 20, 1, 40, 16, 300, 150]
+    _check(monkeypatch, qlens, clens, 16, 9, 3, 64, window, dtype=dtype, fold_upto=fold_upto)
 
 
 @DTYPES

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from leanserve import kernels
 from leanserve.sampling import Sampler, SamplingRow, apply_top_k_top_p_min_p, process_logits
+from leanserve.sampling.sampler import token_logprobs
 from leanserve.types import SamplingParams
 
 NEG_INF = float("-inf")
@@ -418,3 +419,18 @@ def test_a_temperature_below_the_epsilon_is_greedy(temperature: float) -> None:
 def test_sampling_params_refuse_what_the_server_refuses(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_token_logprobs_equal_log_softmax_with_ranks_and_top():
+    logits = torch.tensor([[2.0, 1.0, 3.0, 1.0], [0.0, 0.0, 0.0, 0.0], [-1e4, 5.0, 4.0, 5.0]])
+    got = token_logprobs(logits, [1, 2, 3], top_n=2)
+    ref = torch.log_softmax(logits, dim=-1)
+    assert [g.token_id for g in got] == [1, 2, 3]
+    assert [g.logprob for g in got] == pytest.approx([ref[0, 1].item(), ref[1, 2].item(), ref[2, 3].item()], abs=1e-6)
+    # rank: 1 + tokens strictly likelier; ties share the better rank
+    assert [g.rank for g in got] == [3, 1, 1]
+    assert [t for t, _ in got[0].top] == [2, 0]
+    assert [v for _, v in got[0].top] == pytest.approx([ref[0, 2].item(), ref[0, 0].item()], abs=1e-6)
+    assert token_logprobs(logits, [0, 0, 0])[0].top == []
+    bf = token_logprobs(logits.to(torch.bfloat16), [1, 2, 3])  # bf16 logits are scored in float32
+    assert [g.logprob for g in bf] == pytest.approx([g.logprob for g in got], abs=1e-2)
