@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+SPECULATIVE_METHODS = ("off", "ngram", "suffix")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -100,6 +101,13 @@ class EngineConfig:
     max_num_seqs: int = field(default=128, metadata=_cli("sequences in the running batch at most"))
     max_model_len: int | None = field(default=None, metadata=_cli(
         "context length (default: the model's own, capped by the KV cache)"))
+    speculative: str = field(default="off", metadata=_cli(
+        "speculative decoding: off; ngram (prompt lookup in each request's own prompt and output); suffix "
+        "(that, and recent requests of the same API key)", choices=SPECULATIVE_METHODS))
+    num_speculative_tokens: int = field(default=4, metadata=_cli(
+        "draft tokens per sequence and step at most (each sequence adapts below it to its acceptance)"))
+    speculative_max_batch: int = field(default=8, metadata=_cli(
+        "speculate only while at most this many sequences decode (a bigger batch keeps the machine busy already)"))
     seed: int = field(default=0, metadata={"cli": False})  # torch's seed at load; requests carry their own
     threads: int | None = field(default=None, metadata=_cli(
         "CPU threads for the model and the native kernels (default: one per core, torch's choice; stated at "
@@ -116,3 +124,8 @@ class EngineConfig:
         _require(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         _require(self.max_model_len is None or self.max_model_len >= 1, f"max_model_len must be >= 1, got {self.max_model_len}")
         _require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
+        _require(self.speculative in SPECULATIVE_METHODS,
+                 f"speculative must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.speculative!r}")
+        _require(1 <= self.num_speculative_tokens <= 16,
+                 f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
+        _require(self.speculative_max_batch >= 1, f"speculative_max_batch must be >= 1, got {self.speculative_max_batch}")

@@ -170,6 +170,9 @@ class Request:
     num_cached_tokens: int = -1  # prompt tokens found in the prefix cache at first scheduling; -1: not yet
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
+    tenant: str | None = None  # who sent it (an API key's name), for anything shared across requests
+    # draft tokens for the next step (speculative decoding): not part of the sequence until verified
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -207,13 +210,15 @@ class ScheduledRequest:
     """One request's share of a step: compute tokens [num_computed_tokens, +num_new_tokens)."""
 
     request: Request
-    num_new_tokens: int
+    num_new_tokens: int  # draft tokens included
     block_ids: list[int]  # the request's whole block table after this step's allocation
+    spec_token_ids: list[int] = field(default_factory=list)  # the last len() new tokens: drafts to verify
 
     @property
     def samples(self) -> bool:
-        """True when this chunk reaches the end of the known tokens, so the step samples a token."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        """True when this chunk reaches the end of the known tokens (and its drafts), so the step
+        samples: one token per draft plus one."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens + len(self.spec_token_ids)
 
 
 @dataclass
@@ -241,6 +246,9 @@ class StepOutput:
 
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    # speculative decoding: the drafts the target accepted, which come before the sampled token
+    accepted: dict[str, list[int]] = field(default_factory=dict)
+    accepted_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
     # request id -> (prompt index, logprob of that prompt token given the ones before it)
     prompt_logprobs: dict[str, list[tuple[int, TokenLogprob]]] = field(default_factory=dict)
 

@@ -53,7 +53,7 @@ class FakeEngine:
         self.thread_ids: set[int] = set()
 
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams,
-                    priority: Priority = Priority.INTERACTIVE) -> None:
+                    priority: Priority = Priority.INTERACTIVE, tenant: str | None = None) -> None:
         self.thread_ids.add(threading.get_ident())
         if BAD_TOKEN in prompt:
             raise ValueError(f"prompt token {BAD_TOKEN} is not allowed here")

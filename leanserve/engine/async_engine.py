@@ -171,6 +171,7 @@ class _Add:
     params: SamplingParams
     priority: Priority
     meta: Any = None
+    tenant: str | None = None
 
 
 @dataclass
@@ -352,7 +353,7 @@ class AsyncEngine:
         if timeout is not None and timeout > 0 and math.isfinite(timeout):
             assert self._loop is not None
             stream._timer = self._loop.call_later(timeout, self._expire, request_id, timeout)
-        self._submit(_Add(request_id, prompt, params, priority, meta))
+        self._submit(_Add(request_id, prompt, params, priority, meta, tenant))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -459,7 +460,7 @@ class AsyncEngine:
         for cmd in commands:
             if isinstance(cmd, _Add):
                 try:
-                    engine.add_request(cmd.request_id, cmd.prompt, cmd.params, cmd.priority)
+                    engine.add_request(cmd.request_id, cmd.prompt, cmd.params, cmd.priority, cmd.tenant)
                 except Exception as e:  # noqa: BLE001 - the request's own input: it fails alone
                     if not isinstance(e, ValueError):
                         log.warning("request %s refused by the engine: %s: %s", cmd.request_id, type(e).__name__, e)

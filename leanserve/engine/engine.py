@@ -27,6 +27,7 @@ from leanserve.engine.kv_cache import KVCacheManager
 from leanserve.engine.runner import ModelRunner, kv_cache_block_bytes
 from leanserve.engine.scheduler import Scheduler
 from leanserve.model.loader import LoadedModel, load_model, model_size
+from leanserve.spec import make_proposer
 from leanserve.tokenizer import IncrementalDetokenizer
 from leanserve.types import (CompletionOutput, Priority, Request, RequestOutput, RequestStatus, SamplingParams,
                              SchedulerOutput, TokenLogprob)
@@ -77,6 +78,7 @@ class _Sequence:
     logprobs: list[TokenLogprob] | None = None
     stop_reason: str | int | None = None
     prompt_logprobs: dict[int, TokenLogprob] | None = None  # prompt index -> logprob (a recompute overwrites)
+    spec_k: int = 0  # draft tokens to ask for next (speculative decoding adapts it to the acceptance)
 
 
 @dataclass
@@ -130,6 +132,8 @@ class LLMEngine:
         self._seqs: dict[str, _Sequence] = {}
         self._ids = itertools.count()
         self.meter = CostMeter()
+        self.proposer = make_proposer(config.speculative)
+        self.spec = SpecStats(config.num_speculative_tokens)
         torch.manual_seed(config.seed)
 
     @staticmethod
@@ -164,7 +168,7 @@ class LLMEngine:
         return f"req-{next(self._ids)}"
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    priority: Priority = Priority.INTERACTIVE) -> None:
+                    priority: Priority = Priority.INTERACTIVE, tenant: str | None = None) -> None:
         """Queue a request. ValueError (with a message for the user) if it can never run."""
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -194,10 +198,11 @@ class LLMEngine:
             if i > 0 and child.prompt_logprobs is not None:
                 # the prompt is scored once, by the first choice; the others may take it from the cache
                 child = dataclasses.replace(child, prompt_logprobs=None, prompt_logprobs_start=0)
-            req = Request(rid, ids, child, priority)
+            req = Request(rid, ids, child, priority, tenant=tenant)
             seq = _Sequence(req, group, i, IncrementalDetokenizer(self.tokenizer, ids),
                             logprobs=[] if params.logprobs is not None else None,
-                            prompt_logprobs={} if child.prompt_logprobs is not None else None)
+                            prompt_logprobs={} if child.prompt_logprobs is not None else None,
+                            spec_k=self.config.num_speculative_tokens)
             group.seqs.append(seq)
         for seq in group.seqs:
             self.scheduler.add_request(seq.request)
@@ -233,6 +238,7 @@ class LLMEngine:
         `StepError` names them; the engine is consistent again and keeps serving the rest."""
         start = time.perf_counter()  # the step's time, scheduling included, is what the meter splits
         try:
+            self._propose()
             sched = self.scheduler.schedule()
         except Exception as e:  # a scheduler bug: no telling which requests it touched; drop them all
             raise self._fail(list(self._groups), e) from e
@@ -268,11 +274,18 @@ class LLMEngine:
             seq = self._seqs[rid]
             assert seq.prompt_logprobs is not None
             seq.prompt_logprobs.update(items)
-        updated = self.scheduler.update(sched, result.sampled)
+        self._count_spec(sched, result.accepted)
+        updated = self.scheduler.update(sched, result.sampled, result.accepted)
         touched: dict[str, _Group] = {}
         for req in updated:
             seq = self._seqs[req.request_id]
-            self._append(seq, req.output_token_ids[-1], result.logprobs.get(req.request_id))
+            rid = req.request_id
+            lps = result.accepted_logprobs.get(rid, []) + ([result.logprobs[rid]] if rid in result.logprobs else [])
+            new = len(result.accepted.get(rid, ())) + 1
+            base = req.num_output_tokens - new
+            for j, token in enumerate(req.output_token_ids[base:]):
+                if self._append(seq, token, lps[j] if j < len(lps) else None, base + j + 1):
+                    break
             touched[seq.parent.request_id] = seq.parent
         self.meter.record_step(time.perf_counter() - start, work, prefill)
         outputs = [self._output(g) for g in touched.values()]
@@ -282,11 +295,13 @@ class LLMEngine:
                 self.meter.pop_split(g.request_id)
         return outputs
 
-    def _append(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> None:
+    def _append(self, seq: _Sequence, token: int, logprob: TokenLogprob | None, n_out: int) -> bool:
+        """Take output token number ``n_out`` (1-based; later ones may follow it from the same step,
+        accepted drafts) and check the stop conditions. True if the sequence finished: any tokens
+        after this one are dropped."""
         req, p = seq.request, seq.request.sampling_params
         if logprob is not None and seq.logprobs is not None:
             seq.logprobs.append(logprob)
-        n_out = req.num_output_tokens
         status: RequestStatus | None = None
         if token in self.eos_token_ids and not p.ignore_eos and n_out > p.min_tokens:
             status = RequestStatus.FINISHED_STOPPED
@@ -299,15 +314,53 @@ class LLMEngine:
                 if hit is not None:
                     seq.text, seq.stop_reason = hit
                     status = RequestStatus.FINISHED_STOPPED
-        if status is None and ((p.max_tokens is not None and n_out >= p.max_tokens) or req.num_tokens >= self.max_model_len):
+        if status is None and ((p.max_tokens is not None and n_out >= p.max_tokens)
+                               or req.num_prompt_tokens + n_out >= self.max_model_len):
             status = RequestStatus.FINISHED_LENGTH
-        if status is not None:
-            self.scheduler.finish_request(req.request_id, status)
-            self._drop(seq)
+        if status is None:
+            return False
+        del req.output_token_ids[n_out:]
+        self.scheduler.finish_request(req.request_id, status)
+        self._drop(seq)
+        return True
 
     def _drop(self, seq: _Sequence) -> None:
         self._seqs.pop(seq.request.request_id, None)
         self.runner.reset_request(seq.request.request_id)
+        if self.proposer is not None:
+            self.proposer.finished(seq.request)
+
+    # ---- speculative decoding ----------------------------------------------------------------
+
+    def _propose(self) -> None:
+        """Draft tokens for each decoding sequence (none while more than ``speculative_max_batch``
+        decode: a big batch already keeps the machine busy, and verifying costs compute)."""
+        if self.proposer is None:
+            return
+        decoding = [r for r in self.scheduler.running if r.num_computed_tokens == r.num_tokens - 1]
+        if not decoding or len(decoding) > self.config.speculative_max_batch:
+            return
+        t0 = time.perf_counter()
+        for r in decoding:
+            p = r.sampling_params
+            room = self.max_model_len - r.num_tokens - 1  # the token sampled after the drafts must fit too
+            if p.max_tokens is not None:
+                room = min(room, p.max_tokens - r.num_output_tokens - 1)
+            k = min(self._seqs[r.request_id].spec_k, room)
+            r.spec_token_ids = self.proposer.propose(r, k)[:k] if k > 0 else []
+        self.spec.propose_seconds += time.perf_counter() - t0
+
+    def _count_spec(self, sched: SchedulerOutput, accepted: dict[str, list[int]]) -> None:
+        """Acceptance counters, and each sequence's next k: one more after a full acceptance, else
+        one past what was accepted."""
+        for s in sched.scheduled:
+            if not s.spec_token_ids:
+                continue
+            k, a = len(s.spec_token_ids), len(accepted.get(s.request.request_id, ()))
+            self.spec.record(k, a)
+            seq = self._seqs.get(s.request.request_id)
+            if seq is not None:
+                seq.spec_k = min(self.config.num_speculative_tokens, seq.spec_k + 1) if a == k else max(1, a + 1)
 
     def _output(self, g: _Group) -> RequestOutput:
         outs = []
@@ -336,7 +389,45 @@ class LLMEngine:
             "prefix_cache_queries": self.kv_cache.prefix_cache_queries,
             "prefix_cache_hits": self.kv_cache.prefix_cache_hits,
             "num_preemptions": self.scheduler.num_preemptions_total,
+            "spec_decode": self.spec.to_dict() if self.proposer is not None else None,
         }
+
+
+@dataclass
+class SpecStats:
+    """Speculative decoding's counters (vLLM's spec_decode metrics): drafts verified, draft tokens,
+    accepted tokens, acceptance per draft position, and the time spent proposing."""
+
+    max_k: int
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    propose_seconds: float = 0.0
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    def record(self, k: int, accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += k
+        self.num_accepted_tokens += accepted
+        if len(self.accepted_per_pos) < self.max_k:
+            self.accepted_per_pos += [0] * (self.max_k - len(self.accepted_per_pos))
+        for i in range(accepted):
+            self.accepted_per_pos[i] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens per verifying step: the accepted drafts plus the one the target adds."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_drafts": self.num_drafts, "num_draft_tokens": self.num_draft_tokens,
+                "num_accepted_tokens": self.num_accepted_tokens, "accepted_per_pos": list(self.accepted_per_pos),
+                "acceptance_rate": self.acceptance_rate, "mean_acceptance_length": self.mean_acceptance_length,
+                "propose_seconds": self.propose_seconds}
 
 
 def _find_stop(text: str, stops: Sequence[str], detok: IncrementalDetokenizer, include: bool) -> tuple[str, str] | None:

@@ -15,7 +15,7 @@ import torch
 from leanserve.config import CacheConfig
 from leanserve.model.attention import AttentionMetadata, GatherWorkspace
 from leanserve.model.loader import LoadedModel
-from leanserve.sampling.sampler import Sampler, SamplingRow, token_logprobs
+from leanserve.sampling.sampler import Sampler, SamplingRow, advance_generator, token_logprobs
 from leanserve.types import Request, SchedulerOutput, StepOutput
 
 
@@ -48,7 +48,7 @@ class ModelRunner:
         positions: list[int] = []
         query_lens, context_lens, tables = [], [], []
         sample_rows: list[int] = []
-        sampling: list[Request] = []
+        sampling: list[tuple[Request, list[int]]] = []  # the requests that sample, with the drafts they verify
         # prompt logprobs: (flat row, request, prompt index of the token that row's logits predict)
         prompt_rows: list[tuple[int, Request, int]] = []
         for s in out.scheduled:
@@ -58,14 +58,15 @@ class ModelRunner:
                 base = len(input_ids) - start  # flat row of position q is base + q
                 for q in range(max(start, first - 1), min(start + n, r.num_prompt_tokens - 1)):
                     prompt_rows.append((base + q, r, q + 1))
-            input_ids += _token_slice(r, start, n)
+            drafts = s.spec_token_ids
+            input_ids += _token_slice(r, start, n - len(drafts)) + drafts
             positions += range(start, start + n)
             query_lens.append(n)
             context_lens.append(start + n)
             tables.append(s.block_ids)
-            if s.samples:
-                sample_rows.append(len(input_ids) - 1)
-                sampling.append(r)
+            if s.samples:  # with drafts: one row more for each, each predicting the token after it
+                sample_rows += range(len(input_ids) - 1 - len(drafts), len(input_ids))
+                sampling.append((r, drafts))
         meta = AttentionMetadata.build(query_lens, context_lens, tables, self.block_size, self.windows, self.device)
         meta.workspace = self.workspace
         ids_t = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
@@ -75,11 +76,30 @@ class ModelRunner:
         sample_logits = self._logits(hidden, prompt_rows, sample_rows, result)
         if not sampling:
             return result
-        sampled = self.sampler(sample_logits, [self._sampling_row(r) for r in sampling])
-        for r, token, lp in zip(sampling, sampled.token_ids, sampled.logprobs):
-            result.sampled[r.request_id] = token
-            if lp is not None:
-                result.logprobs[r.request_id] = lp
+        rows = [self._sampling_row(r, drafts[:i]) for r, drafts in sampling for i in range(len(drafts) + 1)]
+        states = {r.request_id: g.get_state() for r, drafts in sampling
+                  if drafts and (g := self.generators.get(r.request_id)) is not None}
+        sampled = self.sampler(sample_logits, rows)
+        i = 0
+        for r, drafts in sampling:
+            tokens, lps = sampled.token_ids[i:i + len(drafts) + 1], sampled.logprobs[i:i + len(drafts) + 1]
+            i += len(drafts) + 1
+            # the target sampled every row itself (greedy: its argmax): a draft stands while it equals
+            # what the target produced in its place, and the first row that differs, or the row after
+            # the last draft, gives one more token. Lossless: every emitted token is the target's.
+            m = 0
+            while m < len(drafts) and tokens[m] == drafts[m]:
+                m += 1
+            result.sampled[r.request_id] = tokens[m]
+            if lps[m] is not None:
+                result.logprobs[r.request_id] = lps[m]
+            if drafts:
+                result.accepted[r.request_id] = drafts[:m]
+                result.accepted_logprobs[r.request_id] = [lp for lp in lps[:m] if lp is not None]
+                if r.request_id in states and m < len(drafts):  # as if only the m + 1 used rows had drawn
+                    gen = self.generators[r.request_id]
+                    gen.set_state(states[r.request_id])
+                    advance_generator(gen, sample_logits.shape[-1], m + 1)
         return result
 
     def _logits(self, hidden: torch.Tensor, prompt_rows: list[tuple[int, Request, int]], sample_rows: list[int],
@@ -106,14 +126,15 @@ class ModelRunner:
             return None
         return kept[0] if len(kept) == 1 else torch.cat(kept)
 
-    def _sampling_row(self, r: Request) -> SamplingRow:
+    def _sampling_row(self, r: Request, drafts: list[int]) -> SamplingRow:
+        """The row that predicts the token after ``drafts`` (penalties and min_tokens see them as output)."""
         p = r.sampling_params
         gen = None
         if p.seed is not None and not p.greedy:
             gen = self.generators.get(r.request_id)
             if gen is None:
                 gen = self.generators[r.request_id] = torch.Generator(device=self.device).manual_seed(p.seed)
-        return SamplingRow(p, r.prompt_token_ids, r.output_token_ids, gen)
+        return SamplingRow(p, r.prompt_token_ids, r.output_token_ids + drafts if drafts else r.output_token_ids, gen)
 
     def reset_request(self, request_id: str) -> None:
         """A finished request's generator goes; a preempted one's restarts so recompute is exact."""

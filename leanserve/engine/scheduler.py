@@ -96,6 +96,11 @@ class Scheduler:
         return len(self._running)
 
     @property
+    def running(self) -> list[Request]:
+        """The running requests, in service order (a copy)."""
+        return list(self._running)
+
+    @property
     def num_waiting(self) -> int:
         return sum(len(q) for q in self._waiting.values())
 
@@ -113,13 +118,17 @@ class Scheduler:
             num_batched_tokens=sum(s.num_new_tokens for s in scheduled),
         )
 
-    def update(self, scheduler_output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+    def update(self, scheduler_output: SchedulerOutput, sampled: dict[str, int],
+               accepted: dict[str, list[int]] | None = None) -> list[Request]:
         """Apply a finished step: advance each chunk, append sampled tokens.
 
-        Returns the requests that got a token, for the engine's stop checks. Requests finished
-        or aborted since ``schedule`` are skipped. Note ``ScheduledRequest.samples`` reads live
-        state: it is only meaningful until this call.
+        A request that verified drafts gets its ``accepted`` ones (a prefix of its drafts) and then
+        the sampled token; its computed tokens cover only the accepted drafts, so the rejected
+        ones' KV slots are written over later. Returns the requests that got tokens, for the
+        engine's stop checks. Requests finished or aborted since ``schedule`` are skipped. Note
+        ``ScheduledRequest.samples`` reads live state: it is only meaningful until this call.
         """
+        accepted = accepted or {}
         live = [s for s in scheduler_output.scheduled if self._requests.get(s.request.request_id) is s.request]
         for s in live:
             if s.samples and s.request.request_id not in sampled:
@@ -128,8 +137,14 @@ class Scheduler:
         for s in live:
             request = s.request
             samples = s.samples  # read before num_computed_tokens moves
-            request.num_computed_tokens += s.num_new_tokens
+            drafts = s.spec_token_ids
+            took = accepted.get(request.request_id, []) if drafts else []
+            if took != drafts[:len(took)]:
+                raise ValueError(f"request {request.request_id!r}: accepted tokens are not a prefix of its drafts")
+            request.num_computed_tokens += s.num_new_tokens - (len(drafts) - len(took))
+            request.spec_token_ids = []
             if samples:
+                request.output_token_ids += took
                 request.output_token_ids.append(sampled[request.request_id])
                 got_token.append(request)
         return got_token
@@ -176,7 +191,8 @@ class Scheduler:
                 return
             if request.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, step.budget)
+            num_real = request.num_tokens - request.num_computed_tokens
+            num_new = min(num_real + len(request.spec_token_ids), step.budget)
             if num_new <= 0:
                 continue
             while (block_ids := self.kv_cache.allocate_slots(request, num_new)) is None:
@@ -187,8 +203,8 @@ class Scheduler:
                 self._preempt(victim, step)
                 if victim is request:
                     break
-            if block_ids is not None:
-                step.add(ScheduledRequest(request, num_new, block_ids))
+            if block_ids is not None:  # drafts past the budget wait for a later proposal
+                step.add(ScheduledRequest(request, num_new, block_ids, request.spec_token_ids[:max(0, num_new - num_real)]))
 
     def _schedule_waiting(self, step: _Step, priority: Priority) -> None:
         queue = self._waiting[priority]
@@ -241,6 +257,7 @@ class Scheduler:
         # free() reads num_computed_tokens to tell written blocks from promised ones: reset after.
         self.kv_cache.free(request.request_id)
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions_total += 1

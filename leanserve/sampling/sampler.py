@@ -238,6 +238,15 @@ def exponential_noise(
     return q.clamp_min_(_TINY)
 
 
+def advance_generator(generator: torch.Generator, width: int, draws: int) -> None:
+    """Move a seeded row's generator on by ``draws`` sampling steps, exactly as ``exponential_noise``
+    consumes it (one Exponential(1) vector of ``width`` per step): speculative decoding samples a
+    row per draft and then rewinds to the rows it used, so a seeded request draws the same numbers
+    whether or not it speculates."""
+    for _ in range(draws):
+        torch.empty(width, dtype=torch.float32, device=generator.device).exponential_(generator=generator)
+
+
 class Sampler:
     def __init__(self, vocab_size: int, eos_token_ids: Iterable[int]) -> None:
         # The model's logits may be wider than the tokenizer vocab (padded lm_head): every step works
