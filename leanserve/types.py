@@ -274,6 +274,9 @@ class RequestOutput:
     machine_seconds: float = 0.0  # engine time charged to this request so far (leanserve.cost.meter)
     prefill_seconds: float = 0.0  # of machine_seconds, the share of its prompt tokens (the rest: decode)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token when asked for
+    # speculative decoding, summed over the choices: draft tokens the target verified, and accepted
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

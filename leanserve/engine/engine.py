@@ -79,6 +79,8 @@ class _Sequence:
     stop_reason: str | int | None = None
     prompt_logprobs: dict[int, TokenLogprob] | None = None  # prompt index -> logprob (a recompute overwrites)
     spec_k: int = 0  # draft tokens to ask for next (speculative decoding adapts it to the acceptance)
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 @dataclass
@@ -287,7 +289,10 @@ class LLMEngine:
                 if self._append(seq, token, lps[j] if j < len(lps) else None, base + j + 1):
                     break
             touched[seq.parent.request_id] = seq.parent
-        self.meter.record_step(time.perf_counter() - start, work, prefill)
+        elapsed = time.perf_counter() - start
+        self.meter.record_step(elapsed, work, prefill)
+        if any(s.spec_token_ids for s in sched.scheduled):
+            self.spec.verify_seconds += elapsed
         outputs = [self._output(g) for g in touched.values()]
         for g in touched.values():
             if g.finished:
@@ -360,6 +365,8 @@ class LLMEngine:
             self.spec.record(k, a)
             seq = self._seqs.get(s.request.request_id)
             if seq is not None:
+                seq.num_draft_tokens += k
+                seq.num_accepted_tokens += a
                 seq.spec_k = min(self.config.num_speculative_tokens, seq.spec_k + 1) if a == k else max(1, a + 1)
 
     def _output(self, g: _Group) -> RequestOutput:
@@ -377,7 +384,8 @@ class LLMEngine:
             got = g.seqs[0].prompt_logprobs
             prompt_lps = [got.get(i) for i in range(len(g.prompt_token_ids))]
         return RequestOutput(g.request_id, g.prompt_token_ids, outs, cached, g.finished, g.error,
-                             self.meter.charged(g.request_id), self.meter.charged_prefill(g.request_id), prompt_lps)
+                             self.meter.charged(g.request_id), self.meter.charged_prefill(g.request_id), prompt_lps,
+                             sum(s.num_draft_tokens for s in g.seqs), sum(s.num_accepted_tokens for s in g.seqs))
 
     # ---- stats -------------------------------------------------------------------------------
 
@@ -402,7 +410,8 @@ class SpecStats:
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
-    propose_seconds: float = 0.0
+    propose_seconds: float = 0.0  # asking the proposer for drafts
+    verify_seconds: float = 0.0  # the steps that verified drafts (their whole time, other sequences' work included)
     accepted_per_pos: list[int] = field(default_factory=list)
 
     def record(self, k: int, accepted: int) -> None:
@@ -427,7 +436,7 @@ class SpecStats:
         return {"num_drafts": self.num_drafts, "num_draft_tokens": self.num_draft_tokens,
                 "num_accepted_tokens": self.num_accepted_tokens, "accepted_per_pos": list(self.accepted_per_pos),
                 "acceptance_rate": self.acceptance_rate, "mean_acceptance_length": self.mean_acceptance_length,
-                "propose_seconds": self.propose_seconds}
+                "propose_seconds": self.propose_seconds, "verify_seconds": self.verify_seconds}
 
 
 def _find_stop(text: str, stops: Sequence[str], detok: IncrementalDetokenizer, include: bool) -> tuple[str, str] | None:

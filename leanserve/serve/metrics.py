@@ -63,6 +63,32 @@ class _EngineCollector(Collector):
             c = CounterMetricFamily(f"leanserve:{name}", doc, labels=labels)
             c.add_metric([self.model], float(value))
             yield c
+        spec = s.get("spec_decode")
+        if spec:  # vLLM's spec_decode names
+            for name, doc, key in (
+                ("spec_decode_num_drafts", "Sequence-steps that verified drafts.", "num_drafts"),
+                ("spec_decode_num_draft_tokens", "Draft tokens verified.", "num_draft_tokens"),
+                ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", "num_accepted_tokens"),
+                ("spec_decode_propose_seconds", "Time spent proposing drafts (leanserve).", "propose_seconds"),
+                ("spec_decode_verify_seconds", "Time of the steps that verified drafts (leanserve).", "verify_seconds"),
+            ):
+                c = CounterMetricFamily(f"leanserve:{name}", doc, labels=labels)
+                c.add_metric([self.model], float(spec[key]))
+                yield c
+            c = CounterMetricFamily("leanserve:spec_decode_num_accepted_tokens_per_pos",
+                                    "Draft tokens accepted, by position in the draft.", labels=[*labels, "position"])
+            for pos, n in enumerate(spec["accepted_per_pos"]):
+                c.add_metric([self.model, str(pos)], float(n))
+            yield c
+            for name, doc, key in (
+                ("spec_decode_acceptance_rate", "Accepted / verified draft tokens since start (leanserve).",
+                 "acceptance_rate"),
+                ("spec_decode_mean_acceptance_length", "Tokens per verifying sequence-step: accepted + 1 (leanserve).",
+                 "mean_acceptance_length"),
+            ):
+                g = GaugeMetricFamily(f"leanserve:{name}", doc, labels=labels)
+                g.add_metric([self.model], float(spec[key]))
+                yield g
 
 
 class _CostCollector(Collector):

@@ -363,11 +363,18 @@ class CostDetails(BaseModel):
     hardware: str = Field(..., description="the catalog entry of the price basis")
 
 
+class CompletionTokensDetails(BaseModel):
+    accepted_prediction_tokens: int = Field(..., description="draft tokens the model accepted (its own tokens)")
+    rejected_prediction_tokens: int = Field(..., description="draft tokens verified and rejected")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int = Field(..., description="summed over the n choices")
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails | None = Field(
+        None, description="with speculative decoding: draft tokens accepted and rejected (OpenAI's predicted-output counts)")
     cost: float | None = Field(None, description="what the request cost, USD: its machine-seconds at the server's "
                                                  "price (leanserve extra, OpenRouter's convention; docs/cost.md)")
     cost_details: CostDetails | None = Field(None, description="how cost was made (leanserve extra)")

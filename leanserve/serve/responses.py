@@ -33,6 +33,9 @@ def usage(out: RequestOutput, cost: dict[str, Any] | None = None) -> dict[str, A
     u = {"prompt_tokens": out.num_prompt_tokens, "completion_tokens": completion,
          "total_tokens": out.num_prompt_tokens + completion,
          "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}
+    if out.num_draft_tokens:  # speculative decoding: OpenAI's predicted-output counts
+        u["completion_tokens_details"] = {"accepted_prediction_tokens": out.num_accepted_tokens,
+                                          "rejected_prediction_tokens": out.num_draft_tokens - out.num_accepted_tokens}
     if cost:
         u.update(cost)
     return u
