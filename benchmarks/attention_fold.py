@@ -2,7 +2,8 @@
 
 A folded chunk becomes one decode row per query token, each seeing its own causal prefix, so a
 step's short prompts take one native call per layer instead of one SDPA call (and a gather) per
-sequence per layer. This picks ``attention.FOLD_PREFILL_UPTO``, the longest context folded.
+sequence per layer. This picks ``attention.FOLD_PREFILL_UPTO`` (the longest context folded) and
+``FOLD_QUERY_UPTO`` (chunks this short fold at any context: a speculative step's drafts).
 
 SmolLM2-135M shapes (9 query heads, 3 KV heads, head_dim 64, block_size 16, float32), ``batch``
 sequences each computing ``query`` new tokens at the end of a ``context``-token context (query ==
@@ -31,7 +32,8 @@ from leanserve.model.attention import FOLD_PREFILL_UPTO, AttentionMetadata, page
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, LAYERS = 9, 3, 64, 16, 30
 SCALE = HEAD_DIM ** -0.5
-GRID = [(64, 32, 32), (64, 48, 16), (16, 128, 128), (8, 256, 256), (4, 256, 32), (4, 512, 512), (2, 1024, 1024)]
+GRID = [(64, 32, 32), (64, 48, 16), (16, 128, 128), (8, 256, 256), (4, 256, 32), (4, 512, 512), (2, 1024, 1024),
+        (1, 1024, 5), (4, 2048, 5), (8, 512, 9), (1, 1024, 16), (2, 1024, 32)]
 
 
 def measure(batch: int, context: int, query: int, min_time: float, seed: int = 0) -> tuple[float, float]:
@@ -52,7 +54,7 @@ def measure(batch: int, context: int, query: int, min_time: float, seed: int = 0
             out = paged_attention(q, k, v, meta, SCALE, None)
         return out
 
-    paths = {"sdpa": lambda: step(0), "fold": lambda: step(context)}
+    paths = {"sdpa": lambda: step(0), "fold": lambda: step(max(context, 1))}
     times: dict[str, list[float]] = {name: [] for name in paths}
     with torch.inference_mode():
         torch.testing.assert_close(paths["fold"](), paths["sdpa"](), atol=1e-5, rtol=1e-5)  # warm-up, and a check

@@ -21,8 +21,9 @@ Implementations, tested against each other:
   head sharing each row (GQA). Otherwise (CUDA, other dtypes, no kernels): one batched SDPA call over
   the K/V gathered a whole block at a time (block tables padded to the longest) with masks, the
   query heads of each KV head grouped so no K/V is repeated. Prefill chunks: one SDPA call per
-  sequence; on CPU a chunk whose context is at most ``FOLD_PREFILL_UPTO`` tokens is folded into the
-  decode rows instead, one row per query token seeing its own causal prefix. Index tensors are built once per step in ``AttentionMetadata`` and shared by every
+  sequence; on CPU a chunk whose context is at most ``FOLD_PREFILL_UPTO`` tokens, or with at most
+  ``FOLD_QUERY_UPTO`` new tokens, is folded into the decode rows instead, one row per query token
+  seeing its own causal prefix. Index tensors are built once per step in ``AttentionMetadata`` and shared by every
   layer; the SDPA decode masks only when first asked for (``DecodeMasks``), so the kernel path never
   builds them, nor fills the gather workspace.
 """
@@ -37,10 +38,13 @@ import torch.nn.functional as F
 from leanserve import kernels
 
 
-# On CPU, a prefill chunk whose context is at most this many tokens goes to the decode path as one
-# row per query token (each seeing its own causal prefix): one native call for every short prompt of
-# a step instead of an SDPA call per sequence per layer. Chosen by benchmarks/attention_fold.py.
+# On CPU, a prefill chunk whose context is at most FOLD_PREFILL_UPTO tokens, or that has at most
+# FOLD_QUERY_UPTO new tokens (a speculative step's drafts, a short turn after a long cached context),
+# goes to the decode path as one row per query token (each seeing its own causal prefix): one native
+# call for every such chunk of a step instead of a gather and an SDPA call (with a mask, off the fast
+# kernel) per sequence per layer. Chosen by benchmarks/attention_fold.py.
 FOLD_PREFILL_UPTO = 128
+FOLD_QUERY_UPTO = 16
 
 
 @dataclass
@@ -81,11 +85,12 @@ class AttentionMetadata:
     ) -> "AttentionMetadata":
         slots: list[int] = []  # plain ints: a tensor per sequence cost ~10 us each at 80 sequences
         rows, lens, owners, prefills = [], [], [], []  # decode rows: flat-batch row, context length, sequence
-        fold = fold_upto if torch.device(device).type == "cpu" else 0
+        cpu = torch.device(device).type == "cpu"
+        fold, fold_query = (fold_upto, FOLD_QUERY_UPTO if fold_upto else 0) if cpu else (0, 0)
         row = 0
         for i, (q_len, ctx_len, table) in enumerate(zip(query_lens, context_lens, block_tables)):
             slots += [table[p // block_size] * block_size + p % block_size for p in range(ctx_len - q_len, ctx_len)]
-            if q_len == 1 or ctx_len <= fold:  # each query token a row that sees its own causal prefix
+            if q_len <= max(1, fold_query) or ctx_len <= fold:  # each query token a row seeing its causal prefix
                 rows += range(row, row + q_len)
                 lens += range(ctx_len - q_len + 1, ctx_len + 1)
                 owners += [i] * q_len

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leanserve.model.attention import FOLD_PREFILL_UPTO, AttentionMetadata, paged_attention, reference_attention, write_kv
+from leanserve.model.attention import FOLD_PREFILL_UPTO, FOLD_QUERY_UPTO, AttentionMetadata, paged_attention, reference_attention, write_kv
 
 
 def _setup(query_lens, context_lens, block_size=4, num_blocks=40, heads=4, kv_heads=2, dim=8, seed=0):
@@ -25,8 +25,8 @@ def _setup(query_lens, context_lens, block_size=4, num_blocks=40, heads=4, kv_he
 @pytest.mark.parametrize("window", [None, 3, 6])
 @pytest.mark.parametrize("fold_upto", [0, 10, FOLD_PREFILL_UPTO], ids=["sdpa", "some-folded", "all-folded"])
 def test_fast_path_matches_reference_mixed_batch(window, fold_upto):
-    # two decodes, a chunk mid-prompt, a whole prompt, another decode
-    qlens, clens = [1, 1, 5, 9, 1], [7, 13, 11, 9, 1]
+    # two decodes, a short chunk mid-prompt, a long one, another decode
+    qlens, clens = [1, 1, 5, 20, 1], [7, 13, 11, 24, 1]
     q, k, v, tables = _setup(qlens, clens)
     meta = AttentionMetadata.build(qlens, clens, tables, 4, {window}, fold_upto=fold_upto)
     assert len(meta.prefills) == {0: 2, 10: 1, FOLD_PREFILL_UPTO: 0}[fold_upto]
@@ -56,8 +56,13 @@ def test_short_prefill_folds_into_decode_rows():
     assert meta.decode_tables.tolist() == [[5, 2], [5, 2], [7, 0]]
     assert meta.decode_masks[None][:, 0, 0].tolist() == [[True] * 5 + [False] * 3, [True] * 6 + [False] * 2,
                                                          [True] * 3 + [False] * 5]
-    # a context one past the limit stays a prefill; off the CPU nothing folds
-    assert len(AttentionMetadata.build([2, 1], [6, 3], [[5, 2], [7]], 4, {None}, fold_upto=5).prefills) == 1
+    # a context one past the limit stays a prefill, unless the chunk is short (FOLD_QUERY_UPTO new
+    # tokens: a speculative step's drafts); off the CPU nothing folds
+    table = list(range(8))
+    assert len(AttentionMetadata.build([FOLD_QUERY_UPTO + 1], [30], [table], 4, {None}, fold_upto=29).prefills) == 1
+    assert len(AttentionMetadata.build([FOLD_QUERY_UPTO + 1], [30], [table], 4, {None}, fold_upto=30).prefills) == 0
+    short = AttentionMetadata.build([FOLD_QUERY_UPTO], [30], [table], 4, {None}, fold_upto=1)
+    assert short.prefills == [] and short.decode_lens.tolist() == list(range(31 - FOLD_QUERY_UPTO, 31))
     assert AttentionMetadata.build([2], [6], [[5, 2]], 4, {None}, device="meta", fold_upto=6).decode_rows is None
 
 
