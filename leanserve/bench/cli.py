@@ -83,7 +83,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
     g.add_argument("--workload", choices=WORKLOADS, default=None,
                    help="chat (MT-Bench first turns, default), multi-turn (both turns, history re-sent), "
-                        "shared-prefix (long shared system prompt), random, sharegpt (--dataset-path)")
+                        "shared-prefix (long shared system prompt), random, sharegpt (--dataset-path); input-grounded, "
+                        "for speculative decoding: spec-bench (Spec-Bench prompts), rag (its passage-grounded QA), "
+                        "code-edit (HumanEvalFix bug fixes), summarize (SciTLDR abstracts)")
     g.add_argument("--dataset-path", type=Path, help="a ShareGPT-format .json/.jsonl file (implies --workload sharegpt)")
     g.add_argument("--data-dir", type=Path, help="folder with mt_bench_questions.jsonl (and, for shared-prefix, "
                                                  "mt_bench_reference_answers.jsonl) to use instead of the copies "

@@ -2,7 +2,9 @@
 
 A workload is a sequence of :class:`Conversation`. Most have one user turn; ``multi-turn`` has two,
 and the client builds the second request at run time from the first turn plus the server's actual
-answer (that re-sent history is what prefix caching can reuse).
+answer (that re-sent history is what prefix caching can reuse). The input-grounded workloads
+(``spec-bench``, ``rag``, ``code-edit``, ``summarize``) ask for answers that re-use the prompt's own
+text, which is where speculative decoding pays.
 
 The client has no tokenizer, so input lengths are approximations (see :func:`approx_tokens`):
 the server's ``usage.prompt_tokens``, when it reports one, is what the metrics use.
@@ -17,11 +19,19 @@ from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-WORKLOADS = ("chat", "multi-turn", "shared-prefix", "random", "sharegpt")
+GROUNDED_WORKLOADS = ("spec-bench", "rag", "code-edit", "summarize")
+WORKLOADS = ("chat", "multi-turn", "shared-prefix", "random", "sharegpt", *GROUNDED_WORKLOADS)
 QUESTIONS_FILE = "mt_bench_questions.jsonl"
 REFERENCE_FILE = "mt_bench_reference_answers.jsonl"
+# The input-grounded workloads' files ship in leanserve/data/bench (source and license in its README.md).
+BENCH_SUBFOLDER = "bench"
+SPECBENCH_FILE = "specbench_questions.jsonl"
+HUMANEVALFIX_FILE = "humanevalfix_python.jsonl"
+SCITLDR_FILE = "scitldr_a_test.jsonl"
+CODE_EDIT_INSTRUCTION = "Fix the bug in the following Python function. Reply with the whole corrected function only."
+SUMMARIZE_INSTRUCTION = "Summarize this abstract in one sentence."
 CHARS_PER_TOKEN = 4.0  # the usual rule of thumb for English text with BPE tokenizers
 DEFAULT_CHAT_OUTPUT_LEN = 128
 DEFAULT_RANDOM_RANGE = (100, 1024)  # the nano-vllm convention, for both input and output lengths
@@ -107,10 +117,11 @@ def packaged_data() -> Traversable:
 
 
 def needs_data_dir(name: str) -> bool:
-    return name in ("chat", "multi-turn", "shared-prefix")
+    return name in ("chat", "multi-turn", "shared-prefix", *GROUNDED_WORKLOADS)
 
 
-def _read_jsonl(path: Path | Traversable) -> list[dict[str, Any]]:
+def _read_jsonl_numbered(path: Path | Traversable) -> list[tuple[int, Any]]:
+    """(line number, parsed JSON) for each non-blank line, so a bad row can be named by its line."""
     rows = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -118,22 +129,29 @@ def _read_jsonl(path: Path | Traversable) -> list[dict[str, Any]]:
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append((lineno, json.loads(line)))
             except json.JSONDecodeError as e:
                 raise WorkloadError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
     return rows
 
 
-def _data_file(data_dir: Path | None, name: str) -> Path | Traversable:
-    """``name`` in ``data_dir`` (``--data-dir``), or by default the copy shipped in the package."""
+def _read_jsonl(path: Path | Traversable) -> list[dict[str, Any]]:
+    return [row for _, row in _read_jsonl_numbered(path)]
+
+
+def _data_file(data_dir: Path | None, name: str, subfolder: str | None = None) -> Path | Traversable:
+    """``name`` in ``data_dir`` (``--data-dir``), or by default the copy shipped in the package
+    (in ``leanserve/data``, or its ``subfolder``; ``--data-dir`` holds every file at its top)."""
     if data_dir is None:
-        packaged = packaged_data().joinpath(name)
+        folder = packaged_data() if subfolder is None else packaged_data().joinpath(subfolder)
+        packaged = folder.joinpath(name)
         if not packaged.is_file():
-            raise WorkloadError(f"{name} is missing from the installed package (leanserve/data); "
+            where = "leanserve/data" if subfolder is None else f"leanserve/data/{subfolder}"
+            raise WorkloadError(f"{name} is missing from the installed package ({where}); "
                                 f"reinstall leanserve or pass --data-dir DIR (a folder holding {name})")
         return packaged
     if not data_dir.is_dir():
-        raise WorkloadError(f"data directory {data_dir} not found; pass --data-dir DIR (a folder holding {QUESTIONS_FILE})")
+        raise WorkloadError(f"data directory {data_dir} not found; pass --data-dir DIR (a folder holding {name})")
     p = data_dir / name
     if not p.is_file():
         raise WorkloadError(f"{p} not found; pass --data-dir DIR (a folder holding {name})")
@@ -203,6 +221,70 @@ def load_sharegpt(path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
+class _BadRow(Exception):
+    """Why one dataset row cannot make a prompt; :func:`load_grounded` adds the file and line."""
+
+
+def _field(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, str):
+        raise _BadRow(f"no string {key!r}")
+    return value
+
+
+def _specbench_prompt(row: dict[str, Any], index: int) -> tuple[str, str]:
+    if "question_id" not in row:
+        raise _BadRow("no 'question_id'")
+    _field(row, "category")
+    turns = row.get("turns")
+    if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
+        raise _BadRow("no list of string 'turns'")
+    return f"specbench-{row['question_id']}", turns[0]
+
+
+def _code_edit_prompt(row: dict[str, Any], index: int) -> tuple[str, str]:
+    task_id = _field(row, "task_id")
+    code = _field(row, "prompt") + _field(row, "buggy_solution")
+    return task_id, f"{CODE_EDIT_INSTRUCTION}\n\n```python\n{code}```"
+
+
+def _summarize_prompt(row: dict[str, Any], index: int) -> tuple[str, str]:
+    source = row.get("source")
+    if not isinstance(source, list) or not source or not all(isinstance(s, str) for s in source):
+        raise _BadRow("no list of string 'source' sentences")
+    return f"scitldr-{index}", f"{SUMMARIZE_INSTRUCTION}\n\n" + " ".join(source)
+
+
+_PromptBuilder = Callable[[dict[str, Any], int], tuple[str, str]]  # (row, 0-based row index) -> (source_id, message)
+# workload -> (file, prompt builder, the category kept, or None for all)
+_GROUNDED: dict[str, tuple[str, _PromptBuilder, str | None]] = {
+    "spec-bench": (SPECBENCH_FILE, _specbench_prompt, None),
+    "rag": (SPECBENCH_FILE, _specbench_prompt, "rag"),
+    "code-edit": (HUMANEVALFIX_FILE, _code_edit_prompt, None),
+    "summarize": (SCITLDR_FILE, _summarize_prompt, None),
+}
+
+
+def load_grounded(name: str, data_dir: Path | None) -> list[tuple[str, str]]:
+    """(source_id, user message) for each item of an input-grounded workload, in file order.
+    ``index`` in a source_id (``scitldr-12``) is the item's 0-based position among the file's rows."""
+    file, build, category = _GROUNDED[name]
+    path = _data_file(data_dir, file, BENCH_SUBFOLDER)
+    items = []
+    for index, (lineno, row) in enumerate(_read_jsonl_numbered(path)):
+        if not isinstance(row, dict):
+            raise WorkloadError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        try:
+            item = build(row, index)
+        except _BadRow as e:
+            raise WorkloadError(f"{path}:{lineno}: {e}") from None
+        if category is None or row["category"] == category:
+            items.append(item)
+    if not items:
+        raise WorkloadError(f"{path} holds no {category + ' ' if category else ''}items")
+    return items
+
+
 class _OutputLens:
     def __init__(self, spec: WorkloadSpec, rng: random.Random, default: int | tuple[int, int] | None) -> None:
         self.spec, self.rng, self.default = spec, rng, default
@@ -242,7 +324,7 @@ def default_num_prompts(spec: WorkloadSpec) -> int:
         return 100
     if spec.name == "sharegpt":
         return 1000
-    return 80
+    return 80  # the MT-Bench workloads and the input-grounded ones
 
 
 def iter_conversations(spec: WorkloadSpec, limit: int | None) -> Iterator[Conversation]:
@@ -262,6 +344,12 @@ def iter_conversations(spec: WorkloadSpec, limit: int | None) -> Iterator[Conver
             turns = list(q["turns"]) if spec.name == "multi-turn" else [q["turns"][0]]
             yield Conversation(cid, turns, system=system, output_lens=[lens.draw() for _ in turns],
                                source_id=str(q.get("question_id", qi)))
+    elif spec.name in GROUNDED_WORKLOADS:
+        items = load_grounded(spec.name, spec.data_dir)
+        lens = _OutputLens(spec, rng, DEFAULT_CHAT_OUTPUT_LEN)
+        for cid, ii in enumerate(_cycled(len(items), rng, limit)):
+            source_id, text = items[ii]
+            yield Conversation(cid, [text], output_lens=[lens.draw()], source_id=source_id)
     elif spec.name == "random":
         in_range = spec.input_len_range or ((spec.input_len, spec.input_len) if spec.input_len else DEFAULT_RANDOM_RANGE)
         lens = _OutputLens(spec, rng, DEFAULT_RANDOM_RANGE)
