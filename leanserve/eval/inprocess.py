@@ -71,7 +71,10 @@ class InProcessBackend:
         return {"backend": "in-process", "model": self.config.model, "model_path": str(path),
                 "model_sha256": _file_digest(path), "dtype": self.engine.info.dtype, "device": self.engine.info.device,
                 "quantization": model.quantized_summary() or None, "kv_cache_dtype": self.engine.info.dtype,
-                "speculation": None, "max_model_len": self.max_length,
+                "speculation": None if self.config.speculative == "off" else {
+                    "method": self.config.speculative, "num_speculative_tokens": self.config.num_speculative_tokens,
+                    "max_batch": self.config.speculative_max_batch},
+                "max_model_len": self.max_length,
                 "max_num_batched_tokens": self.config.max_num_batched_tokens, "max_num_seqs": self.config.max_num_seqs,
                 "prefix_caching": self.config.enable_prefix_caching, "runtime": self.engine.describe_runtime(),
                 "price_basis": self.billing.basis.to_dict()}

@@ -222,3 +222,20 @@ def test_eval_vs_hf_scores_the_same_items_both_ways():
     out = json.loads(run_script("eval_vs_hf.py", "--items", "2", "--json").stdout.strip().splitlines()[-1])
     assert out["items"] == 2 and out["same_choices"] == 2
     assert out["leanserve_s"] > 0 and out["hf_s"] > 0 and out["speedup"] == pytest.approx(out["hf_s"] / out["leanserve_s"], rel=0.05)
+
+
+def test_attention_fold_against_sdpa_per_sequence():
+    need_kernels()
+    out = run_script("attention_fold.py", "--batch", "2", "--context", "40", "--query", "5", "--min-time", "0").stdout
+    rows = table_rows(out, r"\d+")
+    assert [r[:3] for r in rows] == [["2", "40", "5"]], out
+    assert all(v > 0 for v in numbers(rows[0][3:5])), out
+
+
+def test_spec_decode_runs_servers_side_by_side(tiny_chat_model):
+    out = run_script("spec_decode.py", "--model", str(tiny_chat_model), "--methods", "off,ngram",
+                     "--rows", "code-edit:1", "--num-prompts", "1", "--output-len", "8", timeout=600).stdout
+    rows = table_rows(out, "code-edit")
+    assert len(rows) == 1 and rows[0][1] == "1", out
+    off, ngram = numbers([rows[0][2], rows[0][3].split()[0]])  # "41.0", "52.3 (1.28x)"
+    assert off > 0 and ngram > 0, out
