@@ -8,17 +8,15 @@ import pytest
 import torch
 
 from leanserve.engine.engine import LLM
-from leanserve.model.loader import load_model
 from leanserve.types import SamplingParams
-from tests.conftest import mt_bench_prompts, require_model
+from tests.conftest import mt_bench_prompts
 
 pytestmark = pytest.mark.model
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    require_model("smollm2-135m")
-    return load_model("smollm2-135m", torch.float32)
+def loaded(smollm2_f32):
+    return smollm2_f32
 
 
 @pytest.fixture

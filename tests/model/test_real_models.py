@@ -1,7 +1,7 @@
 """Real pretrained models: leanserve's greedy tokens against HF transformers' (float32, same weights).
 
 20 MT-Bench prompts run through leanserve as one batch (continuous batching, paged KV cache) and
-through HF `generate` one at a time; 64 new tokens each, EOS ignored. Tokens must be equal. The only
+through HF `generate` one at a time; 64 new tokens each (Gemma 3: 40), EOS ignored. Tokens must be equal. The only
 accepted divergence is a floating-point near-tie: at the first differing step, HF's own logits for
 the two candidates are within NEAR_TIE of each other (the two stacks sum in different orders, so
 a tie can break either way); the test prints each one it accepts, and accepts at most 2 per model.
@@ -21,6 +21,7 @@ from tests.conftest import mt_bench_prompts, require_model
 pytestmark = pytest.mark.model
 
 NUM_PROMPTS, NEW_TOKENS, NEAR_TIE = 20, 64, 2e-3
+GEMMA_NEW_TOKENS = 40
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 
@@ -31,7 +32,7 @@ def _prompt_ids(tokenizer, chat: bool) -> list[list[int]]:
     return [tokenizer.encode(p) for p in prompts]
 
 
-def _hf_reference(hf, prompts: list[list[int]], batch: int = 10) -> list[list[int]]:
+def _hf_reference(hf, prompts: list[list[int]], batch: int = 10, new_tokens: int = NEW_TOKENS) -> list[list[int]]:
     """HF greedy tokens, left-padded batches (HF's own batching; any padding noise is a near-tie too)."""
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
@@ -42,7 +43,7 @@ def _hf_reference(hf, prompts: list[list[int]], batch: int = 10) -> list[list[in
             width = max(map(len, chunk))
             ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-            out = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+            out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                               do_sample=False)
             refs += out[:, width:].tolist()
     return refs
@@ -51,7 +52,7 @@ def _hf_reference(hf, prompts: list[list[int]], batch: int = 10) -> list[list[in
 def assert_same_greedy(ours: list[list[int]], refs: list[list[int]], prompts: list[list[int]], hf, label: str) -> None:
     ties = []
     for i, (got, want) in enumerate(zip(ours, refs)):
-        assert len(got) == len(want) == NEW_TOKENS
+        assert len(got) == len(want) > 0
         diff = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), None)
         if diff is None:
             continue
@@ -66,21 +67,21 @@ def assert_same_greedy(ours: list[list[int]], refs: list[list[int]], prompts: li
     assert len(ties) <= 2, f"{label}: {len(ties)} near-ties is more than floating-point noise explains"
 
 
-def _generate(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+def _generate(llm: LLM, prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
-def _load_both(name: str):
-    """The same GGUF file loaded by leanserve and by transformers, both float32."""
+def _load_hf(name: str):
+    """The GGUF file leanserve loads (the session's float32 fixture), loaded by transformers, float32."""
     require_model(name)
     path = resolve(name).path
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    return load_model(name, torch.float32), hf.eval()
+    return hf.eval()
 
 
 @pytest.fixture(scope="module")
-def smollm():
-    loaded, hf = _load_both("smollm2-135m")
+def smollm(smollm2_f32):
+    loaded, hf = smollm2_f32, _load_hf("smollm2-135m")
     prompts = _prompt_ids(loaded.tokenizer, chat=True)
     return loaded, hf, prompts, _hf_reference(hf.eval(), prompts)
 
@@ -147,15 +148,17 @@ def test_smollm2_hf_folder_matches_transformers(smollm, tmp_path):
     assert_same_greedy(_generate(llm, prompts), refs, prompts, hf, "smollm2 HF folder")
 
 
-def test_gemma3_matches_transformers():
-    loaded, hf = _load_both("gemma3-270m")
+def test_gemma3_matches_transformers(gemma3_f32):
+    loaded, hf = gemma3_f32, _load_hf("gemma3-270m")
     prompts = _prompt_ids(loaded.tokenizer, chat=False)
-    refs = _hf_reference(hf.eval(), prompts)
+    # 40 new tokens, not 64: HF's generate over Gemma's 262k vocabulary is the suite's slowest reference
+    refs = _hf_reference(hf.eval(), prompts, new_tokens=GEMMA_NEW_TOKENS)
+    greedy = SamplingParams(temperature=0.0, max_tokens=GEMMA_NEW_TOKENS, ignore_eos=True)
     llm = LLM("gemma3-270m", loaded=loaded)
-    assert_same_greedy(_generate(llm, prompts), refs, prompts, hf, "gemma3 gguf, one batch")
+    assert_same_greedy(_generate(llm, prompts, greedy), refs, prompts, hf, "gemma3 gguf, one batch")
     _require_quantized(loaded)  # Q5_0 / Q8_0 layers in 8-bit blocks; Q4_K / Q6_K stay float only
     small = LLM("gemma3-270m", loaded=loaded, max_num_seqs=4)
-    assert_same_greedy(_generate(small, prompts[:8]), refs[:8], prompts[:8], hf, "gemma3 gguf, native kernels")
+    assert_same_greedy(_generate(small, prompts[:8], greedy), refs[:8], prompts[:8], hf, "gemma3 gguf, native kernels")
 
 
 def test_bf16_decode_stays_close_to_float32_teacher_forced():

@@ -7,20 +7,18 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from leanserve.engine.engine import LLMEngine
 from leanserve.config import EngineConfig
-from leanserve.model.loader import load_model
 from leanserve.types import SamplingParams
-from tests.conftest import DATA_DIR, require_model
+from tests.conftest import DATA_DIR
 
 pytestmark = pytest.mark.model
 
 KV = 96 << 20
 
 
-def grounded_prompts(n: int) -> list[str]:
+def grounded_prompts(n: int, max_chars: int = 1500) -> list[str]:
     """Input-grounded prompts (code to fix, abstracts to summarize, passages to answer from), where
     the answer re-uses the prompt's text: drafts get accepted. Alternating with plain questions."""
     d = DATA_DIR / "eval"
@@ -35,11 +33,12 @@ def grounded_prompts(n: int) -> list[str]:
         kind = i % 4
         if kind == 0:
             c = code[i]
-            out.append(f"Fix the bug in this function.\n\n{c['prompt']}{c.get('buggy_solution', '')}\n\nFixed version:\n{c['prompt']}")
+            out.append(f"Fix the bug in this function.\n\n{c['prompt'][-max_chars // 2:]}{c.get('buggy_solution', '')}\n\n"
+                       f"Fixed version:\n{c['prompt'][-max_chars // 2:]}")
         elif kind == 1:
-            out.append("Summarize the paper in one sentence.\n\n" + " ".join(papers[i]["source"])[:1500] + "\n\nSummary:")
+            out.append("Summarize the paper in one sentence.\n\n" + " ".join(papers[i]["source"])[:max_chars] + "\n\nSummary:")
         elif kind == 2:
-            out.append(rag[i]["turns"][0][:1500])
+            out.append(rag[i]["turns"][0][:max_chars])
         else:
             out.append(f"Question {i}: what is the capital of a country you like, and why?")
     return out
@@ -80,9 +79,8 @@ def run(engine: LLMEngine, prompts, params, check_every_step: bool = True, abort
 
 
 @pytest.fixture(scope="module")
-def smollm():
-    require_model("smollm2-135m")
-    return load_model("smollm2-135m", torch.float32)
+def smollm(smollm2_f32):
+    return smollm2_f32
 
 
 def engine(loaded, method: str, **kw) -> LLMEngine:
@@ -96,11 +94,19 @@ def _tokens(outs):
     return {rid: [c.token_ids for c in o.outputs] for rid, o in outs.items()}
 
 
-@pytest.mark.parametrize("method", ["ngram", "suffix"])
-def test_greedy_equals_speculation_off_on_20_prompts(smollm, method):
+GREEDY_20 = [SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=i % 5 == 0) for i in range(20)]
+
+
+@pytest.fixture(scope="module")
+def greedy_off(smollm):
     prompts = [smollm.tokenizer.encode(p) for p in grounded_prompts(20)]
-    params = [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=i % 5 == 0) for i in range(20)]
-    ref, _ = run(engine(smollm, "off"), prompts, params)
+    return prompts, run(engine(smollm, "off"), prompts, GREEDY_20)[0]
+
+
+@pytest.mark.parametrize("method", ["ngram", "suffix"])
+def test_greedy_equals_speculation_off_on_20_prompts(smollm, greedy_off, method):
+    prompts, ref = greedy_off
+    params = GREEDY_20
     eng = engine(smollm, method)
     got, mixed = run(eng, prompts, params)
     assert _tokens(got) == _tokens(ref)
@@ -163,14 +169,13 @@ def test_max_tokens_and_context_end_cut_drafts(smollm):
 
 
 @pytest.fixture(scope="module")
-def gemma():
-    require_model("gemma3-270m")
-    return load_model("gemma3-270m", torch.float32)
+def gemma(gemma3_f32):
+    return gemma3_f32
 
 
 def test_gemma3_greedy_equals_speculation_off(gemma):
-    prompts = [gemma.tokenizer.encode(p) for p in grounded_prompts(20)]
-    params = [SamplingParams(temperature=0.0, max_tokens=24) for _ in prompts]
+    prompts = [gemma.tokenizer.encode(p) for p in grounded_prompts(20, max_chars=500)]  # its prefill is costly
+    params = [SamplingParams(temperature=0.0, max_tokens=16) for _ in prompts]
 
     def make(method):
         return LLMEngine(EngineConfig(model="gemma3-270m", dtype="float32", speculative=method, max_model_len=2048,
