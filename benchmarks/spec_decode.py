@@ -1,7 +1,7 @@
 """Speculative decoding on against off, through the HTTP server, side by side in one run.
 
-Starts one `leanserve serve` per method (off, ngram, suffix by default; the same model and options
-otherwise) and drives each in turn with `leanserve bench` on the same rows, so all three see the
+Starts one `leanserve serve` per method (off, ngram, auto by default; ``draft@self:8`` is
+``--speculative draft --draft-model self:8``; the same model and options otherwise) and drives each in turn with `leanserve bench` on the same rows, so all three see the
 same machine conditions row by row:
 
     rag, code-edit, summarize, spec-bench   1 client, greedy, natural lengths (up to --output-len)
@@ -59,7 +59,8 @@ def bench(port: int, workload: str, clients: int, num_prompts: int, output_len: 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--methods", default="off,ngram,suffix")
+    p.add_argument("--methods", default="off,ngram,auto",
+                   help="comma-separated --speculative values; METHOD@MODEL adds --draft-model MODEL (draft@self:8)")
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="WORKLOAD:CLIENTS,... (CLIENTS 'sat': --saturation)")
     p.add_argument("--num-prompts", type=int, default=8, help="prompts per row at 1 client (4 x clients otherwise)")
     p.add_argument("--output-len", type=int, default=128)
@@ -74,8 +75,11 @@ def main(argv: list[str] | None = None) -> None:
         for m in methods:  # all up at once; an idle server takes no CPU
             port = free_port()
             log = open(tmp / f"{m}.log", "w")
+            method, _, draft = m.partition("@")  # draft@self:8: --speculative draft --draft-model self:8
             cmd = [PY, "-m", "leanserve", "serve", args.model, "--port", str(port), "--log-level", "warning",
-                   "--speculative", m, "--max-num-seqs", str(max(args.saturation, 8)), *args.serve_args.split()]
+                   "--speculative", method, "--max-num-seqs", str(max(args.saturation, 8)), *args.serve_args.split()]
+            if draft:
+                cmd += ["--draft-model", draft]
             servers[m] = (port, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
         for port, proc in servers.values():
             wait_ready(port, proc)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-SPECULATIVE_METHODS = ("off", "ngram", "suffix")
+SPECULATIVE_METHODS = ("off", "ngram", "suffix", "draft", "auto")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -103,7 +103,13 @@ class EngineConfig:
         "context length (default: the model's own, capped by the KV cache)"))
     speculative: str = field(default="off", metadata=_cli(
         "speculative decoding: off; ngram (prompt lookup in each request's own prompt and output); suffix "
-        "(that, and recent requests of the same API key)", choices=SPECULATIVE_METHODS))
+        "(that, and recent requests of the same API key); draft (a draft model, --draft-model); auto (suffix, then "
+        "the draft model where given for sequences it finds nothing for). Every method sizes its drafts from the "
+        "measured step cost and each sequence's acceptance", choices=SPECULATIVE_METHODS))
+    draft_model: str | None = field(default=None, metadata=_cli(
+        "the draft model for --speculative draft/auto: a model with the target's tokenizer (name, .gguf or HF "
+        "folder), or self:N, the target's own first N layers with its final norm and head (draft's default: "
+        "self with a quarter of the layers)", metavar="MODEL"))
     num_speculative_tokens: int = field(default=4, metadata=_cli(
         "draft tokens per sequence and step at most (each sequence adapts below it to its acceptance)"))
     speculative_max_batch: int = field(default=8, metadata=_cli(
@@ -126,6 +132,8 @@ class EngineConfig:
         _require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
         _require(self.speculative in SPECULATIVE_METHODS,
                  f"speculative must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.speculative!r}")
+        _require(self.draft_model is None or self.speculative in ("draft", "auto"),
+                 f"--draft-model needs --speculative draft or auto, got {self.speculative!r}")
         _require(1 <= self.num_speculative_tokens <= 16,
                  f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
         _require(self.speculative_max_batch >= 1, f"speculative_max_batch must be >= 1, got {self.speculative_max_batch}")

@@ -11,6 +11,7 @@ import enum
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class Priority(enum.IntEnum):
@@ -173,6 +174,8 @@ class Request:
     tenant: str | None = None  # who sent it (an API key's name), for anything shared across requests
     # draft tokens for the next step (speculative decoding): not part of the sequence until verified
     spec_token_ids: list[int] = field(default_factory=list)
+    # the draft distributions they were drawn from ((k, vocab), a draft model's), or None: point drafts
+    spec_draft_probs: Any = None
 
     @property
     def num_prompt_tokens(self) -> int:

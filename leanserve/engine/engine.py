@@ -28,6 +28,8 @@ from leanserve.engine.runner import ModelRunner, kv_cache_block_bytes
 from leanserve.engine.scheduler import Scheduler
 from leanserve.model.loader import LoadedModel, load_model, model_size
 from leanserve.spec import make_proposer
+from leanserve.spec.adaptive import Acceptance, StepCostModel, plan_drafts
+from leanserve.spec.proposer import FallbackProposer, Proposer, propose_all
 from leanserve.tokenizer import IncrementalDetokenizer
 from leanserve.types import (CompletionOutput, Priority, Request, RequestOutput, RequestStatus, SamplingParams,
                              SchedulerOutput, TokenLogprob)
@@ -78,7 +80,7 @@ class _Sequence:
     logprobs: list[TokenLogprob] | None = None
     stop_reason: str | int | None = None
     prompt_logprobs: dict[int, TokenLogprob] | None = None  # prompt index -> logprob (a recompute overwrites)
-    spec_k: int = 0  # draft tokens to ask for next (speculative decoding adapts it to the acceptance)
+    acceptance: Acceptance = field(default_factory=Acceptance)  # how often its drafts stand (speculative decoding)
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
 
@@ -134,9 +136,28 @@ class LLMEngine:
         self._seqs: dict[str, _Sequence] = {}
         self._ids = itertools.count()
         self.meter = CostMeter()
-        self.proposer = make_proposer(config.speculative)
+        self.proposer = self._build_proposer()
         self.spec = SpecStats(config.num_speculative_tokens)
+        self.step_cost = StepCostModel()  # fitted to this engine's decode steps; sizes the drafts
+        self._propose_seconds = 0.0  # this step's share of proposing, kept out of the step cost fit
         torch.manual_seed(config.seed)
+
+    def _build_proposer(self) -> Proposer | None:
+        c = self.config
+        if c.speculative not in ("draft", "auto"):
+            return make_proposer(c.speculative)
+        draft = None
+        if c.speculative == "draft" or c.draft_model is not None:
+            from leanserve.engine.draft import DraftModelProposer
+
+            draft = DraftModelProposer.build(c.draft_model or "self", self.loaded, self.cache_config.num_tokens,
+                                             c.block_size)
+            log.info("speculative decoding: draft model %s, its KV cache %.0f MiB", draft.label, draft.kv_bytes / 2**20)
+        if c.speculative == "draft":
+            return draft
+        lookup = make_proposer("suffix")
+        assert lookup is not None
+        return lookup if draft is None else FallbackProposer(lookup, draft)
 
     @staticmethod
     def _default_kv_bytes(device: torch.device) -> int:
@@ -203,8 +224,7 @@ class LLMEngine:
             req = Request(rid, ids, child, priority, tenant=tenant)
             seq = _Sequence(req, group, i, IncrementalDetokenizer(self.tokenizer, ids),
                             logprobs=[] if params.logprobs is not None else None,
-                            prompt_logprobs={} if child.prompt_logprobs is not None else None,
-                            spec_k=self.config.num_speculative_tokens)
+                            prompt_logprobs={} if child.prompt_logprobs is not None else None)
             group.seqs.append(seq)
         for seq in group.seqs:
             self.scheduler.add_request(seq.request)
@@ -291,6 +311,8 @@ class LLMEngine:
             touched[seq.parent.request_id] = seq.parent
         elapsed = time.perf_counter() - start
         self.meter.record_step(elapsed, work, prefill)
+        if not prefill and self.proposer is not None:  # decode steps (drafts or not) fit the step cost
+            self.step_cost.observe(sched.num_batched_tokens, elapsed - self._propose_seconds)
         if any(s.spec_token_ids for s in sched.scheduled):
             self.spec.verify_seconds += elapsed
         outputs = [self._output(g) for g in touched.values()]
@@ -338,26 +360,45 @@ class LLMEngine:
     # ---- speculative decoding ----------------------------------------------------------------
 
     def _propose(self) -> None:
-        """Draft tokens for each decoding sequence (none while more than ``speculative_max_batch``
-        decode: a big batch already keeps the machine busy, and verifying costs compute)."""
+        """Draft tokens for the decoding sequences, as many for each as ``plan_drafts`` finds worth
+        their cost (none while more than ``speculative_max_batch`` decode)."""
+        self._propose_seconds = 0.0
         if self.proposer is None:
             return
-        decoding = [r for r in self.scheduler.running if r.num_computed_tokens == r.num_tokens - 1]
+        running = self.scheduler.running
+        decoding = [r for r in running if r.num_computed_tokens == r.num_tokens - 1]
         if not decoding or len(decoding) > self.config.speculative_max_batch:
             return
         t0 = time.perf_counter()
+        limits = []
         for r in decoding:
             p = r.sampling_params
             room = self.max_model_len - r.num_tokens - 1  # the token sampled after the drafts must fit too
             if p.max_tokens is not None:
                 room = min(room, p.max_tokens - r.num_output_tokens - 1)
-            k = min(self._seqs[r.request_id].spec_k, room)
-            r.spec_token_ids = self.proposer.propose(r, k)[:k] if k > 0 else []
-        self.spec.propose_seconds += time.perf_counter() - t0
+            limits.append(max(0, min(self.config.num_speculative_tokens, room)))
+        prior = self.spec.acceptance_rate if self.spec.num_draft_tokens >= 32 else 0.5
+        alphas = [self._seqs[r.request_id].acceptance.value(prior) for r in decoding]
+        prefilling = sum(r.num_tokens - r.num_computed_tokens for r in running if r.num_computed_tokens < r.num_tokens - 1)
+        base = len(decoding) + min(prefilling, self.config.max_num_batched_tokens)
+        a, b = self.step_cost.coefficients() or (1.0, self.step_cost.prior_slope)
+        token_cost = getattr(self.proposer, "token_cost", None)  # a draft model's forwards; lookups: free
+        ks = plan_drafts(alphas, limits, base, a, b, token_cost(len(decoding)) if token_cost is not None else 0.0)
+        asked = [(r, k) for r, k in zip(decoding, ks) if k > 0]
+        for r, k in zip(decoding, ks):
+            r.spec_token_ids, r.spec_draft_probs = [], None
+            if k == 0:
+                self._seqs[r.request_id].acceptance.idle()
+        if asked:
+            drafts = propose_all(self.proposer, [r for r, _ in asked], [k for _, k in asked])
+            for (r, k), d in zip(asked, drafts):
+                r.spec_token_ids = d.tokens[:k]
+                r.spec_draft_probs = d.probs
+        self._propose_seconds = time.perf_counter() - t0
+        self.spec.propose_seconds += self._propose_seconds
 
     def _count_spec(self, sched: SchedulerOutput, accepted: dict[str, list[int]]) -> None:
-        """Acceptance counters, and each sequence's next k: one more after a full acceptance, else
-        one past what was accepted."""
+        """Acceptance counters, overall and per sequence (which sizes its next drafts)."""
         for s in sched.scheduled:
             if not s.spec_token_ids:
                 continue
@@ -367,7 +408,7 @@ class LLMEngine:
             if seq is not None:
                 seq.num_draft_tokens += k
                 seq.num_accepted_tokens += a
-                seq.spec_k = min(self.config.num_speculative_tokens, seq.spec_k + 1) if a == k else max(1, a + 1)
+                seq.acceptance.update(k, a)
 
     def _output(self, g: _Group) -> RequestOutput:
         outs = []

@@ -15,6 +15,7 @@ import torch
 from leanserve.config import CacheConfig
 from leanserve.model.attention import AttentionMetadata, GatherWorkspace
 from leanserve.model.loader import LoadedModel
+from leanserve.sampling.rejection import rejection_sample
 from leanserve.sampling.sampler import Sampler, SamplingRow, advance_generator, token_logprobs
 from leanserve.types import Request, SchedulerOutput, StepOutput
 
@@ -82,25 +83,52 @@ class ModelRunner:
         sampled = self.sampler(sample_logits, rows)
         i = 0
         for r, drafts in sampling:
-            tokens, lps = sampled.token_ids[i:i + len(drafts) + 1], sampled.logprobs[i:i + len(drafts) + 1]
-            i += len(drafts) + 1
-            # the target sampled every row itself (greedy: its argmax): a draft stands while it equals
-            # what the target produced in its place, and the first row that differs, or the row after
-            # the last draft, gives one more token. Lossless: every emitted token is the target's.
-            m = 0
-            while m < len(drafts) and tokens[m] == drafts[m]:
-                m += 1
+            lo, hi = i, i + len(drafts) + 1
+            i = hi
+            q = r.spec_draft_probs
+            if drafts and q is not None and not r.sampling_params.greedy:
+                # drafts drawn from a draft model's distribution: speculative sampling's acceptance rule
+                m, tokens, lps = self._rejection_sample(r, drafts, q, sample_logits[lo:hi], rows[lo:hi], states)
+            else:
+                # the target sampled every row itself (greedy: its argmax): a draft stands while it
+                # equals what the target produced in its place, and the first row that differs, or the
+                # row after the last draft, gives one more token. Lossless: every emitted token is the
+                # target's (rejection sampling with a point-mass draft distribution).
+                tokens, lps = sampled.token_ids[lo:hi], sampled.logprobs[lo:hi]
+                m = 0
+                while m < len(drafts) and tokens[m] == drafts[m]:
+                    m += 1
             result.sampled[r.request_id] = tokens[m]
             if lps[m] is not None:
                 result.logprobs[r.request_id] = lps[m]
             if drafts:
                 result.accepted[r.request_id] = drafts[:m]
                 result.accepted_logprobs[r.request_id] = [lp for lp in lps[:m] if lp is not None]
-                if r.request_id in states and m < len(drafts):  # as if only the m + 1 used rows had drawn
+                if r.request_id in states and m < len(drafts) and q is None:  # as if only the m + 1 used rows had drawn
                     gen = self.generators[r.request_id]
                     gen.set_state(states[r.request_id])
                     advance_generator(gen, sample_logits.shape[-1], m + 1)
         return result
+
+    def _rejection_sample(self, r: Request, drafts: list[int], q: torch.Tensor, logits: torch.Tensor,
+                          rows: list[SamplingRow], states: dict[str, torch.Tensor]) -> tuple[int, list[int], list]:
+        """-> (accepted drafts m, the rows' tokens with the emitted one at m, their logprobs)."""
+        gen = self.generators.get(r.request_id)
+        if gen is not None and r.request_id in states:
+            gen.set_state(states[r.request_id])  # the plain sampling pass above drew from it: undo
+        p = self.sampler.probs(logits, rows)
+        k, width = len(drafts), p.shape[-1]
+        q = q[:k, :width].to(device=p.device, dtype=p.dtype)
+        if q.shape[-1] < width:  # a draft model with a narrower (unpadded) vocabulary
+            q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
+        draft_t = torch.tensor(drafts, dtype=torch.long, device=p.device)
+        accepted, nxt = rejection_sample(p[None], q[None], draft_t[None], gen)
+        m = int(accepted[0])
+        tokens = drafts[:m] + [int(nxt[0])] + drafts[m + 1:]
+        want = list(range(m + 1)) if r.sampling_params.logprobs is not None else []
+        tok_t = torch.tensor(tokens, dtype=torch.long, device=p.device)
+        lps = Sampler._logprobs(logits, rows, want, tok_t, tokens) if want else [None] * len(tokens)
+        return m, tokens, lps
 
     def _logits(self, hidden: torch.Tensor, prompt_rows: list[tuple[int, Request, int]], sample_rows: list[int],
                 result: StepOutput) -> torch.Tensor | None:

@@ -73,7 +73,8 @@ class InProcessBackend:
                 "quantization": model.quantized_summary() or None, "kv_cache_dtype": self.engine.info.dtype,
                 "speculation": None if self.config.speculative == "off" else {
                     "method": self.config.speculative, "num_speculative_tokens": self.config.num_speculative_tokens,
-                    "max_batch": self.config.speculative_max_batch},
+                    "max_batch": self.config.speculative_max_batch,
+                    **({"draft_model": self.config.draft_model} if self.config.draft_model else {})},
                 "max_model_len": self.max_length,
                 "max_num_batched_tokens": self.config.max_num_batched_tokens, "max_num_seqs": self.config.max_num_seqs,
                 "prefix_caching": self.config.enable_prefix_caching, "runtime": self.engine.describe_runtime(),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -62,6 +64,23 @@ class CausalLM(nn.Module):
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             h = layer(h, positions, kv_cache, meta)
         return self.model.norm(h)
+
+    def shallow_prefix(self, num_layers: int) -> CausalLM:
+        """The same model cut after its first ``num_layers`` layers, ending in its own final norm and
+        LM head (a self-draft for speculative decoding). Shares every weight: no memory but the KV
+        cache its caller keeps for it."""
+        if not 1 <= num_layers < self.cfg.num_layers:
+            raise ValueError(f"a shallow prefix needs 1 to {self.cfg.num_layers - 1} layers, got {num_layers}")
+        view = copy.copy(self)  # a new module over the same parameters; its own child table below
+        view.__dict__["_modules"] = dict(self._modules)
+        inner = nn.Module()
+        inner.embed_tokens = self.model.embed_tokens
+        inner.layers = nn.ModuleList(list(self.model.layers)[:num_layers])
+        inner.norm = self.model.norm
+        view.model = inner
+        view.cfg = dataclasses.replace(self.cfg, num_layers=num_layers, layer_windows=self.cfg.layer_windows[:num_layers])
+        view._plan = False  # its native loop runs only its layers
+        return view
 
     def native_layer_norms(self, layer: nn.Module) -> tuple[nn.Module | None, ...] | None:
         """A layer's RMSNorms in the native loop's four places (input, after attention, before the MLP,

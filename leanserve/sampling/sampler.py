@@ -291,6 +291,13 @@ class Sampler:
 
     @staticmethod
     def _sample_random(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        probs = Sampler._random_probs(logits, rows)
+        q = exponential_noise((len(rows), logits.shape[-1]), [row.generator for row in rows], logits.device)
+        return _argmax(probs.div_(q))
+
+    @staticmethod
+    def _random_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """The distribution random rows draw from: temperature, then top-k, top-p, min-p, softmax."""
         dev = logits.device
         width = logits.shape[-1]
         params = [row.params for row in rows]
@@ -306,9 +313,19 @@ class Sampler:
                 torch.tensor([p.top_p for p in params], dtype=torch.float32) if use_p else None,
                 torch.tensor([p.min_p for p in params], dtype=torch.float32) if use_min_p else None,
             )
-        probs = scaled.softmax(dim=-1)
-        q = exponential_noise((len(rows), width), [row.generator for row in rows], dev)
-        return _argmax(probs.div_(q))
+        return scaled.softmax(dim=-1)
+
+    def probs(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """(rows, vocab) float32: the distribution each row's token is drawn from (every processing
+        step applied; a greedy row: one-hot at its argmax). Speculative sampling compares these."""
+        proc = process_logits(logits, rows, self.eos_token_ids) if any(_needs_processing(r) for r in rows) \
+            else logits.to(torch.float32)
+        out = torch.zeros_like(proc).scatter_(1, _argmax(proc)[:, None], 1.0)  # greedy rows: one-hot
+        random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if random_rows:
+            r_t = _index(random_rows, proc.device)
+            out[r_t] = self._random_probs(proc.index_select(0, r_t), [rows[i] for i in random_rows])
+        return out
 
     @staticmethod
     def _logprobs(

@@ -17,7 +17,7 @@ from __future__ import annotations
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class SpecSequence(Protocol):
@@ -35,6 +35,53 @@ class Proposer(Protocol):
     def propose(self, seq: SpecSequence, k: int) -> list[int]: ...  # at most k draft tokens
 
     def finished(self, seq: SpecSequence) -> None: ...  # the sequence is done (or aborted)
+
+
+@dataclass
+class Draft:
+    """A sequence's draft: its tokens and, from a draft model sampling, the (len(tokens), vocab)
+    distributions they were drawn from (None: point guesses, as prompt lookup makes)."""
+
+    tokens: list[int]
+    probs: Any = None
+
+
+def propose_all(proposer: Proposer, seqs: list[SpecSequence], ks: list[int]) -> list[Draft]:
+    """Drafts of at most ``ks[i]`` tokens for each sequence: one batched call where the proposer has
+    ``propose_batch`` (a draft model runs all sequences in one forward), else one call each."""
+    batch = getattr(proposer, "propose_batch", None)
+    if batch is not None:
+        return batch(seqs, ks)
+    return [Draft(proposer.propose(s, k)[:k] if k > 0 else []) for s, k in zip(seqs, ks)]
+
+
+class FallbackProposer:
+    """``first``'s draft where it has one, else ``then``'s (e.g. a lookup that costs nothing, then a
+    draft model for the sequences it finds nothing for)."""
+
+    def __init__(self, first: Proposer, then: Proposer) -> None:
+        self.first, self.then = first, then
+        self.name = f"{first.name}+{then.name}"
+
+    def propose(self, seq: SpecSequence, k: int) -> list[int]:
+        return self.propose_batch([seq], [k])[0].tokens
+
+    def propose_batch(self, seqs: list[SpecSequence], ks: list[int]) -> list[Draft]:
+        drafts = propose_all(self.first, seqs, ks)
+        empty = [i for i, (d, k) in enumerate(zip(drafts, ks)) if k > 0 and not d.tokens]
+        if empty:
+            for i, d in zip(empty, propose_all(self.then, [seqs[i] for i in empty], [ks[i] for i in empty])):
+                drafts[i] = d
+        return drafts
+
+    def token_cost(self, num_seqs: int) -> float:
+        """What a draft may cost: the dearer proposer's (``then``'s where it measures one)."""
+        cost = getattr(self.then, "token_cost", None)
+        return cost(num_seqs) if cost is not None else 0.0
+
+    def finished(self, seq: SpecSequence) -> None:
+        self.first.finished(seq)
+        self.then.finished(seq)
 
 
 def _bytes(tokens: list[int]) -> bytes:
@@ -201,11 +248,12 @@ class SuffixProposer:
 
 
 def make_proposer(name: str) -> Proposer | None:
-    """``off`` -> None; ``ngram``, ``suffix``."""
+    """The lookup proposers: ``off`` -> None; ``ngram``, ``suffix``. (Draft models need the model
+    layer: engine/draft.py.)"""
     if name == "off":
         return None
     if name == "ngram":
         return NgramProposer()
     if name == "suffix":
         return SuffixProposer()
-    raise ValueError(f"unknown speculative method {name!r}: expected off, ngram or suffix")
+    raise ValueError(f"unknown lookup proposer {name!r}: expected off, ngram or suffix")

@@ -84,10 +84,15 @@ def smollm(smollm2_f32):
 
 
 def engine(loaded, method: str, **kw) -> LLMEngine:
+    """An engine whose drafts always look worth their cost (a step-cost model with a free slope), so
+    every decoding sequence speculates: these tests check what speculation does to the output, not
+    when it pays (tests/unit/test_spec_adaptive.py does that)."""
     kw.setdefault("kv_cache_memory", KV)
     kw.setdefault("max_model_len", 2048)
-    return LLMEngine(EngineConfig(model="smollm2-135m", dtype="float32", speculative=method,
-                                  speculative_max_batch=32, **kw), loaded)
+    eng = LLMEngine(EngineConfig(model=kw.pop("model", "smollm2-135m"), dtype="float32", speculative=method,
+                                 speculative_max_batch=32, **kw), loaded)
+    eng.step_cost.coefficients = lambda: (1.0, 0.0)
+    return eng
 
 
 def _tokens(outs):
@@ -178,11 +183,59 @@ def test_gemma3_greedy_equals_speculation_off(gemma):
     params = [SamplingParams(temperature=0.0, max_tokens=16) for _ in prompts]
 
     def make(method):
-        return LLMEngine(EngineConfig(model="gemma3-270m", dtype="float32", speculative=method, max_model_len=2048,
-                                      kv_cache_memory=KV * 2, speculative_max_batch=32), gemma)
+        return engine(gemma, method, model="gemma3-270m", kv_cache_memory=KV * 2)
 
     ref, _ = run(make("off"), prompts, params, check_every_step=False)
     eng = make("suffix")
     got, _ = run(eng, prompts, params)
     assert _tokens(got) == _tokens(ref)
     assert eng.spec.num_accepted_tokens > 0
+
+
+# ---- draft models ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("draft", ["self:10", "smollm2-135m"])
+def test_draft_model_greedy_equals_speculation_off(smollm, greedy_off, draft, monkeypatch):
+    # self:10: the first 10 of 30 layers; smollm2-135m: a separate draft (here the target's own
+    # weights loaded again, so nearly every draft stands). 20 prompts, speculating and plain mixed.
+    import leanserve.model.loader as loader
+
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: smollm)  # the second copy: no second load
+    prompts, ref = greedy_off
+    eng = engine(smollm, "draft", draft_model=draft)
+    got, mixed = run(eng, prompts, GREEDY_20)
+    assert _tokens(got) == _tokens(ref)
+    st = eng.spec
+    assert st.num_draft_tokens > 100 and mixed > 0
+    if draft == "smollm2-135m":
+        assert st.acceptance_rate > 0.9, st  # the same model: only batch-order rounding differs
+    else:
+        assert 0 < st.num_accepted_tokens < st.num_draft_tokens
+    assert eng.proposer.num_free_blocks == eng.proposer.num_blocks  # every sequence's draft blocks returned
+
+
+def test_draft_model_seeded_sampling_equals_off_and_unseeded_runs(smollm):
+    prompts = [smollm.tokenizer.encode(p) for p in grounded_prompts(6)]
+    seeded = [SamplingParams(temperature=0.8, seed=7 + i, max_tokens=24, top_p=0.95 if i % 2 else 1.0,
+                             logprobs=1 if i == 0 else None) for i in range(6)]
+    ref, _ = run(engine(smollm, "off"), prompts, seeded)
+    eng = engine(smollm, "draft", draft_model="self:12")
+    got, _ = run(eng, prompts, seeded)
+    assert _tokens(got) == _tokens(ref)  # seeded: the draft's argmax checked against the target's own draw
+    # unseeded sampling goes through the rejection sampler with the draft's distributions
+    eng = engine(smollm, "draft", draft_model="self:12")
+    free = [SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True, logprobs=0) for _ in prompts]
+    got, _ = run(eng, prompts, free, abort_at={6: "r1"})
+    assert all(len(o.outputs[0].token_ids) == 24 for rid, o in got.items()) and "r1" not in got
+    assert all([lp.token_id for lp in o.outputs[0].logprobs] == o.outputs[0].token_ids for o in got.values())
+    assert eng.spec.num_accepted_tokens > 0
+    assert eng.proposer.num_free_blocks == eng.proposer.num_blocks
+
+
+def test_a_draft_with_another_tokenizer_is_refused_in_one_line(smollm, gemma):
+    from leanserve.engine.draft import TokenizerMismatch, check_same_tokenizer
+
+    check_same_tokenizer(smollm.tokenizer, smollm.tokenizer, "smollm2-135m")
+    with pytest.raises(TokenizerMismatch) as e:
+        check_same_tokenizer(gemma.tokenizer, smollm.tokenizer, "smollm2-135m")
+    assert "\n" not in str(e.value) and "another tokenizer than the target" in str(e.value)

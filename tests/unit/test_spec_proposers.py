@@ -93,5 +93,5 @@ def test_make_proposer():
     assert make_proposer("off") is None
     assert make_proposer("ngram").name == "ngram"
     assert make_proposer("suffix").name == "suffix"
-    with pytest.raises(ValueError, match="unknown speculative method 'fast'"):
+    with pytest.raises(ValueError, match="unknown lookup proposer 'fast'"):
         make_proposer("fast")
