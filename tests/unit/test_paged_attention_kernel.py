@@ -320,3 +320,28 @@ def test_bf16_avx512_and_avx2_paths_agree(monkeypatch, heads, kv_heads, dim):
         narrow = OPS.paged_attention_decode(q, k, v, padded, torch.tensor(clens), SCALE, window)
         torch.testing.assert_close(wide.float(), narrow.float(), rtol=2**-7, atol=1e-5)
         assert (wide == narrow).float().mean() > 0.97
+
+
+@DTYPES
+@pytest.mark.parametrize("window", [None, 6, 40])
+def test_rows_of_one_sequence_read_together_equal_each_row_alone(dtype, window):
+    # a speculative step's rows: consecutive positions over one block table (here 5 and 20 rows, the
+    # latter past the kernel's group of 16) between two single decodes. Taken together they share
+    # each K/V load; each row must still see exactly its own causal prefix (and window).
+    L = 70
+    clens = [33] + list(range(L - 4, L + 1)) + list(range(L + 10, L + 30)) + [9]
+    q, k, v, tables = _case([1], [L + 29], 16, 9, 3, 64, dtype=dtype, spare_blocks=20)
+    other = [[t] for t in range(3)]  # the single decodes read other blocks (noise)
+    rows = [other[0]] + [tables[0]] * 25 + [other[1]]
+    width = max(len(t) for t in rows)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in rows])
+    q = torch.randn(len(clens), 9, 64, generator=torch.Generator().manual_seed(1)).to(dtype) * 3
+    lens = torch.tensor(clens)
+    together = OPS.paged_attention_decode(q, k, v, padded, lens, SCALE, window or 0)
+    alone = torch.cat([OPS.paged_attention_decode(q[i:i + 1], k, v, padded[i:i + 1], lens[i:i + 1], SCALE, window or 0)
+                       for i in range(len(clens))])
+    if window is None:
+        assert torch.equal(together, alone)  # the group only adds exact zeros to each row's sums
+    else:
+        torch.testing.assert_close(together.float(), alone.float(), atol=1e-5 if dtype == torch.float32 else 1e-2,
+                                   rtol=1e-5 if dtype == torch.float32 else 1e-2)

@@ -31,6 +31,7 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -118,10 +119,14 @@ void row_offsets(const Problem<T>& P, int64_t s, int64_t h, int64_t lo, int64_t 
 }
 
 // scores (G, np), n of each row real: in place exp(score - row max), the padding -> 0; inv[g] = 1 / row sum.
-inline void softmax_numerators(float* scores, int64_t G, int64_t n, int64_t np, float* inv) {
+// first (optional): per row, the columns before it are not its own either (rows of one sequence
+// grouped, each seeing its own causal prefix: see attend()); n_of (optional): per row, its own n.
+inline void softmax_numerators(float* scores, int64_t G, int64_t n, int64_t np, float* inv,
+                               const int64_t* first = nullptr, const int64_t* n_of = nullptr) {
   for (int64_t g = 0; g < G; ++g) {
     float* sg = scores + g * np;
-    for (int64_t t = n; t < np; ++t) sg[t] = -INFINITY;
+    for (int64_t t = n_of ? n_of[g] : n; t < np; ++t) sg[t] = -INFINITY;
+    for (int64_t t = 0; first && t < first[g]; ++t) sg[t] = -INFINITY;
     __m256 m = _mm256_set1_ps(-INFINITY);
     for (int64_t t = 0; t < np; t += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(sg + t));
     const __m256 mx = _mm256_set1_ps(hmax(m));
@@ -135,26 +140,42 @@ inline void softmax_numerators(float* scores, int64_t G, int64_t n, int64_t np, 
   }
 }
 
-// Query heads h*G .. h*G+G-1 of sequence s against the visible rows of KV head h.
+// Query heads h*G .. h*G+G-1 of rows s .. s+R-1 against the visible K/V rows of KV head h. The R
+// rows are consecutive positions of one sequence (the same block table, context lengths len,
+// len + 1, ...: a speculative step's drafts, a short chunk): their R * G query heads share every K
+// and V row loaded, so K/V is read once for the group, not once per row, and each row masks the
+// columns past its own position (and, with a window, before its own start). A row's scores,
+// maximum, sums and accumulation are the same operations in the same order as alone: the extra
+// columns only add exact zeros.
 // offs and buf are the calling thread's scratch, reused across its tasks.
 template <typename T>
-void attend(const Problem<T>& P, int64_t s, int64_t h, std::vector<int64_t>& offs, std::vector<float>& buf) {
-  const int64_t G = P.H / P.KVH, D = P.D, len = P.lens[s];
-  const int64_t lo = P.window > 0 ? std::max<int64_t>(0, len - P.window) : 0;
-  const int64_t n = len - lo, np = (n + 7) / 8 * 8;  // visible rows; padded to whole vectors
-  row_offsets(P, s, h, lo, np, offs);
-  buf.resize(G * np + 2 * G * D + G);
-  float* scores = buf.data();    // (G, np)
-  float* acc = scores + G * np;  // (G, D) unnormalized output
-  float* qs = acc + G * D;       // (G, D) the queries, pre-scaled
-  float* inv = qs + G * D;       // (G,) 1 / softmax denominator
-  const T* q = P.q + (s * P.H + h * G) * D;
-  for (int64_t i = 0; i < G * D; ++i) qs[i] = static_cast<float>(q[i]) * P.scale;
+void attend(const Problem<T>& P, int64_t s, int64_t R, int64_t h, std::vector<int64_t>& offs, std::vector<float>& buf) {
+  const int64_t G = P.H / P.KVH, D = P.D, len = P.lens[s + R - 1], GR = G * R;
+  const int64_t lo = P.window > 0 ? std::max<int64_t>(0, P.lens[s] - P.window) : 0;
+  const int64_t n = len - lo, np = (n + 7) / 8 * 8;  // visible rows of the group; padded to whole vectors
+  row_offsets(P, s + R - 1, h, lo, np, offs);
+  buf.resize(GR * np + 2 * GR * D + GR + 1 + 4 * GR);
+  float* scores = buf.data();      // (GR, np)
+  float* acc = scores + GR * np;   // (GR, D) unnormalized output
+  float* qs = acc + GR * D;        // (GR, D) the queries, pre-scaled
+  float* inv = qs + GR * D;        // (GR,) 1 / softmax denominator
+  int64_t* first = reinterpret_cast<int64_t*>(inv + GR + (GR & 1));  // (GR,) each row's first column
+  int64_t* n_of = first + GR;                                          // (GR,) each row's end column
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t lr = P.lens[s + r];
+    const int64_t lo_r = P.window > 0 ? std::max<int64_t>(0, lr - P.window) : 0;
+    const T* q = P.q + ((s + r) * P.H + h * G) * D;
+    for (int64_t i = 0; i < G * D; ++i) qs[r * G * D + i] = static_cast<float>(q[i]) * P.scale;
+    for (int64_t g = 0; g < G; ++g) {
+      first[r * G + g] = lo_r - lo;
+      n_of[r * G + g] = lr - lo;
+    }
+  }
 
   for (int64_t t = 0; t < np; t += 4) {  // pass 1: scores
     const T *k0 = P.k + offs[t], *k1 = P.k + offs[t + 1], *k2 = P.k + offs[t + 2], *k3 = P.k + offs[t + 3];
     if (t + PF + 4 <= np) prefetch_rows(P.k, offs.data() + t + PF, D);
-    for (int64_t g = 0; g < G; ++g) {
+    for (int64_t g = 0; g < GR; ++g) {
       const float* qg = qs + g * D;
       __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
       for (int64_t d = 0; d < D; d += 8) {
@@ -168,13 +189,13 @@ void attend(const Problem<T>& P, int64_t s, int64_t h, std::vector<int64_t>& off
     }
   }
 
-  softmax_numerators(scores, G, n, np, inv);
+  softmax_numerators(scores, GR, n, np, inv, R > 1 ? first : nullptr, R > 1 ? n_of : nullptr);
 
-  std::fill(acc, acc + G * D, 0.0f);
+  std::fill(acc, acc + GR * D, 0.0f);
   for (int64_t t = 0; t < np; t += 4) {  // pass 2: sum of p * v, four rows per accumulator update
     const T *v0 = P.v + offs[t], *v1 = P.v + offs[t + 1], *v2 = P.v + offs[t + 2], *v3 = P.v + offs[t + 3];
     if (t + PF + 4 <= np) prefetch_rows(P.v, offs.data() + t + PF, D);
-    for (int64_t g = 0; g < G; ++g) {
+    for (int64_t g = 0; g < GR; ++g) {
       const float* pg = scores + g * np + t;
       const __m256 p0 = _mm256_set1_ps(pg[0]), p1 = _mm256_set1_ps(pg[1]), p2 = _mm256_set1_ps(pg[2]),
                    p3 = _mm256_set1_ps(pg[3]);
@@ -189,9 +210,30 @@ void attend(const Problem<T>& P, int64_t s, int64_t h, std::vector<int64_t>& off
       }
     }
   }
-  T* out = P.out + (s * P.H + h * G) * D;
-  for (int64_t g = 0; g < G; ++g)  // the one rounding to T (bfloat16: nearest even, NaN kept)
-    for (int64_t d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(acc[g * D + d] * inv[g]);
+  for (int64_t r = 0; r < R; ++r) {
+    T* out = P.out + ((s + r) * P.H + h * G) * D;
+    const float* ar = acc + r * G * D;
+    for (int64_t g = 0; g < G; ++g)  // the one rounding to T (bfloat16: nearest even, NaN kept)
+      for (int64_t d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(ar[g * D + d] * inv[r * G + g]);
+  }
+}
+
+// Rows that attend() takes together: runs of consecutive rows whose context lengths go up by one
+// over the same block table (the positions of one sequence), at most kMaxGroup rows a run.
+constexpr int64_t kMaxGroup = 16;
+inline std::vector<std::pair<int64_t, int64_t>> row_groups(const int64_t* tables, const int64_t* lens, int64_t S,
+                                                           int64_t max_blocks, int64_t bs, bool allow) {
+  std::vector<std::pair<int64_t, int64_t>> groups;  // (first row, rows)
+  for (int64_t s = 0; s < S;) {
+    int64_t r = 1;
+    while (allow && s + r < S && r < kMaxGroup && lens[s + r] == lens[s + r - 1] + 1 &&
+           std::memcmp(tables + s * max_blocks, tables + (s + r) * max_blocks,
+                       sizeof(int64_t) * ((lens[s + r] - 1) / bs + 1)) == 0)
+      ++r;
+    groups.emplace_back(s, r);
+    s += r;
+  }
+  return groups;
 }
 
 // ---- bfloat16 with AVX512-BF16 (picked at run time; the code above is the fallback) ----------
@@ -308,17 +350,22 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
                      q.size(1), KVH, q.size(2), k_cache.size(1), max_blocks, window, scale};
   bool wide = false;
   if constexpr (std::is_same_v<T, c10::BFloat16>) wide = P.D % 32 == 0 && leanserve_cpu::use_avx512_bf16();
-  at::parallel_for(0, q.size(0) * KVH, grain, [&](int64_t t0, int64_t t1) {
+  // the AVX512-BF16 path takes one row at a time
+  const auto groups = row_groups(tables, lens, q.size(0), max_blocks, P.block_size, !wide);
+  const int64_t NG = static_cast<int64_t>(groups.size());
+  at::parallel_for(0, NG * KVH, std::max<int64_t>(1, grain * NG / std::max<int64_t>(1, q.size(0))),
+                   [&](int64_t t0, int64_t t1) {
     std::vector<int64_t> offs;
     std::vector<float> buf;
     for (int64_t i = t0; i < t1; ++i) {
+      const auto [s, R] = groups[i / KVH];
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
         if (wide) {
-          attend_bf16_avx512(P, i / KVH, i % KVH, offs, buf);
+          attend_bf16_avx512(P, s, i % KVH, offs, buf);
           continue;
         }
       }
-      attend(P, i / KVH, i % KVH, offs, buf);
+      attend(P, s, R, i % KVH, offs, buf);
     }
   });
 }
