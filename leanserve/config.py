@@ -103,8 +103,8 @@ class EngineConfig:
         "context length (default: the model's own, capped by the KV cache)"))
     speculative: str = field(default="off", metadata=_cli(
         "speculative decoding: off; ngram (prompt lookup in each request's own prompt and output); suffix "
-        "(that, and recent requests of the same API key); draft (a draft model, --draft-model); auto (suffix, then "
-        "the draft model where given for sequences it finds nothing for). Every method sizes its drafts from the "
+        "(that, and recent requests of the same API key); draft (a draft model, --draft-model); auto (the sequence's "
+        "own text, else the API key's recent requests, else the draft model where one is given). Every method sizes its drafts from the "
         "measured step cost and each sequence's acceptance", choices=SPECULATIVE_METHODS))
     draft_model: str | None = field(default=None, metadata=_cli(
         "the draft model for --speculative draft/auto: a model with the target's tokenizer (name, .gguf or HF "

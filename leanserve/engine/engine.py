@@ -29,7 +29,7 @@ from leanserve.engine.scheduler import Scheduler
 from leanserve.model.loader import LoadedModel, load_model, model_size
 from leanserve.spec import make_proposer
 from leanserve.spec.adaptive import Acceptance, StepCostModel, plan_drafts
-from leanserve.spec.proposer import FallbackProposer, Proposer, propose_all
+from leanserve.spec.proposer import FallbackProposer, NgramProposer, Proposer, SuffixProposer, propose_all
 from leanserve.tokenizer import IncrementalDetokenizer
 from leanserve.types import (CompletionOutput, Priority, Request, RequestOutput, RequestStatus, SamplingParams,
                              SchedulerOutput, TokenLogprob)
@@ -155,8 +155,9 @@ class LLMEngine:
             log.info("speculative decoding: draft model %s, its KV cache %.0f MiB", draft.label, draft.kv_bytes / 2**20)
         if c.speculative == "draft":
             return draft
-        lookup = make_proposer("suffix")
-        assert lookup is not None
+        # auto: the sequence's own text first (its own matches are the likeliest to stand), the
+        # tenant's recent requests where that finds nothing, then the draft model where one is given
+        lookup = FallbackProposer(NgramProposer(), SuffixProposer())
         return lookup if draft is None else FallbackProposer(lookup, draft)
 
     @staticmethod
