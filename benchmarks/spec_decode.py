@@ -10,7 +10,8 @@ same machine conditions row by row:
 
 Greedy output is the same with speculation on or off, so every method generates the same tokens and
 output tokens/s compares directly. Prints a markdown table: output tokens/s of each method, its
-ratio to off, $ per million output tokens (the server's own meter at the default price), and the
+ratio to off, the decode-only ratio (mean TPOT of off over the method's: the prompt's prefill,
+which speculation does not change, left out), $ per million output tokens (the server's own meter at the default price), and the
 acceptance rate and tokens per verifying step from the server's /metrics.
 
     .venv/bin/python benchmarks/spec_decode.py                       # about 30 minutes on 2 cores
@@ -105,9 +106,11 @@ def main(argv: list[str] | None = None) -> None:
         pass
     print(f"\n{args.model}, greedy, up to {args.output_len} output tokens; {cpu}\n")
     head = "| workload | clients | " + " | ".join(f"{m} tok/s" + ("" if m == "off" else f" (x off)") for m in methods)
+    spec_methods = [m for m in methods if m != "off"]
     print(head + " | " + " | ".join(f"{m} $/Mtok" for m in methods) + " | " +
-          " | ".join(f"{m} accepted / per step" for m in methods if m != "off") + " |")
-    print("|---|---:|" + "---:|" * (2 * len(methods) + len(methods) - 1))
+          " | ".join(f"{m} decode x off" for m in spec_methods) + " | " +
+          " | ".join(f"{m} accepted / per step" for m in spec_methods) + " |")
+    print("|---|---:|" + "---:|" * (2 * len(methods) + 2 * len(spec_methods)))
     for (workload, clients), per in results.items():
         base = per.get("off", {}).get("output_throughput")
         cells = []
@@ -115,6 +118,11 @@ def main(argv: list[str] | None = None) -> None:
             t = per[m]["output_throughput"]
             cells.append(f"{t:.1f}" + (f" ({t / base:.2f}x)" if base and m != "off" else ""))
         costs = [f"{per[m].get('server_cost_per_million_output_tokens') or 0:.3f}" for m in methods]  # the server's own meter
+        # decode only: mean time per output token after the first (TTFT, the prompt's prefill, is
+        # outside what speculation changes)
+        base_tpot = per.get("off", {}).get("mean_tpot_ms")
+        tpot = [f"{base_tpot / per[m]['mean_tpot_ms']:.2f}x" if base_tpot and per[m].get("mean_tpot_ms") else "-"
+                for m in spec_methods]
         acc = []
         for m in methods:
             if m == "off":
@@ -123,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             rate = s["num_accepted_tokens"] / s["num_draft_tokens"] if s["num_draft_tokens"] else 0.0
             per_step = 1 + s["num_accepted_tokens"] / s["num_drafts"] if s["num_drafts"] else 0.0
             acc.append(f"{rate:.2f} / {per_step:.2f}")
-        print(f"| {workload} | {clients} | " + " | ".join(cells + costs + acc) + " |")
+        print(f"| {workload} | {clients} | " + " | ".join(cells + costs + tpot + acc) + " |")
 
 
 if __name__ == "__main__":

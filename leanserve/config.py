@@ -134,6 +134,11 @@ class EngineConfig:
                  f"speculative must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.speculative!r}")
         _require(self.draft_model is None or self.speculative in ("draft", "auto"),
                  f"--draft-model needs --speculative draft or auto, got {self.speculative!r}")
+        if self.draft_model is not None and self.draft_model.startswith("self"):
+            n = self.draft_model.removeprefix("self").removeprefix(":")
+            _require(self.draft_model in ("self", "self:") or (self.draft_model.startswith("self:") and n.isdigit()
+                                                                and int(n) >= 1),
+                     f"--draft-model {self.draft_model!r}: expected self or self:N, N >= 1 layers of the target")
         _require(1 <= self.num_speculative_tokens <= 16,
                  f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
         _require(self.speculative_max_batch >= 1, f"speculative_max_batch must be >= 1, got {self.speculative_max_batch}")

@@ -39,6 +39,7 @@ class StubConfig:
     model: str = "stub-model"
     report_usage: bool = True  # include usage in the final chunk when stream_options.include_usage
     cost_per_token_usd: float | None = None  # adds usage.cost (USD) like a leanserve server
+    accepted_predictions: int | None = None  # adds usage.completion_tokens_details: this many accepted, half rejected
     max_concurrency: int = 0  # 0: unlimited
     role_chunk: bool = True  # chat: send an empty-content role chunk first, as real servers do
     fail_status: int = 0  # >0: every `fail_every`-th request answers with this HTTP status
@@ -99,6 +100,9 @@ def create_app(config: StubConfig | None = None) -> FastAPI:
             u: dict[str, Any] = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
             if cfg.cost_per_token_usd is not None:
                 u["cost"] = cfg.cost_per_token_usd * (n_in + n_out)
+            if cfg.accepted_predictions is not None:
+                u["completion_tokens_details"] = {"accepted_prediction_tokens": cfg.accepted_predictions,
+                                                  "rejected_prediction_tokens": cfg.accepted_predictions // 2}
             return u
 
         def chunk(text: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
@@ -221,13 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-usage", action="store_true", help="never report usage (client must count chunks)")
     p.add_argument("--cost-per-token-usd", type=float, default=None)
     p.add_argument("--max-concurrency", type=int, default=0)
+    p.add_argument("--accepted-predictions", type=int, default=None)
     p.add_argument("--fail-status", type=int, default=0)
     p.add_argument("--fail-every", type=int, default=0)
     a = p.parse_args(argv)
     cfg = StubConfig(ttft_ms=a.ttft_ms, itl_ms=a.itl_ms, output_len=a.output_len,
                      honor_max_tokens=not a.ignore_max_tokens, model=a.model, report_usage=not a.no_usage,
                      cost_per_token_usd=a.cost_per_token_usd, max_concurrency=a.max_concurrency,
-                     fail_status=a.fail_status, fail_every=a.fail_every)
+                     fail_status=a.fail_status, fail_every=a.fail_every, accepted_predictions=a.accepted_predictions)
     uvicorn.run(create_app(cfg), host=a.host, port=a.port, log_level="warning", access_log=False)
     return 0
 

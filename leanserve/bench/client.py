@@ -231,6 +231,12 @@ async def send_request(
                     details = usage.get("prompt_tokens_details")
                     if isinstance(details, dict) and details.get("cached_tokens") is not None:
                         record.cached_tokens = int(details["cached_tokens"])
+                    out_details = usage.get("completion_tokens_details")
+                    if isinstance(out_details, dict):  # speculative decoding's predicted-output counts
+                        for key in ("accepted_prediction_tokens", "rejected_prediction_tokens"):
+                            v = out_details.get(key)
+                            if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+                                setattr(record, key, v)
                     cost = usage.get("cost")  # USD as a number (leanserve, OpenRouter)
                     if isinstance(cost, int | float) and not isinstance(cost, bool) and math.isfinite(cost):
                         record.server_cost_usd = float(cost)

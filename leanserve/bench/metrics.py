@@ -49,6 +49,9 @@ class RequestRecord:
     requested_output_tokens: int | None = None
     cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when reported
     server_cost_usd: float | None = None  # usage.cost (USD), when reported (a leanserve server does)
+    # speculative decoding: usage.completion_tokens_details' accepted/rejected_prediction_tokens, when reported
+    accepted_prediction_tokens: int | None = None
+    rejected_prediction_tokens: int | None = None
     generated_text: str | None = None
 
     @property
@@ -86,6 +89,8 @@ class RequestRecord:
             output_tokens_source=d.get("output_tokens_source", "chunks"), num_chunks=d.get("num_chunks", 0),
             requested_output_tokens=d.get("requested_output_tokens"), cached_tokens=d.get("cached_tokens"),
             server_cost_usd=d.get("server_cost_usd"), generated_text=d.get("generated_text"),
+            accepted_prediction_tokens=d.get("accepted_prediction_tokens"),
+            rejected_prediction_tokens=d.get("rejected_prediction_tokens"),
         )
 
 
@@ -193,6 +198,14 @@ def compute_metrics(
         m["total_cached_tokens"] = sum(cached)
         m["prefix_cache_hit_rate"] = sum(cached) / prompt_with_cache_info if prompt_with_cache_info else 0.0
 
+    spec = [r for r in ok if r.accepted_prediction_tokens is not None]
+    if spec:  # speculative decoding, as the server's usage reports it
+        acc = sum(r.accepted_prediction_tokens or 0 for r in spec)
+        rej = sum(r.rejected_prediction_tokens or 0 for r in spec)
+        out_spec = sum(r.output_tokens for r in spec)
+        m["spec_accepted_tokens"], m["spec_rejected_tokens"] = acc, rej
+        m["spec_acceptance_rate"] = acc / (acc + rej) if acc + rej else 0.0
+        m["spec_accepted_share_of_output"] = acc / out_spec if out_spec else 0.0  # output tokens that were drafts
     m.update(cost_metrics(m, price_per_hour))
     costs = [r.server_cost_usd for r in ok if r.server_cost_usd is not None]
     if costs:

@@ -94,6 +94,12 @@ def format_summary(result: dict[str, Any]) -> str:
         row("Server $ per 1M total tokens:", result.get("server_cost_per_million_total_tokens"), 4)
     if cost.get("price_per_hour") is None and not result.get("server_reported_cost_usd"):
         lines.append("(no price: pass --price-per-hour or --hardware NAME)")
+    if result.get("spec_accepted_tokens") is not None:
+        lines.append("{s:{c}^{n}}".format(s="Speculative decoding", n=w, c="-"))
+        row("Draft tokens accepted:", result["spec_accepted_tokens"])
+        row("Draft tokens rejected:", result.get("spec_rejected_tokens"))
+        row("Acceptance rate:", result.get("spec_acceptance_rate"), 3)
+        row("Output tokens from drafts:", result.get("spec_accepted_share_of_output"), 3)
     lines.append("-" * w)
     row("Output tokens counted by:", result.get("output_tokens_counted_by"))
     if result.get("errors_by_kind"):
@@ -165,6 +171,7 @@ COMPARE_ROWS = (
     ("prefix_cache_hit_rate", "prefix cache hit rate", 3),
     ("cost_per_million_output_tokens", "$/Mtok output", 4), ("cost_per_million_total_tokens", "$/Mtok total", 4),
     ("server_cost_per_million_output_tokens", "server $/Mtok output", 4),
+    ("spec_acceptance_rate", "draft acceptance", 3),
 )
 
 

@@ -104,10 +104,11 @@ class DraftModelProposer:
             model = target.model.shallow_prefix(n)
             label = f"self:{n} (the first {n} of the target's {total} layers, its final norm and head)"
         else:
-            from leanserve.model.loader import load_model
+            from leanserve.model.loader import load_config_and_tokenizer, load_model, resolve
 
+            _, tokenizer, _ = load_config_and_tokenizer(resolve(spec))  # checked before loading any weight
+            check_same_tokenizer(target.tokenizer, tokenizer, spec)
             draft = load_model(spec, target.dtype, target.device)
-            check_same_tokenizer(target.tokenizer, draft.tokenizer, spec)
             model, label = draft.model, f"{spec} ({draft.config.num_layers} layers)"
         return cls(model, label, num_tokens, block_size, target.eos_token_ids, target.dtype, target.device)
 

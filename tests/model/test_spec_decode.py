@@ -239,3 +239,18 @@ def test_a_draft_with_another_tokenizer_is_refused_in_one_line(smollm, gemma):
     with pytest.raises(TokenizerMismatch) as e:
         check_same_tokenizer(gemma.tokenizer, smollm.tokenizer, "smollm2-135m")
     assert "\n" not in str(e.value) and "another tokenizer than the target" in str(e.value)
+
+
+def test_a_draft_model_with_another_tokenizer_stops_start_up_before_its_weights_load(smollm, gemma, monkeypatch):
+    # `leanserve serve smollm2-135m --speculative draft --draft-model gemma3-270m`: the engine's
+    # proposer build reads the draft's tokenizer (here the one already loaded), refuses it with a
+    # ValueError the CLI prints as one line, and never loads the draft's weights
+    import leanserve.model.loader as loader
+    from leanserve.engine.draft import TokenizerMismatch
+
+    monkeypatch.setattr(loader, "load_config_and_tokenizer", lambda source: (gemma.config, gemma.tokenizer, None))
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("loaded the draft's weights"))
+    with pytest.raises(TokenizerMismatch, match="draft model gemma3-270m has another tokenizer than the target"):
+        engine(smollm, "draft", draft_model="gemma3-270m")
+    with pytest.raises(ValueError, match="the target has 30 layers; a self-draft takes 1 to 29"):
+        engine(smollm, "draft", draft_model="self:30")

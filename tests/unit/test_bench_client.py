@@ -35,7 +35,7 @@ def close(measured: float, expected: float, rel: float = 0.05) -> bool:
 @pytest.fixture(scope="module")
 def timed_stub():
     with serve_in_subprocess("--ttft-ms", str(TTFT_MS), "--itl-ms", str(ITL_MS), "--output-len", str(OUT),
-                             "--cost-per-token-usd", "1e-6") as url:
+                             "--cost-per-token-usd", "1e-6", "--accepted-predictions", "4") as url:
         yield url
 
 
@@ -80,6 +80,10 @@ def test_tokens_come_from_usage_and_cost_is_reported(timed_run):
     # the stub bills 1e-6 $/token (usage.cost, USD): server-side $/Mtok is exactly 1
     assert r["server_reported_cost_usd"] == pytest.approx(1e-6 * (12 * 32 + 12 * OUT))
     assert r["server_cost_per_million_total_tokens"] == pytest.approx(1.0)
+    # speculative decoding's counts from usage.completion_tokens_details: 4 accepted, 2 rejected a request
+    assert (r["spec_accepted_tokens"], r["spec_rejected_tokens"]) == (48, 24)
+    assert r["spec_acceptance_rate"] == pytest.approx(2 / 3)
+    assert r["spec_accepted_share_of_output"] == pytest.approx(4 / OUT)
     # our own $/Mtok at the L4 list price
     assert r["cost_assumption"]["hardware"] == "l4"
     expected = r["cost_assumption"]["price_per_hour"] / (r["output_throughput"] * 3600) * 1e6

@@ -108,6 +108,19 @@ def test_server_reported_cost_is_summed_only_when_present():
     assert "server_reported_cost_usd" not in plain
 
 
+def test_speculative_counts_sum_over_the_requests_that_report_them():
+    a = rec(0, ttft=0.1, e2el=1.0, out=100, accepted_prediction_tokens=60, rejected_prediction_tokens=20)
+    b = rec(1, ttft=0.1, e2el=1.0, out=50, accepted_prediction_tokens=0, rejected_prediction_tokens=0)
+    c = rec(2, ttft=0.1, e2el=1.0, out=70)  # reported nothing: not in the share
+    m = compute_metrics([a, b, c], duration_s=1.0)
+    assert (m["spec_accepted_tokens"], m["spec_rejected_tokens"]) == (60, 20)
+    assert m["spec_acceptance_rate"] == pytest.approx(0.75)
+    assert m["spec_accepted_share_of_output"] == pytest.approx(60 / 150)
+    assert "spec_acceptance_rate" not in compute_metrics([c], duration_s=1.0)
+    back = RequestRecord.from_dict(a.to_dict())
+    assert (back.accepted_prediction_tokens, back.rejected_prediction_tokens) == (60, 20)
+
+
 def test_prefix_cache_hit_rate_from_cached_tokens():
     a = rec(0, ttft=0.1, e2el=1.0, out=10, inp=1000, cached_tokens=800)
     b = rec(1, ttft=0.1, e2el=1.0, out=10, inp=1000, cached_tokens=0)

@@ -87,6 +87,24 @@ def test_a_bad_engine_value_fails_before_any_pull(monkeypatch, capsys):
     assert "threads must be >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--speculative", "draft", "--draft-model", "self:x"], "--draft-model 'self:x': expected self or self:N"),
+    (["--speculative", "draft", "--draft-model", "self:0"], "--draft-model 'self:0': expected self or self:N"),
+    (["--speculative", "ngram", "--draft-model", "self:4"], "--draft-model needs --speculative draft or auto"),
+    (["--speculative", "fast"], "invalid choice: 'fast'"),
+])
+def test_bad_speculation_flags_fail_in_one_line_before_any_pull(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(serve_cli, "ensure_model", lambda name: pytest.fail("pulled before validating"))
+    monkeypatch.setattr(serve_cli, "_bind", lambda host, port: pytest.fail("bound before validating"))
+    try:
+        code = main(["serve", "--no-ledger", *argv])
+    except SystemExit as e:  # argparse's own choices check
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_server_flags_come_from_their_config_homes():
     from leanserve.serve.api import ServerSettings
 
