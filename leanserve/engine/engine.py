@@ -378,7 +378,8 @@ class LLMEngine:
             if p.max_tokens is not None:
                 room = min(room, p.max_tokens - r.num_output_tokens - 1)
             limits.append(max(0, min(self.config.num_speculative_tokens, room)))
-        prior = self.spec.acceptance_rate if self.spec.num_draft_tokens >= 32 else 0.5
+        # a new sequence starts from the method's acceptance so far (8 drafts' worth of 0.5 before any)
+        prior = (self.spec.num_accepted_tokens + 4) / (self.spec.num_draft_tokens + 8)
         alphas = [self._seqs[r.request_id].acceptance.value(prior) for r in decoding]
         prefilling = sum(r.num_tokens - r.num_computed_tokens for r in running if r.num_computed_tokens < r.num_tokens - 1)
         base = len(decoding) + min(prefilling, self.config.max_num_batched_tokens)
