@@ -142,7 +142,7 @@ class Scheduler:
             if took != drafts[:len(took)]:
                 raise ValueError(f"request {request.request_id!r}: accepted tokens are not a prefix of its drafts")
             request.num_computed_tokens += s.num_new_tokens - (len(drafts) - len(took))
-            request.spec_token_ids = []
+            request.spec_token_ids, request.spec_draft_probs = [], None
             if samples:
                 request.output_token_ids += took
                 request.output_token_ids.append(sampled[request.request_id])
@@ -257,7 +257,7 @@ class Scheduler:
         # free() reads num_computed_tokens to tell written blocks from promised ones: reset after.
         self.kv_cache.free(request.request_id)
         request.num_computed_tokens = 0
-        request.spec_token_ids = []
+        request.spec_token_ids, request.spec_draft_probs = [], None
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions_total += 1

@@ -1,5 +1,5 @@
 """`leanserve eval`'s scores against HF transformers' on the same token ids (float32, the same GGUF
-file): per-choice log-likelihoods of 50 ARC-Easy and 50 HellaSwag items within 1e-3, WikiText-2
+file): per-choice log-likelihoods of 30 ARC-Easy and 30 HellaSwag items within 1e-3, WikiText-2
 perplexity through the same rolling windows within 0.5%, and the engine's prompt logprobs under it."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tests.conftest import mt_bench_prompts, require_model
 
 pytestmark = pytest.mark.model
 
-ITEMS = 50
+ITEMS = 30
 
 
 @pytest.fixture(scope="module")

@@ -202,11 +202,12 @@ def test_draft_model_greedy_equals_speculation_off(smollm, greedy_off, draft, mo
 
     monkeypatch.setattr(loader, "load_model", lambda *a, **k: smollm)  # the second copy: no second load
     prompts, ref = greedy_off
+    n = 20 if draft.startswith("self") else 8  # the second copy drafts nearly everything right: 8 prompts show it
     eng = engine(smollm, "draft", draft_model=draft)
-    got, mixed = run(eng, prompts, GREEDY_20)
-    assert _tokens(got) == _tokens(ref)
+    got, mixed = run(eng, prompts[:n], GREEDY_20[:n])
+    assert _tokens(got) == {rid: t for rid, t in _tokens(ref).items() if int(rid[1:]) < n}
     st = eng.spec
-    assert st.num_draft_tokens > 100 and mixed > 0
+    assert st.num_draft_tokens > 50 and mixed > 0
     if draft == "smollm2-135m":
         assert st.acceptance_rate > 0.9, st  # the same model: only batch-order rounding differs
     else:
