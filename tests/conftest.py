@@ -11,6 +11,29 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT.parent / "shared" / "data"
 
 
+def _share_gguf_readers() -> None:
+    """One parsed GGUFReader per file for the whole test process. Parsing a GGUF's metadata is the
+    slow part of loading it (Gemma 3's 262k-token vocabulary: ~29 s here), and the model tests load
+    the same file several times: leanserve's loader once, transformers' reference twice (config and
+    weights). The reader is read-only after parsing, so sharing it changes nothing but the time."""
+    try:
+        import gguf
+    except ImportError:
+        return
+    real, cache = gguf.GGUFReader, {}
+
+    def reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in cache:
+            cache[key] = real(path, mode)
+        return cache[key]
+
+    gguf.GGUFReader = reader
+
+
+_share_gguf_readers()
+
+
 def mt_bench_prompts(n: int | None = None) -> list[str]:
     path = DATA_DIR / "mt_bench_questions.jsonl"
     if not path.is_file():
