@@ -12,10 +12,10 @@ DATA_DIR = ROOT.parent / "shared" / "data"
 
 
 def _share_gguf_readers() -> None:
-    """One parsed GGUFReader per file for the whole test process. Parsing a GGUF's metadata is the
-    slow part of loading it (Gemma 3's 262k-token vocabulary: ~29 s here), and the model tests load
-    the same file several times: leanserve's loader once, transformers' reference twice (config and
-    weights). The reader is read-only after parsing, so sharing it changes nothing but the time."""
+    """One parsed GGUFReader per file for transformers' references in the test process. Parsing a
+    GGUF's metadata is the slow part of loading it (Gemma 3's 262k-token vocabulary), and
+    transformers parses the file twice (config and weights). The reader is read-only after parsing,
+    so sharing it changes nothing but the time."""
     try:
         import gguf
     except ImportError:
@@ -25,7 +25,11 @@ def _share_gguf_readers() -> None:
     def reader(path, mode="r"):
         key = (str(Path(path).resolve()), mode)
         if key not in cache:
-            cache[key] = real(path, mode)
+            if mode == "r":  # leanserve's faster parse of the same reader (model/loader.py)
+                from leanserve.model.loader import open_gguf
+                cache[key] = open_gguf(path)
+            else:
+                cache[key] = real(path, mode)
         return cache[key]
 
     gguf.GGUFReader = reader

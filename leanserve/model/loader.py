@@ -241,12 +241,43 @@ def model_size(model: nn.Module) -> tuple[int, int]:
     return n, b
 
 
+_FAST_READER: type | None = None
+
+
+def open_gguf(path: str | Path) -> Any:
+    """gguf's ``GGUFReader`` over the file, parsed 3-4x faster: the reader slices its data once per
+    metadata value (300k times for a 49k-token vocabulary), and on an ``np.memmap`` each slice runs
+    memmap's Python-level ``__getitem__``/``__array_finalize__``; here it slices a plain ndarray view
+    of the same mapping (no copy). The fields and tensors are the same (tests/model checks them):
+    SmolLM2's file parses in ~1.2 s instead of ~4.3 s, Gemma 3's 262k-token one in ~8 instead of ~29."""
+    global _FAST_READER
+    if _FAST_READER is None:
+        import numpy as np
+        from gguf.gguf_reader import GGUFReader
+
+        class PlainArrayReader(GGUFReader):
+            @property
+            def data(self) -> Any:
+                return self._plain
+
+            @data.setter
+            def data(self, value: Any) -> None:
+                self._plain = np.asarray(value)  # the memmap's buffer as a base-class ndarray
+
+            def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> Any:
+                count = int(count)
+                dt = np.dtype(dtype)
+                arr = self._plain[offset:offset + dt.itemsize * count].view(dt)[:count]
+                return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+        _FAST_READER = PlainArrayReader
+    return _FAST_READER(str(path))
+
+
 def load_config_and_tokenizer(source: ModelSource) -> tuple[ModelConfig, LeanTokenizer, Any]:
     if source.kind == "gguf":
-        from gguf import GGUFReader
-
         try:
-            reader = GGUFReader(str(source.path))
+            reader = open_gguf(source.path)
         except Exception as e:  # a truncated or foreign file: say which, not where in gguf it broke
             raise ModelNotFoundError(f"{source.path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
         meta = read_gguf_metadata(reader)

@@ -203,3 +203,26 @@ def test_bf16_decode_stays_close_to_float32_teacher_forced():
     print(f"bf16 vs fp32 teacher-forced: argmax agreement {agreement:.2%}, mean KL {mean_kl:.2e}")
     assert agreement >= 0.95 and mean_kl < 3e-3
 
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m"])  # Gemma 3's file: the same code, 29 s of gguf's own parse
+def test_the_fast_gguf_reader_reads_what_gguf_reads(name):
+    # model/loader.open_gguf parses over a plain ndarray view instead of gguf's memmap: every field
+    # (name, types, raw parts) and every tensor (name, type, shape, bytes) must come out the same
+    import gguf.gguf_reader
+    import numpy as np
+
+    from leanserve.model.loader import open_gguf
+
+    require_model(name)
+    path = resolve(name).path
+    ours, theirs = open_gguf(path), gguf.gguf_reader.GGUFReader(str(path))
+    assert list(ours.fields) == list(theirs.fields)
+    for key, f in theirs.fields.items():
+        g = ours.fields[key]
+        assert (g.offset, g.types, g.data) == (f.offset, f.types, f.data), key
+        assert len(g.parts) == len(f.parts) and all(np.array_equal(a, b) for a, b in zip(g.parts, f.parts)), key
+    assert len(ours.tensors) == len(theirs.tensors)
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert (a.name, a.tensor_type, list(a.shape), a.n_bytes) == (b.name, b.tensor_type, list(b.shape), b.n_bytes)
+        assert np.array_equal(a.data, b.data), a.name
