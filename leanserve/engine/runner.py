@@ -88,7 +88,7 @@ class ModelRunner:
             q = r.spec_draft_probs
             if drafts and q is not None and not r.sampling_params.greedy:
                 # drafts drawn from a draft model's distribution: speculative sampling's acceptance rule
-                m, tokens, lps = self._rejection_sample(r, drafts, q, sample_logits[lo:hi], rows[lo:hi], states)
+                m, tokens, lps = self._rejection_sample(r, drafts, q, sample_logits[lo:hi], rows[lo:hi])
             else:
                 # the target sampled every row itself (greedy: its argmax): a draft stands while it
                 # equals what the target produced in its place, and the first row that differs, or the
@@ -104,25 +104,23 @@ class ModelRunner:
             if drafts:
                 result.accepted[r.request_id] = drafts[:m]
                 result.accepted_logprobs[r.request_id] = [lp for lp in lps[:m] if lp is not None]
-                if r.request_id in states and m < len(drafts) and q is None:  # as if only the m + 1 used rows had drawn
+                if r.request_id in states and m < len(drafts):  # as if only the m + 1 used rows had drawn
                     gen = self.generators[r.request_id]
                     gen.set_state(states[r.request_id])
                     advance_generator(gen, sample_logits.shape[-1], m + 1)
         return result
 
     def _rejection_sample(self, r: Request, drafts: list[int], q: torch.Tensor, logits: torch.Tensor,
-                          rows: list[SamplingRow], states: dict[str, torch.Tensor]) -> tuple[int, list[int], list]:
-        """-> (accepted drafts m, the rows' tokens with the emitted one at m, their logprobs)."""
-        gen = self.generators.get(r.request_id)
-        if gen is not None and r.request_id in states:
-            gen.set_state(states[r.request_id])  # the plain sampling pass above drew from it: undo
+                          rows: list[SamplingRow]) -> tuple[int, list[int], list]:
+        """-> (accepted drafts m, the rows' tokens with the emitted one at m, their logprobs). Only
+        unseeded requests carry draft distributions (engine/draft.py), so the global generator draws."""
         p = self.sampler.probs(logits, rows)
         k, width = len(drafts), p.shape[-1]
         q = q[:k, :width].to(device=p.device, dtype=p.dtype)
         if q.shape[-1] < width:  # a draft model with a narrower (unpadded) vocabulary
             q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
         draft_t = torch.tensor(drafts, dtype=torch.long, device=p.device)
-        accepted, nxt = rejection_sample(p[None], q[None], draft_t[None], gen)
+        accepted, nxt = rejection_sample(p[None], q[None], draft_t[None])
         m = int(accepted[0])
         tokens = drafts[:m] + [int(nxt[0])] + drafts[m + 1:]
         want = list(range(m + 1)) if r.sampling_params.logprobs is not None else []
