@@ -23,7 +23,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    """The engine's config from the parsed flags, validated now (before any model is pulled or loaded)."""
+    """The engine's config from the parsed flags, validated now (before any model is pulled or loaded).
+    Where MODEL takes several (``serve``), the first one's."""
+    if isinstance(args.model, list):
+        args = argparse.Namespace(**{**vars(args), "model": args.model[0] if args.model else EngineConfig.model})
     return config_from_args(args, EngineConfig)
 
 

@@ -8,6 +8,7 @@
 | ``LEANSERVE_NATIVE_DECODE`` | ``1`` | ``0``: decode steps run layer by layer from Python instead of in one native call (model/native.py) |
 | ``LEANSERVE_AVX512`` | ``1`` | ``0``: the native kernels run their AVX2 code where they have AVX-512 code. Read by the C++ code itself on each call (``kernels/csrc/cpu_features.h``), so it is listed here but not read here |
 | ``LEANSERVE_API_KEY`` | none | ``leanserve serve``: a key clients must send (``Authorization: Bearer KEY``), added to ``--api-key``/``--api-key-file``/``--api-keys-file``; an environment variable is not visible in the process list |
+| any name given as ``key_env=VAR`` | none | ``leanserve serve --upstream NAME=URL,key_env=VAR``: the upstream API's key (``named``) |
 
 A switch is "off" only when set to exactly ``0``. Each function reads the environment when called
 (model load, kernel load, server start-up), so a test's ``monkeypatch.setenv`` takes effect. This
@@ -52,4 +53,10 @@ def native_decode_enabled() -> bool:
 def api_key() -> str | None:
     """``$LEANSERVE_API_KEY`` with surrounding whitespace removed; None when unset or blank."""
     value = os.environ.get(API_KEY, "").strip()
+    return value or None
+
+
+def named(name: str) -> str | None:
+    """A variable the user named on the command line (an upstream's ``key_env``); None if unset or blank."""
+    value = os.environ.get(name, "").strip()
     return value or None

@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from leanserve.cost.basis import PriceBasis
@@ -37,6 +37,11 @@ class Billed:
     machine_seconds: float = 0.0
     prefill_seconds: float = 0.0
     usd: float = 0.0
+    input_usd: float = 0.0
+    cache_hits: int = 0  # requests answered from the response cache ($0)
+    saved_prefix_usd: float = 0.0
+    saved_cache_usd: float = 0.0
+    saved_routing_usd: float = 0.0
 
     def add(self, r: LedgerRecord) -> None:
         self.requests += 1
@@ -46,11 +51,40 @@ class Billed:
         self.machine_seconds += r.machine_seconds
         self.prefill_seconds += r.prefill_seconds
         self.usd += r.cost_usd
+        # rows of schema 1 carry no input_usd: their prompt's share at their price
+        self.input_usd += r.input_usd if r.input_usd is not None else r.prefill_seconds * r.price_per_hour / 3600.0
+        self.cache_hits += r.cache == "hit"
+        self.saved_prefix_usd += r.saved_prefix_usd
+        self.saved_cache_usd += r.saved_cache_usd
+        self.saved_routing_usd += r.saved_routing_usd
 
     def merge(self, o: "Billed") -> None:
-        for f in ("requests", "prompt_tokens", "cached_tokens", "output_tokens", "machine_seconds",
-                  "prefill_seconds", "usd"):
-            setattr(self, f, getattr(self, f) + getattr(o, f))
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(o, f.name))
+
+    def saved(self) -> dict[str, float]:
+        """What the levers saved, USD: their sum and each (receipts: docs/gateway.md)."""
+        return {"usd": self.saved_prefix_usd + self.saved_cache_usd + self.saved_routing_usd,
+                "prefix_cache": self.saved_prefix_usd, "response_cache": self.saved_cache_usd,
+                "routing": self.saved_routing_usd}
+
+    def figures(self) -> dict[str, Any]:
+        """The billed figures of a report (the machine's figures come from CostBook)."""
+        output_usd = max(0.0, self.usd - self.input_usd)
+        return {
+            "requests": self.requests,
+            "cache_hits": self.cache_hits,
+            "tokens": {"input": self.prompt_tokens, "cached": self.cached_tokens, "output": self.output_tokens,
+                       "total": self.prompt_tokens + self.output_tokens},
+            "machine_seconds": self.machine_seconds,
+            "usd": self.usd,
+            "input_usd": self.input_usd,
+            "output_usd": output_usd,
+            "usd_per_million_tokens": {"input": _per_mtok(self.input_usd, self.prompt_tokens),
+                                       "output": _per_mtok(output_usd, self.output_tokens),
+                                       "total": _per_mtok(self.usd, self.prompt_tokens + self.output_tokens)},
+            "saved": self.saved(),
+        }
 
 
 def _per_mtok(usd: float, tokens: int) -> float | None:
@@ -61,30 +95,34 @@ def _frac(x: float | None, peak: float | None) -> float | None:
     return x / peak if x is not None and peak else None
 
 
-class CostBook:
-    """Thread-safe: ``bill()`` from the engine thread, ``report()`` from HTTP handlers."""
+class BilledBook:
+    """The requests billed to one model, since start and per second for the last hour. Thread-safe:
+    ``bill()`` from the engine thread (or the gateway), ``billed()`` from HTTP handlers."""
 
-    def __init__(self, basis: PriceBasis, meter: CostMeter, num_params: int, weight_bytes: int, dtype: str,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.basis = basis
-        self.meter = meter
-        self.num_params = num_params
-        self.weight_bytes = weight_bytes
-        self.dtype = dtype
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._total = Billed()
         self._history: deque[tuple[int, Billed]] = deque()
         self._lock = threading.Lock()
 
-    def bill(self, rec: LedgerRecord) -> None:
+    def _now_part(self) -> Billed:  # under the lock
         sec = math.floor(self._clock())
+        if not self._history or self._history[-1][0] != sec:
+            self._history.append((sec, Billed()))
+            while self._history and self._history[0][0] < sec - HISTORY_SECONDS:
+                self._history.popleft()
+        return self._history[-1][1]
+
+    def bill(self, rec: LedgerRecord) -> None:
         with self._lock:
             self._total.add(rec)
-            if not self._history or self._history[-1][0] != sec:
-                self._history.append((sec, Billed()))
-                while self._history and self._history[0][0] < sec - HISTORY_SECONDS:
-                    self._history.popleft()
-            self._history[-1][1].add(rec)
+            self._now_part().add(rec)
+
+    def add_saved_routing(self, usd: float) -> None:
+        """A cascade's routing receipt, known after its attempts were billed (counted now)."""
+        with self._lock:
+            self._total.saved_routing_usd += usd
+            self._now_part().saved_routing_usd += usd
 
     def billed(self, window: float | None = None) -> Billed:
         with self._lock:
@@ -101,6 +139,32 @@ class CostBook:
             return b
 
     def report(self, window: float | None = None) -> dict[str, Any]:
+        return {"window_seconds": window, **self.billed(window).figures()}
+
+    def usd_per_token(self) -> tuple[float, float] | None:
+        """(input, output) $ per token over everything billed so far (cache hits left out); None before
+        the first computed request: what the next request would likely cost here."""
+        b = self.billed(None)
+        computed = b.requests - b.cache_hits
+        if computed <= 0 or b.prompt_tokens + b.output_tokens == 0:
+            return None
+        return (b.input_usd / b.prompt_tokens if b.prompt_tokens else 0.0,
+                max(0.0, b.usd - b.input_usd) / b.output_tokens if b.output_tokens else 0.0)
+
+
+class CostBook(BilledBook):
+    """A local model's book: the billed requests plus its engine's machine time (the meter)."""
+
+    def __init__(self, basis: PriceBasis, meter: CostMeter, num_params: int, weight_bytes: int, dtype: str,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(clock)
+        self.basis = basis
+        self.meter = meter
+        self.num_params = num_params
+        self.weight_bytes = weight_bytes
+        self.dtype = dtype
+
+    def report(self, window: float | None = None) -> dict[str, Any]:
         """The figures since start (``window=None``) or over the last ``window`` seconds."""
         snap = self.meter.snapshot(window)
         return self.figures(snap, self.billed(window), window)
@@ -110,8 +174,8 @@ class CostBook:
         busy = snap.busy_seconds
         flops = 2.0 * self.num_params * snap.tokens_computed / busy if busy > 0 else None
         bandwidth = self.weight_bytes * snap.steps / busy if busy > 0 else None
-        input_usd = self.basis.usd(b.prefill_seconds)
-        output_usd = max(0.0, b.usd - input_usd)
+        billed = b.figures()
+        billed["tokens"].update({"computed_prefill": snap.prefill_tokens, "computed_decode": snap.decode_tokens})
         return {
             "window_seconds": window,
             "wall_seconds": snap.wall_seconds,
@@ -121,17 +185,7 @@ class CostBook:
             "steps": snap.steps,
             "machine_usd": self.basis.usd(busy),  # the busy time at the price (what requests are billed, in total)
             "idle_usd": self.basis.usd(snap.idle_seconds),  # paid for, billed to no request
-            "requests": b.requests,
-            "tokens": {"input": b.prompt_tokens, "cached": b.cached_tokens, "output": b.output_tokens,
-                       "total": b.prompt_tokens + b.output_tokens,
-                       "computed_prefill": snap.prefill_tokens, "computed_decode": snap.decode_tokens},
-            "machine_seconds": b.machine_seconds,
-            "usd": b.usd,
-            "input_usd": input_usd,
-            "output_usd": output_usd,
-            "usd_per_million_tokens": {"input": _per_mtok(input_usd, b.prompt_tokens),
-                                       "output": _per_mtok(output_usd, b.output_tokens),
-                                       "total": _per_mtok(b.usd, b.prompt_tokens + b.output_tokens)},
+            **billed,
             "achieved": {"flops_per_second": flops,
                          "flops_fraction_of_peak": _frac(flops, hw.peak_flops_for(self.dtype)),
                          "weight_bytes_per_second": bandwidth,

@@ -41,6 +41,8 @@ class RequestMeta:
     arrival: float  # time.monotonic()
     key_id: str | None = None  # leanserve.cost.ledger.key_id of its API key
     prompt_text: str | None = None  # only when the ledger stores text
+    cache: str | None = None  # the response cache's verdict (miss, bypass) when it was looked up
+    route: str | None = None  # the cascade that sent it here
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class Bill:
     output_usd: float
     price_per_hour: float
     hardware: str
+    saved_prefix_usd: float = 0.0
     committed: concurrent.futures.Future | None = field(default=None, compare=False, repr=False)
 
     def usage(self) -> dict[str, Any]:
@@ -60,7 +63,21 @@ class Bill:
         return {"cost": self.usd,
                 "cost_details": {"machine_seconds": self.machine_seconds, "input_usd": self.input_usd,
                                  "output_usd": self.output_usd, "price_per_hour": self.price_per_hour,
-                                 "hardware": self.hardware}}
+                                 "hardware": self.hardware, **receipt(prefix_cache=self.saved_prefix_usd)}}
+
+
+def receipt(prefix_cache: float = 0.0, response_cache: float = 0.0, routing: float = 0.0) -> dict[str, Any]:
+    """``usage.cost_details`` fields saying what each lever saved against the same request without it
+    (USD; negative when a lever cost more, as a cascade that escalated)."""
+    return {"saved_usd": prefix_cache + response_cache + routing,
+            "saved": {"prefix_cache": prefix_cache, "response_cache": response_cache, "routing": routing}}
+
+
+def prefix_saving(input_usd: float, prompt_tokens: int, cached_tokens: int) -> float:
+    """What the cached prompt tokens would have cost: the prompt's computed tokens' mean price times
+    the cached ones (an estimate: a token's prefill cost grows a little with its position)."""
+    computed = prompt_tokens - cached_tokens
+    return input_usd / computed * cached_tokens if computed > 0 and cached_tokens > 0 else 0.0
 
 
 class Billing:
@@ -82,6 +99,7 @@ class Billing:
         ms = out.machine_seconds
         pre = min(out.prefill_seconds, ms)
         usd, input_usd = self.basis.usd(ms), self.basis.usd(pre)
+        saved_prefix = prefix_saving(input_usd, out.num_prompt_tokens, out.num_cached_tokens)
         reasons = [c.finish_reason for c in out.outputs]
         finish = next((r for r in ("error", "abort") if r in reasons), None) or (reasons[0] if reasons else None)
         output_text = None
@@ -95,11 +113,17 @@ class Billing:
             price_per_hour=self.basis.price_per_hour, hardware=self.basis.hardware.name,
             latency_s=time.monotonic() - meta.arrival if meta else None,
             finish_reason=finish or (out.error and "error") or "abort",
-            prompt_text=meta.prompt_text if meta else None, output_text=output_text)
-        self.book.bill(rec)
-        committed = self.ledger.record(rec) if self.ledger is not None else None
+            prompt_text=meta.prompt_text if meta else None, output_text=output_text, input_usd=input_usd,
+            cache=meta.cache if meta else None, route=meta.route if meta else None, saved_prefix_usd=saved_prefix)
+        committed = self.record(rec)
         return Bill(out.request_id, ms, pre, usd, input_usd, max(0.0, usd - input_usd), self.basis.price_per_hour,
-                    self.basis.hardware.name, committed)
+                    self.basis.hardware.name, saved_prefix, committed)
+
+    def record(self, rec: LedgerRecord) -> concurrent.futures.Future | None:
+        """Count a row in the live totals and queue it for the ledger (also for what never reached the
+        engine: a response-cache hit, an upstream's answer)."""
+        self.book.bill(rec)
+        return self.ledger.record(rec) if self.ledger is not None else None
 
     async def settle(self, bill: Bill | None) -> dict[str, Any]:
         """Once per response: wait (at most LEDGER_WAIT_S) for the bill's ledger row; its usage fields."""

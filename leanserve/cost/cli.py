@@ -28,7 +28,7 @@ GROUPS = {
     "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",
 }
 FIELDS = ("group", "requests", "prompt_tokens", "cached_tokens", "output_tokens", "machine_seconds", "cost_usd",
-          "usd_per_mtok")
+          "usd_per_mtok", "cache_hits", "saved_usd")
 
 
 def parse_since(text: str | None, now: float | None = None) -> float | None:
@@ -56,8 +56,14 @@ def usage_rows(path: str | Path, by: str = "day", since: float | None = None) ->
     conn = connect(path, create=False)
     try:
         where, args = ("WHERE ts >= ?", (since,)) if since is not None else ("", ())
+        have = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
+        # a ledger from before receipts (schema 1) has no cache or saved_* columns: they count as none
+        hits = "COALESCE(SUM(cache = 'hit'), 0)" if "cache" in have else "0"
+        saved = ("COALESCE(SUM(saved_prefix_usd + saved_cache_usd + saved_routing_usd), 0)"
+                 if "saved_routing_usd" in have else "0.0")
         sums = ("COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(cached_tokens), 0), "
-                "COALESCE(SUM(output_tokens), 0), COALESCE(SUM(machine_seconds), 0), COALESCE(SUM(cost_usd), 0)")
+                f"COALESCE(SUM(output_tokens), 0), COALESCE(SUM(machine_seconds), 0), COALESCE(SUM(cost_usd), 0), "
+                f"{hits}, {saved}")
         rows = conn.execute(f"SELECT {GROUPS[by]} AS g, {sums} FROM requests {where} GROUP BY g ORDER BY g",
                             args).fetchall()
         total = conn.execute(f"SELECT 'TOTAL', {sums} FROM requests {where}", args).fetchone()
@@ -70,10 +76,11 @@ def usage_rows(path: str | Path, by: str = "day", since: float | None = None) ->
 
 
 def _row(r: tuple) -> dict[str, Any]:
-    group, n, prompt, cached, output, secs, usd = r
+    group, n, prompt, cached, output, secs, usd, hits, saved = r
     tokens = prompt + output
     return {"group": group, "requests": n, "prompt_tokens": prompt, "cached_tokens": cached, "output_tokens": output,
-            "machine_seconds": secs, "cost_usd": usd, "usd_per_mtok": usd / tokens * 1e6 if tokens else None}
+            "machine_seconds": secs, "cost_usd": usd, "usd_per_mtok": usd / tokens * 1e6 if tokens else None,
+            "cache_hits": hits, "saved_usd": saved}
 
 
 def format_usage(rows: list[dict[str, Any]], fmt: str = "table", by: str = "day") -> str:
@@ -90,10 +97,11 @@ def format_usage(rows: list[dict[str, Any]], fmt: str = "table", by: str = "day"
         raise ValueError(f"--format must be table, csv or json, got {fmt!r}")
     if not rows:
         return "no requests in the ledger for this selection\n"
-    head = (by, "requests", "prompt tok", "cached tok", "output tok", "machine s", "$", "$/Mtok")
+    head = (by, "requests", "prompt tok", "cached tok", "output tok", "machine s", "$", "$/Mtok", "cache hits", "saved $")
     body = [(str(r["group"]), f"{r['requests']:,}", f"{r['prompt_tokens']:,}", f"{r['cached_tokens']:,}",
              f"{r['output_tokens']:,}", f"{r['machine_seconds']:.3f}", f"{r['cost_usd']:.6f}",
-             "-" if r["usd_per_mtok"] is None else f"{r['usd_per_mtok']:.4f}") for r in rows]
+             "-" if r["usd_per_mtok"] is None else f"{r['usd_per_mtok']:.4f}", f"{r['cache_hits']:,}",
+             f"{r['saved_usd']:.6f}") for r in rows]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in [head, *body]]

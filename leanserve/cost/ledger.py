@@ -27,7 +27,7 @@ from leanserve import env
 
 log = logging.getLogger("leanserve.ledger")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 KEY_ID_LENGTH = 12
 
 SCHEMA = """
@@ -47,7 +47,13 @@ CREATE TABLE IF NOT EXISTS requests (
     latency_s       REAL,               -- arrival to leaving the engine
     finish_reason   TEXT NOT NULL,      -- stop | length | abort | error
     prompt_text     TEXT,               -- only with --ledger-store-text
-    output_text     TEXT                -- only with --ledger-store-text
+    output_text     TEXT,               -- only with --ledger-store-text
+    input_usd       REAL,               -- of cost_usd, the prompt's share (NULL in rows of schema 1)
+    cache           TEXT,               -- response cache: hit | miss | bypass; NULL: not looked up
+    route           TEXT,               -- the route that sent the request here (a cascade's name)
+    saved_prefix_usd  REAL NOT NULL DEFAULT 0,  -- what the cached prompt tokens would have cost
+    saved_cache_usd   REAL NOT NULL DEFAULT 0,  -- a response-cache hit: what computing the answer cost
+    saved_routing_usd REAL NOT NULL DEFAULT 0   -- a cascade: the largest model's cost minus what was paid
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -83,7 +89,23 @@ class LedgerRecord:
     finish_reason: str
     prompt_text: str | None = None
     output_text: str | None = None
+    input_usd: float | None = None
+    cache: str | None = None
+    route: str | None = None
+    saved_prefix_usd: float = 0.0
+    saved_cache_usd: float = 0.0
+    saved_routing_usd: float = 0.0
 
+    @property
+    def saved_usd(self) -> float:
+        return self.saved_prefix_usd + self.saved_cache_usd + self.saved_routing_usd
+
+
+# columns added after schema 1, with their types: a ledger written by an older server gains them on open
+_ADDED = (("input_usd", "REAL"), ("cache", "TEXT"), ("route", "TEXT"),
+          ("saved_prefix_usd", "REAL NOT NULL DEFAULT 0"), ("saved_cache_usd", "REAL NOT NULL DEFAULT 0"),
+          ("saved_routing_usd", "REAL NOT NULL DEFAULT 0"))
+AMENDABLE = frozenset({"route", "saved_routing_usd"})  # what Ledger.amend may change after the row is queued
 
 COLUMNS = tuple(f.name for f in fields(LedgerRecord))
 _INSERT = f"INSERT OR REPLACE INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
@@ -104,7 +126,11 @@ def connect(path: str | os.PathLike[str], create: bool = True) -> sqlite3.Connec
             raise sqlite3.OperationalError(f"cannot put the ledger {path} in WAL mode (got {mode})")
         conn.execute("PRAGMA synchronous = NORMAL")  # in WAL mode: durable against a process crash
         conn.executescript(SCHEMA)
-        conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        have = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
+        for name, decl in _ADDED:
+            if name not in have:
+                conn.execute(f"ALTER TABLE requests ADD COLUMN {name} {decl}")
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         conn.commit()
     return conn
 
@@ -116,7 +142,9 @@ class Ledger:
         self.path = Path(path)
         self.store_text = store_text
         self._conn = connect(self.path)  # errors surface here, at startup
-        self._queue: queue.SimpleQueue[tuple[LedgerRecord, concurrent.futures.Future] | None] = queue.SimpleQueue()
+        # a record to insert, or (request id, {column: value}) to amend, each with its future; None: stop
+        self._queue: queue.SimpleQueue[tuple[LedgerRecord | tuple[str, dict], concurrent.futures.Future] | None] = \
+            queue.SimpleQueue()
         self.num_written = 0
         self.num_failed = 0
         self._thread = threading.Thread(target=self._run, name="leanserve-ledger", daemon=True)
@@ -128,6 +156,16 @@ class Ledger:
             rec.prompt_text = rec.output_text = None
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._queue.put((rec, fut))
+        return fut
+
+    def amend(self, request_id: str, **values: object) -> concurrent.futures.Future:
+        """Queue a change to a row queued before (the one writer keeps the order): what the gateway learns
+        after the request left its engine (the cascade it was part of, what routing saved)."""
+        bad = set(values) - AMENDABLE
+        if bad:
+            raise ValueError(f"ledger rows cannot be amended in {sorted(bad)}")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put(((request_id, values), fut))
         return fut
 
     def close(self, timeout: float = 10.0) -> None:
@@ -156,11 +194,17 @@ class Ledger:
                 self._write(batch)
         self._conn.close()
 
-    def _write(self, batch: list[tuple[LedgerRecord, concurrent.futures.Future]]) -> None:
+    def _write(self, batch: list[tuple[LedgerRecord | tuple[str, dict], concurrent.futures.Future]]) -> None:
         error: BaseException | None = None
         try:
-            with self._conn:  # one transaction, committed on exit
-                self._conn.executemany(_INSERT, [tuple(asdict(r).values()) for r, _ in batch])
+            with self._conn:  # one transaction, committed on exit, in queue order
+                for r, _ in batch:
+                    if isinstance(r, LedgerRecord):
+                        self._conn.execute(_INSERT, tuple(asdict(r).values()))
+                    else:
+                        rid, values = r
+                        sets = ", ".join(f"{k} = ?" for k in values)
+                        self._conn.execute(f"UPDATE requests SET {sets} WHERE id = ?", (*values.values(), rid))
             self.num_written += len(batch)
         except Exception as e:  # noqa: BLE001 - a full disk must not stop serving
             error = e

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -31,6 +32,8 @@ from leanserve.cost.basis import PriceBasis, resolve_price_basis
 from leanserve.cost.billing import Billing, RequestMeta
 from leanserve.cost.ledger import Ledger, key_id
 from leanserve.cost.meter import HISTORY_SECONDS
+from leanserve.gateway import sse
+from leanserve.gateway.router import NO_TAGS, Backend, Call, Gateway, Tags
 from leanserve.engine.async_engine import (AsyncEngine, EngineDeadError, EngineStepError, InvalidRequestError,
                                            QueueFullError, RequestStream, RequestTimeoutError)
 from leanserve.serve import responses as R
@@ -87,12 +90,13 @@ class _AuthMiddleware:
 
 
 class OpenAIServer:
-    """The request handlers; `build_app` wires them into FastAPI."""
+    """One local model's request handlers; `LocalModel` puts them behind the gateway (gateway/router.py)."""
 
-    def __init__(self, engine: AsyncEngine, settings: ServerSettings) -> None:
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetrics | None = None,
+                 name: str | None = None) -> None:
         self.engine = engine
         self.settings = settings
-        self.model = settings.model_name
+        self.model = name or settings.model_name
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.vocab_size
@@ -105,7 +109,7 @@ class OpenAIServer:
         self.billing = Billing(basis, core.meter, self.model, core.info.num_params, core.info.weight_bytes,
                                engine.dtype, settings.ledger)
         engine.on_request_done = self.billing.close  # the one door a request leaves by (cost/billing.py)
-        self.metrics = ServerMetrics(engine, self.model, self.billing.book)
+        self.metrics = (metrics or ServerMetrics()).add_model(self.model, engine, self.billing.book)
         self.created = int(time.time())
 
     def request_meta(self, request: Request) -> tuple[RequestMeta, str | None]:
@@ -190,7 +194,7 @@ class OpenAIServer:
 
     # ---- endpoints -------------------------------------------------------------------------------
 
-    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+    async def completions(self, body: CompletionRequest, request: Request, tags: Tags = NO_TAGS) -> Response:
         self.check_model(body.model)
         prompt = body.prompt_input
         if isinstance(prompt, str):
@@ -209,9 +213,9 @@ class OpenAIServer:
         wanted = [n for n in (body.logprobs if body.echo else None, body.prompt_logprobs) if n is not None]
         params = self.sampling_params(body, len(ids), body.logprobs, max(wanted) if wanted else None,
                                       body.prompt_logprobs_start)
-        return await self._generate(request, body, ids, params, chat=False)
+        return await self._generate(request, body, ids, params, chat=False, tags=tags)
 
-    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request, tags: Tags = NO_TAGS) -> Response:
         self.check_model(body.model)
         if not self.tokenizer.has_chat_template:
             raise invalid(f"the model {self.model!r} has no chat template; use /v1/completions", "messages",
@@ -221,15 +225,16 @@ class OpenAIServer:
         ids = await self.tokenize(lambda: self.tokenizer.encode_chat(messages), "messages")
         self.check_length(len(ids), body.max_output_tokens, "messages")
         params = self.sampling_params(body, len(ids), body.num_logprobs)
-        return await self._generate(request, body, ids, params, chat=True)
+        return await self._generate(request, body, ids, params, chat=True, tags=tags)
 
     # ---- generation --------------------------------------------------------------------------
 
     async def _generate(self, request: Request, body: CompletionRequest | ChatCompletionRequest, ids: list[int],
-                        params: SamplingParams, chat: bool) -> Response:
+                        params: SamplingParams, chat: bool, tags: Tags = NO_TAGS) -> Response:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         priority = Priority.BATCH if body.priority == "batch" else Priority.INTERACTIVE
         meta, tenant = self.request_meta(request)
+        meta = dataclasses.replace(meta, cache=tags.cache, route=tags.route)
         if self.billing.stores_text:
             meta = dataclasses.replace(meta, prompt_text=await asyncio.to_thread(self.tokenizer.decode, ids))
         try:
@@ -389,29 +394,98 @@ class OpenAIServer:
                 "max_model_len": self.max_model_len}
 
 
-def build_app(engine: AsyncEngine, settings: ServerSettings, on_ready: Callable[[], None] | None = None) -> FastAPI:
-    """The app; its lifespan starts the engine thread (if not started) and stops it at shutdown."""
-    server = OpenAIServer(engine, settings)
+class LocalModel:
+    """A local engine as a gateway backend (gateway/router.py `Backend`): the request goes through
+    `OpenAIServer`'s own handlers, its answer comes back as OpenAI's dicts."""
+
+    kind = "local"
+
+    def __init__(self, server: OpenAIServer) -> None:
+        self.server = server
+        self.name = server.model
+        self.book = server.billing.book
+
+    def card(self) -> dict[str, Any]:
+        return self.server.model_card()
+
+    def estimate_usd(self, prompt_tokens: int, completion_tokens: int) -> float | None:
+        rates = self.book.usd_per_token()
+        return None if rates is None else prompt_tokens * rates[0] + completion_tokens * rates[1]
+
+    async def _respond(self, call: Call) -> Response:
+        if call.endpoint == "chat":
+            return await self.server.chat_completions(call.body, call.request, call.tags)
+        return await self.server.completions(call.body, call.request, call.tags)
+
+    async def complete(self, call: Call) -> dict[str, Any]:
+        resp = await self._respond(call)
+        return json.loads(bytes(resp.body))
+
+    async def stream(self, call: Call) -> AsyncIterator[dict[str, Any]]:
+        resp = await self._respond(call)
+        assert isinstance(resp, StreamingResponse)
+        body = resp.body_iterator
+        events = sse.parse_events(body)  # type: ignore[arg-type]
+        try:
+            async for event in events:
+                yield event
+        finally:  # the client went away: closing the handler's generator aborts the request
+            await events.aclose()
+            await body.aclose()  # type: ignore[attr-defined]
+
+
+def build_app(engines: AsyncEngine | dict[str, AsyncEngine], settings: ServerSettings,
+              on_ready: Callable[[], None] | None = None, upstreams: list[Backend] = (),
+              cascades: list[Any] = (), cache: Any = None) -> FastAPI:
+    """The app over one engine or several (name -> engine), upstream backends, cascades and a response
+    cache (gateway/); its lifespan starts the engine threads (if not started) and stops them at shutdown."""
+    if not isinstance(engines, dict):
+        engines = {settings.model_name: engines}
+    server_metrics = ServerMetrics()
+    servers = {name: OpenAIServer(e, settings, server_metrics, name) for name, e in engines.items()}
+    gateway = Gateway([*(LocalModel(s) for s in servers.values()), *upstreams], list(cascades), cache,
+                      settings.ledger)
+    for b in upstreams:
+        b.gateway_record = gateway.record  # type: ignore[attr-defined]
+        server_metrics.add_model(b.name, None, b.book)
+    for name, book in gateway.route_books.items():
+        server_metrics.add_model(name, None, book)
+    server_metrics.registry.register(gateway.collector())
     auth = APIKeyAuth(settings.api_key_digests)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if not engine.is_running:
-            engine.start()
+        for engine in engines.values():
+            if not engine.is_running:
+                engine.start()
         if on_ready is not None:
             on_ready()
         yield
-        engine.shutdown()
+        for engine in engines.values():
+            engine.shutdown()
+        for b in upstreams:
+            await b.upstream.aclose()  # type: ignore[attr-defined]
+        if cache is not None:
+            cache.close()
         if settings.ledger is not None:
             settings.ledger.close()
+
+    def local(model: str | None) -> OpenAIServer:
+        name = gateway.resolve(model)
+        if name not in servers:
+            raise APIError(400, f"{name!r} is not a local model: /tokenize needs one of {', '.join(map(repr, servers))}",
+                           param="model", code="invalid_value")
+        return servers[name]
 
     app = FastAPI(
         title="leanserve", version=leanserve.__version__, lifespan=lifespan,
         summary="OpenAI-compatible LLM server focused on cost per token",
-        description=f"Serving `{settings.model_name}`. Errors use OpenAI's format `{{\"error\": {{\"message\", \"type\", "
+        description=f"Serving {', '.join(f'`{n}`' for n in gateway.names())}. Errors use OpenAI's format `{{\"error\": {{\"message\", \"type\", "
                     "\"param\", \"code\"}}}`. Streams are server-sent events ending with `data: [DONE]`. "
                     "See docs/serving.md.")
-    app.state.server = server
+    app.state.servers = servers
+    app.state.server = next(iter(servers.values()))  # the default model's
+    app.state.gateway = gateway
     install_error_handlers(app)
     from leanserve.serve.transport import install_transport_guards  # Host check and body limit, outermost
     install_transport_guards(app, settings)
@@ -419,10 +493,11 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, on_ready: Callable[
         app.add_middleware(_AuthMiddleware, auth=auth)
     secured = [Security(_bearer)] if auth.enabled else []  # the check is the middleware; this documents it
 
-    @app.get("/health", tags=["ops"], summary="200 when the engine loop is running")
+    @app.get("/health", tags=["ops"], summary="200 when every engine loop is running")
     async def health() -> Response:
-        if not engine.is_running:
-            return APIError(503, "the engine loop is not running", code="engine_dead").response()
+        dead = [n for n, e in engines.items() if not e.is_running]
+        if dead:
+            return APIError(503, f"the engine loop of {', '.join(dead)} is not running", code="engine_dead").response()
         return JSONResponse({"status": "ok"})
 
     @app.get("/version", tags=["ops"])
@@ -431,24 +506,26 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, on_ready: Callable[
 
     @app.get("/metrics", tags=["ops"], dependencies=secured, summary="Prometheus metrics (leanserve: prefix)")
     async def metrics() -> Response:
-        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(server_metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/cost", tags=["cost"], dependencies=secured, responses=_error_responses(401),
              summary="cost figures since start and over a sliding window (docs/cost.md)")
     async def cost(window: float = Query(60.0, gt=0, le=HISTORY_SECONDS,
                                          description="seconds of the sliding window (whole seconds)")) -> Response:
-        return JSONResponse(server.billing.report(window))
+        report = gateway.report(window)
+        if len(servers) == 1 and len(gateway.names()) == 1:  # one local model: its full figures on top
+            report.update(next(iter(servers.values())).billing.report(window))
+        return JSONResponse(report)
 
-    @app.get("/v1/models", tags=["openai"], dependencies=secured, response_model=ModelList,
+    @app.get("/v1/models", tags=["openai"], dependencies=secured, response_model=ModelList, response_model_exclude_none=True,
              responses=_error_responses(401))
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [server.model_card()]}
+        return {"object": "list", "data": gateway.cards()}
 
-    @app.get("/v1/models/{model_id:path}", tags=["openai"], dependencies=secured, response_model=ModelCard,
+    @app.get("/v1/models/{model_id:path}", tags=["openai"], dependencies=secured, response_model=ModelCard, response_model_exclude_none=True,
              responses=_error_responses(401, 404))
     async def get_model(model_id: str) -> dict[str, Any]:
-        server.check_model(model_id)
-        return server.model_card()
+        return gateway.card(model_id)
 
     @app.post("/v1/completions", tags=["openai"], dependencies=secured,
               responses={200: {"model": CompletionResponse, "description": "the completion; with stream: true, "
@@ -456,7 +533,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, on_ready: Callable[
                                "content": {"text/event-stream": {}}},
                          **_error_responses(400, 401, 404, 429, 500, 504)})
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
-        return await server.completions(body, request)
+        return await gateway.handle("completions", body, request)
 
     @app.post("/v1/chat/completions", tags=["openai"], dependencies=secured,
               responses={200: {"model": ChatCompletionResponse, "description": "the completion; with stream: true, "
@@ -464,12 +541,13 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, on_ready: Callable[
                                "content": {"text/event-stream": {}}},
                          **_error_responses(400, 401, 404, 429, 500, 504)})
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
-        return await server.chat_completions(body, request)
+        return await gateway.handle("chat", body, request)
 
     @app.post("/tokenize", tags=["openai"], dependencies=secured, response_model=TokenizeResponse,
               responses=_error_responses(400, 401, 404), summary="token ids of a prompt or conversation (vLLM's shape)")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        return await server.tokenize_request(body)
+        server = local(body.model)
+        return await server.tokenize_request(body.model_copy(update={"model": server.model}))
 
     _drop_422_from_openapi(app)
     return app

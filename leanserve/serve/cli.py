@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from dataclasses import dataclass
 import logging
+import os
 import socket
 import sys
 import time
@@ -20,13 +22,14 @@ from typing import Any
 from leanserve import env
 from leanserve.argtypes import add_config_args, config_from_args, nonneg_float, nonneg_int, port
 from leanserve.cli_common import CLIError, add_engine_args, engine_config, ensure_model
-from leanserve.config import EngineConfig
+from leanserve.config import EngineConfig, parse_bytes
 from leanserve.engine.async_engine import DEFAULT_MAX_QUEUE
 from leanserve.serve import transport
 from leanserve.serve.transport import TransportConfig
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+DEFAULT_THRESHOLD = -0.5  # a cascade's default: mean token log-probability of the cheap model's answer
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -34,10 +37,38 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API",
-        description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
-                    "/v1/models, /metrics). With no model, serves the default built-in model, pulling it if needed.",
-        epilog="Full guide: docs/serving.md")
+        description="Serve one model or several over an OpenAI-compatible HTTP API (/v1/completions, "
+                    "/v1/chat/completions, /v1/models, /metrics), each local model with its own engine and KV cache, "
+                    "beside upstream APIs, cascades and a response cache (docs/gateway.md). With no model, serves the "
+                    "default built-in model, pulling it if needed.",
+        epilog="Full guide: docs/serving.md and docs/gateway.md")
     add_engine_args(p)
+    for action in p._actions:  # several local models: MODEL [MODEL ...], the engine flags apply to each
+        if action.dest == "model":
+            action.nargs = "*"
+            action.help = f"one or more models (built-in names, .gguf files or HF folders); {action.help}"
+    gw = p.add_argument_group("gateway (docs/gateway.md)")
+    gw.add_argument("--upstream", action="append", default=[], metavar="NAME=URL[,OPTIONS]",
+                    help="serve an OpenAI-compatible API as model NAME (repeatable). URL is its base, e.g. "
+                         "https://host/v1; OPTIONS, comma-separated: model=REMOTE_NAME, key_env=VAR (its key's "
+                         "environment variable), input=USD, output=USD (list price per million tokens), timeout=S, "
+                         "retries=N")
+    gw.add_argument("--cascade", action="append", default=[], metavar="NAME=MODEL1,MODEL2[,...]",
+                    help="a route: model NAME tries MODEL1 first and keeps its answer when its confidence reaches "
+                         "--cascade-threshold, else asks the next (cheapest first; repeatable)")
+    gw.add_argument("--cascade-threshold", type=float, default=None, metavar="T",
+                    help="accept an answer whose confidence score is >= T (a log-probability: 0 is certain; "
+                         "default %g; pick it with `leanserve eval cascade`)" % DEFAULT_THRESHOLD)
+    gw.add_argument("--cascade-score", default=None, metavar="NAME",
+                    help="the confidence score: mean_logprob (default) or min_logprob of the answer's tokens")
+    gw.add_argument("--response-cache", action="store_true",
+                    help="answer repeated determined requests (temperature 0 or a seed) from a cache, per API key")
+    gw.add_argument("--cache-ttl", type=nonneg_float, default=None, metavar="S",
+                    help="seconds an entry lives (default 86400)")
+    gw.add_argument("--cache-max-bytes", type=parse_bytes, default=None, metavar="SIZE",
+                    help="the cache's size cap, least recently used entries go first (default 256MiB)")
+    gw.add_argument("--cache-path", type=Path, default=None, metavar="PATH",
+                    help="the cache's SQLite file (default: $LEANSERVE_HOME/response_cache.sqlite)")
     g = p.add_argument_group("server")
     g.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; 0.0.0.0 for all)")
     g.add_argument("--port", type=port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free port)")
@@ -127,7 +158,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         stream=sys.stderr)
     transport.install_accept_error_filter()
     digests = api_key_digests(args)
+    models = (args.model if isinstance(args.model, list) else [args.model]) or [EngineConfig.model]
     config = engine_config(args)  # bad values fail now, before the port is bound or a model pulled
+    gateway = _gateway_config(args, models)
     limits = config_from_args(args, TransportConfig)
     from leanserve.cost.catalog import get_hardware
 
@@ -146,7 +179,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       f"reaches the port can use the model (set {env.API_KEY}, --api-key-file or --api-keys-file)",
                       file=sys.stderr, flush=True)
             hosts = transport.allowed_hosts(loopback, [h for arg in args.allowed_hosts for h in arg.split(",")])
-            return _serve(args, config, _within_open_files_limit(limits), hosts, sock, digests, t0, ledger)
+            return _serve(args, config, models, gateway, _within_open_files_limit(limits), hosts, sock, digests, t0,
+                          ledger)
         finally:
             sock.close()
     finally:
@@ -177,19 +211,107 @@ def _open_ledger(args: argparse.Namespace) -> Any:
         raise CLIError(f"cannot open the ledger {path}: {e} (pass --ledger PATH or --no-ledger)") from None
 
 
-def _serve(args: argparse.Namespace, config: EngineConfig, limits: TransportConfig, hosts: tuple[str, ...] | None,
-           sock: socket.socket, digests: frozenset[str], t0: float, ledger: Any) -> int:
+@dataclass
+class GatewaySetup:
+    """The gateway's parts, checked before any model loads."""
+
+    names: list[str]  # the local models' served names, in order
+    upstreams: list[Any]  # gateway.upstream.Upstream
+    cascades: list[Any]  # gateway.router.CascadeSpec
+    cache: Any  # gateway.cache.CacheConfig or None
+
+
+def _gateway_config(args: argparse.Namespace, models: list[str]) -> GatewaySetup:
+    """Every gateway flag checked now, one line per mistake: upstream specs and keys, cascades naming
+    served models, cache settings; then each upstream answered (unreachable: fail before loading)."""
+    import asyncio
+
+    from leanserve.gateway.cache import CacheConfig
+    from leanserve.gateway.router import parse_cascade
+    from leanserve.gateway.upstream import Upstream, UpstreamError, parse_upstream
+
+    if args.served_model_name is not None and len(models) > 1:
+        raise CLIError("--served-model-name names one model; with several, each is served under its own name")
+    names = [args.served_model_name or models[0]] if len(models) == 1 else list(models)
+    if len(set(names)) != len(names):
+        raise CLIError(f"the model {next(n for n in names if names.count(n) > 1)!r} is given twice")
+    upstreams = []
+    for text in args.upstream:
+        try:
+            spec = parse_upstream(text)
+            upstreams.append(Upstream(spec))
+        except (ValueError, UpstreamError) as e:
+            raise CLIError(str(e) if str(e).startswith("--upstream") or str(e).startswith("upstream") else f"--upstream: {e}") from None
+        if spec.name in names or spec.name in [u.name for u in upstreams[:-1]]:
+            raise CLIError(f"--upstream: the name {spec.name!r} is taken by another model")
+    all_names = names + [u.name for u in upstreams]
+    if not args.cascade and (args.cascade_threshold is not None or args.cascade_score is not None):
+        raise CLIError("--cascade-threshold and --cascade-score need a --cascade")
+    cascades = []
+    for text in args.cascade:
+        try:
+            c = parse_cascade(text, DEFAULT_THRESHOLD if args.cascade_threshold is None else args.cascade_threshold,
+                              args.cascade_score or "mean_logprob")
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        unknown = [m for m in c.models if m not in all_names]
+        if unknown:
+            raise CLIError(f"--cascade {c.name}: {unknown[0]!r} is not a served model (served: {', '.join(all_names)})")
+        if c.name in all_names or c.name in [x.name for x in cascades]:
+            raise CLIError(f"--cascade: the name {c.name!r} is taken")
+        cascades.append(c)
+    cache = None
+    if args.response_cache:
+        try:
+            cache = CacheConfig(args.cache_path or env.home() / "response_cache.sqlite",
+                                **{k: v for k, v in (("ttl_s", args.cache_ttl), ("max_bytes", args.cache_max_bytes))
+                                   if v is not None})
+        except ValueError as e:
+            raise CLIError(f"--response-cache: {e}") from None
+    elif any(v is not None for v in (args.cache_ttl, args.cache_max_bytes, args.cache_path)):
+        raise CLIError("--cache-ttl, --cache-max-bytes and --cache-path need --response-cache")
+
+    async def check_all() -> None:
+        await asyncio.gather(*(u.check() for u in upstreams))
+
+    if upstreams:
+        try:
+            asyncio.run(check_all())
+        except UpstreamError as e:
+            raise CLIError(str(e)) from None
+    return GatewaySetup(names, upstreams, cascades, cache)
+
+
+def _open_cache(config: Any) -> Any:
+    import sqlite3
+
+    from leanserve.gateway.cache import ResponseCache
+
+    try:
+        return ResponseCache(config)
+    except (OSError, sqlite3.Error) as e:
+        raise CLIError(f"cannot open the response cache {config.path}: {e} (pass --cache-path)") from None
+
+
+def _serve(args: argparse.Namespace, config: EngineConfig, models: list[str], setup: GatewaySetup,
+           limits: TransportConfig, hosts: tuple[str, ...] | None, sock: socket.socket, digests: frozenset[str],
+           t0: float, ledger: Any) -> int:
     import uvicorn
 
     from leanserve.cost.basis import resolve_price_basis
     from leanserve.engine.async_engine import AsyncEngine
     from leanserve.engine.engine import LLMEngine
+    from leanserve.gateway.router import UpstreamModel
     from leanserve.serve.api import ServerSettings, build_app
 
-    ensure_model(config.model)
-    async_engine = AsyncEngine.built_on_engine_thread(lambda: LLMEngine(config), max_queue=args.max_queue)
-    engine = async_engine.engine
-    name = args.served_model_name or args.model
+    cache = _open_cache(setup.cache) if setup.cache is not None else None
+    engines: dict[str, AsyncEngine] = {}
+    for model, name in zip(models, setup.names):
+        ensure_model(model)
+        cfg = dataclasses.replace(config, model=model)
+        engines[name] = AsyncEngine.built_on_engine_thread(lambda cfg=cfg: LLMEngine(cfg), max_queue=args.max_queue)
+    name = setup.names[0]
+    async_engine = engines[name]
     basis = resolve_price_basis(args.hardware, args.price_per_hour, async_engine.device)
     settings = ServerSettings(model_name=name, api_key_digests=digests,
                               request_timeout=args.request_timeout or None, price_basis=basis, ledger=ledger,
@@ -199,15 +321,35 @@ def _serve(args: argparse.Namespace, config: EngineConfig, limits: TransportConf
 
     def ready() -> None:
         auth = f", API keys: {len(digests)}" if digests else ", no API key required"
-        print(f"leanserve: serving {name} at http://{shown}:{port}/v1 ({async_engine.dtype} on {async_engine.device}, "
-              f"KV cache {async_engine.kv_cache_tokens:,} tokens, max_model_len {async_engine.max_model_len:,}, "
-              f"max_num_seqs {async_engine.max_num_seqs}, max_queue {async_engine.max_queue}{auth}); "
-              f"ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        for n, e in engines.items():
+            print(f"leanserve: serving {n} at http://{shown}:{port}/v1 ({e.dtype} on {e.device}, "
+                  f"KV cache {e.kv_cache_tokens:,} tokens, max_model_len {e.max_model_len:,}, "
+                  f"max_num_seqs {e.max_num_seqs}, max_queue {e.max_queue}{auth}); "
+                  f"ready in {time.perf_counter() - t0:.1f} s", flush=True)
+            print(f"leanserve: {n}: {e.engine.describe_runtime()}", flush=True)
+        if len(engines) > 1:
+            print(f"leanserve: {len(engines)} local models, each with its own engine thread and KV cache; each runs "
+                  f"{'--threads ' + str(config.threads) if config.threads else 'one CPU thread per core'} "
+                  f"({os.cpu_count()} logical CPUs): they share the cores when both are busy "
+                  "(--threads N splits them)", flush=True)
+        for u in setup.upstreams:
+            s = u.spec
+            print(f"leanserve: serving {u.name} from upstream {s.url} (model {s.model}, list price "
+                  f"${s.input_usd_per_mtok:g}/${s.output_usd_per_mtok:g} per Mtok in/out)", flush=True)
+        for c in setup.cascades:
+            print(f"leanserve: route {c.name}: cascade {' -> '.join(c.models)}, accept when {c.score} >= "
+                  f"{c.threshold:g}", flush=True)
+        if cache is not None:
+            print(f"leanserve: response cache {cache.config.path} (ttl {cache.config.ttl_s:g} s, cap "
+                  f"{cache.config.max_bytes:,} bytes)", flush=True)
         where = f"ledger {ledger.path}" + (" (with text)" if ledger.store_text else "") if ledger else "no ledger"
         print(f"leanserve: {basis.describe()}; {where}; GET /v1/cost", flush=True)
-        print(f"leanserve: {engine.describe_runtime()}", flush=True)
 
-    app = build_app(async_engine, settings, on_ready=ready)
+    upstreams = [UpstreamModel(u) for u in setup.upstreams]
+    try:
+        app = build_app(engines, settings, on_ready=ready, upstreams=upstreams, cascades=setup.cascades, cache=cache)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     server = uvicorn.Server(transport.uvicorn_config(app, limits, log_level=args.log_level, access_log=args.access_log,
                                                    timeout_graceful_shutdown=5, lifespan="on"))
     server.run(sockets=[sock])

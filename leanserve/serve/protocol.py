@@ -483,8 +483,10 @@ class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
-    owned_by: str = "leanserve"
-    max_model_len: int
+    owned_by: str = Field("leanserve", description="leanserve (a local model or a route) or upstream:NAME")
+    max_model_len: int | None = Field(None, description="a local model's context length")
+    upstream: dict[str, Any] | None = Field(None, description="an upstream API: its model name and list prices")
+    route: dict[str, Any] | None = Field(None, description="a cascade: its models, score and threshold")
 
 
 class ModelList(BaseModel):

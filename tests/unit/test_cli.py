@@ -178,8 +178,8 @@ def started(monkeypatch):
     """Runs `leanserve serve ARGS` up to the point where the model would load; returns what _serve got."""
     seen = {}
 
-    def fake_serve(args, config, limits, hosts, sock, digests, t0, ledger):
-        seen.update(config=config, limits=limits, hosts=hosts, digests=digests)
+    def fake_serve(args, config, models, setup, limits, hosts, sock, digests, t0, ledger):
+        seen.update(config=config, models=models, setup=setup, limits=limits, hosts=hosts, digests=digests)
         return 0
 
     def start(address: str, *argv: str) -> dict:

@@ -42,7 +42,17 @@ def test_usage_cost_splits_input_and_output():
     bill = Billing(resolve_price_basis(None, 3.6, device="cpu"), CostMeter(), "m").close(out, None)
     assert bill.usage() == {"cost": pytest.approx(0.002), "cost_details": {
         "machine_seconds": 2.0, "price_per_hour": 3.6, "hardware": "cpu-local", "input_usd": pytest.approx(0.0005),
-        "output_usd": pytest.approx(0.0015)}}
+        "output_usd": pytest.approx(0.0015), "saved_usd": 0.0,
+        "saved": {"prefix_cache": 0.0, "response_cache": 0.0, "routing": 0.0}}}
+
+
+def test_prefix_cache_receipt_prices_cached_tokens_like_computed_ones():
+    # 8 prompt tokens, 6 of them from the prefix cache: the 2 computed cost 0.5 s of prefill = $0.0005 at $3.6/h,
+    # so the 6 cached ones saved 3 x that
+    out = RequestOutput("r", list(range(8)), [], machine_seconds=2.0, prefill_seconds=0.5, num_cached_tokens=6)
+    bill = Billing(resolve_price_basis(None, 3.6, device="cpu"), CostMeter(), "m").close(out, None)
+    details = bill.usage()["cost_details"]
+    assert details["saved_usd"] == pytest.approx(0.0015) and details["saved"]["prefix_cache"] == pytest.approx(0.0015)
 
 
 def _rec(rid: str, secs: float, prefill: float, prompt: int, out: int, basis) -> LedgerRecord:

@@ -41,7 +41,7 @@ def test_schema_wal_mode_and_rows(tmp_path):
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     cols = [r[1] for r in conn.execute("PRAGMA table_info(requests)")]
     assert tuple(cols) == COLUMNS
-    assert conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()[0] == "1"
+    assert conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()[0] == "2"
     row = dict(zip(cols, conn.execute("SELECT * FROM requests").fetchone()))
     assert row["finish_reason"] == "abort" and row["cached_tokens"] == 64 and row["machine_seconds"] == 1.0
     # the key is never stored: only a short prefix of its sha256
@@ -134,3 +134,40 @@ def test_usage_command(ledger_file, capsys):
 def test_connect_refuses_a_missing_file_when_reading(tmp_path):
     with pytest.raises(FileNotFoundError):
         connect(tmp_path / "nope.sqlite", create=False)
+
+
+def test_a_schema_1_ledger_gains_the_receipt_columns(tmp_path):
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)  # the schema as servers before receipts wrote it
+    conn.executescript("""CREATE TABLE requests (id TEXT PRIMARY KEY, ts REAL NOT NULL, key_id TEXT, model TEXT NOT NULL,
+        prompt_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+        machine_seconds REAL NOT NULL, prefill_seconds REAL NOT NULL, cost_usd REAL NOT NULL, price_per_hour REAL NOT NULL,
+        hardware TEXT NOT NULL, latency_s REAL, finish_reason TEXT NOT NULL, prompt_text TEXT, output_text TEXT);
+        CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1');
+        INSERT INTO requests VALUES ('old', 1.0, NULL, 'm1', 10, 0, 5, 1.0, 0.5, 0.001, 3.6, 'cpu-local', 0.1, 'stop',
+                                    NULL, NULL);""")
+    conn.commit()
+    conn.close()
+    assert usage_rows(path, "model")[0]["saved_usd"] == 0.0  # read-only: the columns count as none
+    write(path, [rec("new", DAY1, saved_cache_usd=0.25, cache="hit")])
+    conn = sqlite3.connect(path)
+    assert tuple(r[1] for r in conn.execute("PRAGMA table_info(requests)")) == COLUMNS
+    assert conn.execute("SELECT id, saved_cache_usd, cache FROM requests ORDER BY id").fetchall() == [
+        ("new", 0.25, "hit"), ("old", 0.0, None)]
+    total = usage_rows(path, "model")[-1]
+    assert (total["requests"], total["cache_hits"], total["saved_usd"]) == (2, 1, 0.25)
+
+
+def test_amend_changes_a_queued_row_in_order(tmp_path):
+    led = Ledger(tmp_path / "l.sqlite")
+    led.record(rec("a", DAY1, saved_prefix_usd=0.5))
+    fut = led.amend("a", route="auto", saved_routing_usd=-0.125)
+    assert fut.result(5) is True
+    with pytest.raises(ValueError, match="cannot be amended"):
+        led.amend("a", cost_usd=0.0)
+    led.close()
+    row = sqlite3.connect(tmp_path / "l.sqlite").execute(
+        "SELECT route, saved_prefix_usd, saved_routing_usd FROM requests").fetchone()
+    assert row == ("auto", 0.5, -0.125)
+    assert usage_rows(tmp_path / "l.sqlite", "model")[0]["saved_usd"] == 0.375

@@ -282,7 +282,8 @@ def test_streamed_text_equals_whole_text_with_n_and_usage(fake_server):
                               "prompt_tokens_details": {"cached_tokens": 0}, "cost": pytest.approx(1.5e-5),
                               "cost_details": {"machine_seconds": pytest.approx(0.015), "input_usd": 0.0,
                                                "output_usd": pytest.approx(1.5e-5), "price_per_hour": 3.6,
-                                               "hardware": "cpu-local"}}
+                                               "hardware": "cpu-local", "saved_usd": 0.0,
+                                               "saved": {"prefix_cache": 0.0, "response_cache": 0.0, "routing": 0.0}}}
 
 
 def test_api_keys(fake_server):

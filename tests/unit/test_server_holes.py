@@ -295,7 +295,8 @@ def test_billing_close_bills_records_and_settles_once(tmp_path):
     usage = asyncio.run(billing.settle(bill))
     assert usage == {"cost": pytest.approx(0.001), "cost_details": {
         "machine_seconds": 0.5, "input_usd": pytest.approx(0.0004), "output_usd": pytest.approx(0.0006),
-        "price_per_hour": 7.2, "hardware": "cpu-local"}}
+        "price_per_hour": 7.2, "hardware": "cpu-local", "saved_usd": 0.0,
+        "saved": {"prefix_cache": 0.0, "response_cache": 0.0, "routing": 0.0}}}
     row = sqlite3.connect(tmp_path / "ledger.sqlite").execute(
         "SELECT id, key_id, cost_usd, finish_reason FROM requests").fetchall()
     assert row == [("req-1", "abc", pytest.approx(0.001), "length")]  # committed before settle returned
