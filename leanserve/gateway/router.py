@@ -359,11 +359,11 @@ class Gateway:
                         out.pop("usage", None)
                         yield sse.encode(out)
                     chunk = await _next(chunks)
+                if ok and key is not None:  # before [DONE]: a client that asks again at once finds it
+                    await self._store(call, key, name, sse.assemble(call.endpoint, seen))
                 yield sse.DONE
             finally:
                 await chunks.aclose()
-            if ok and key is not None:
-                await self._store(call, key, name, sse.assemble(call.endpoint, seen))
 
         return StreamingResponse(gen(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
 

@@ -303,8 +303,9 @@ class Upstream:
                                 f"{response.text[:ERROR_TEXT_CHARS]}".replace("\n", " "))
 
     def cost(self, usage: dict[str, Any] | None) -> dict[str, Any]:
-        """The fields to add to a response's ``usage``. The upstream's own numeric ``cost`` wins (its
-        split into input/output is then unknown: None); else list price times tokens."""
+        """The fields to add to a response's ``usage``: list price times tokens when a price was given
+        (what the operator pays); else the upstream's own numeric ``cost`` when it sends one (its split
+        into input/output is then unknown: None); else $0, price source "unknown"."""
         spec = self.spec
         details: dict[str, Any] = {"input_usd": 0.0, "output_usd": 0.0, "price_source": "unknown",
                                    "hardware": f"upstream:{self.name}",
@@ -313,7 +314,8 @@ class Upstream:
         if usage is None:
             return {"cost": 0.0, "cost_details": details}
         theirs = usage.get("cost")
-        if isinstance(theirs, (int, float)) and not isinstance(theirs, bool) and math.isfinite(theirs):
+        priced = spec.input_usd_per_mtok > 0 or spec.output_usd_per_mtok > 0
+        if not priced and isinstance(theirs, (int, float)) and not isinstance(theirs, bool) and math.isfinite(theirs):
             details.update(input_usd=None, output_usd=None, price_source="upstream")
             return {"cost": float(theirs), "cost_details": details}
 

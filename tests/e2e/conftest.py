@@ -67,18 +67,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(tmp_dir: Path, *args: str, model: str = "smollm2-135m", api_key: str | None = None) -> ServerProcess:
-    require_model(model)
+def start_server(tmp_dir: Path, *args: str, model: str | list[str] = "smollm2-135m", api_key: str | list[str] | None = None,
+                 env_extra: dict[str, str] | None = None) -> ServerProcess:
+    models = [model] if isinstance(model, str) else model
+    for m in models:
+        require_model(m)
     port = free_port()
-    cmd = [sys.executable, "-m", "leanserve", "serve", model, "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "leanserve", "serve", *models, "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning", *args]
-    if api_key:
-        cmd += ["--api-key", api_key]
+    keys = [api_key] if isinstance(api_key, str) else api_key or []
+    for k in keys:
+        cmd += ["--api-key", k]
+    api_key = keys[0] if keys else None
     if "--ledger" not in args and "--no-ledger" not in args:
         cmd += ["--ledger", str(tmp_dir / f"ledger-{port}.sqlite")]  # never the user's own ledger
     log_path = tmp_dir / f"server-{port}.log"
     log = log_path.open("w")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path, api_key)
     deadline = time.monotonic() + START_TIMEOUT_S

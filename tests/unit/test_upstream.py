@@ -191,9 +191,11 @@ def test_complete_cost_at_list_price() -> None:
                                       "output_usd_per_mtok": 0.6}}
 
 
-def test_complete_keeps_the_upstreams_cost() -> None:
+def test_complete_keeps_the_upstreams_cost_when_no_price_was_given() -> None:
     answer = {**ANSWER, "usage": {**ANSWER["usage"], "cost": 0.00123}}
-    usage = complete(make(Recorder(ok(answer))))["usage"]
+    # a list price given is what the operator pays: it wins over the upstream's own figure
+    assert complete(make(Recorder(ok(answer))))["usage"]["cost"] == 0.00045
+    usage = complete(make(Recorder(ok(answer)), input_usd_per_mtok=0.0, output_usd_per_mtok=0.0))["usage"]
     assert usage["cost"] == 0.00123
     assert usage["cost_details"]["price_source"] == "upstream"
     assert usage["cost_details"]["input_usd"] is None and usage["cost_details"]["output_usd"] is None
