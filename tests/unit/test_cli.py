@@ -221,3 +221,36 @@ def test_the_connection_cap_stays_below_the_open_file_limit(started, monkeypatch
     assert "--max-connections 1000 lowered to 896" in capsys.readouterr().err
     monkeypatch.setattr(serve_cli.transport, "raise_open_files_limit", lambda: (65536, 65536))
     assert started("127.0.0.1", "--max-connections", "5000")["limits"].max_connections == 5000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["m1", "--cascade", "auto=m1,nope"], "--cascade auto: 'nope' is not a served model (served: m1)"),
+    (["m1", "--cascade", "auto=m1"], "needs a name and at least two models"),
+    (["m1", "m2", "--cascade", "m1=m1,m2"], "the name 'm1' is taken"),
+    (["m1", "--upstream", "up=ftp://x"], "must be http(s)://host"),
+    (["m1", "--upstream", "up=http://127.0.0.1:9/v1,key_env=LEANSERVE_TEST_NO_SUCH_KEY"],
+     "the environment variable LEANSERVE_TEST_NO_SUCH_KEY is not set"),
+    (["m1", "--upstream", "m1=http://127.0.0.1:9/v1"], "the name 'm1' is taken by another model"),
+    (["m1", "--upstream", "up=http://127.0.0.1:9/v1,retries=0,timeout=2"], "upstream up at http://127.0.0.1:9/v1 is "
+                                                                           "unreachable"),
+    (["m1", "m1"], "the model 'm1' is given twice"),
+    (["m1", "m2", "--served-model-name", "x"], "--served-model-name names one model"),
+    (["m1", "--cache-ttl", "5"], "need --response-cache"),
+    (["m1", "--cascade-threshold", "-1"], "need a --cascade"),
+])
+def test_bad_gateway_configuration_fails_at_start_up_with_one_line(started, capsys, argv, message):
+    """Checked before any model is pulled or loaded (the fake _serve is never reached)."""
+    assert main(["serve", "--no-ledger", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("leanserve: error: ") and message in err, err
+
+
+def test_several_models_and_the_gateway_flags_reach_serve(started):
+    seen = started("127.0.0.1", "m1", "m2", "--cascade", "auto=m1,m2", "--cascade-threshold", "-0.25",
+                   "--cascade-score", "min_logprob", "--response-cache", "--cache-ttl", "60", "--cache-path", "/tmp/x.db")
+    assert seen["models"] == ["m1", "m2"] and seen["config"].model == "m1"
+    setup = seen["setup"]
+    assert setup.names == ["m1", "m2"] and setup.upstreams == []
+    (c,) = setup.cascades
+    assert (c.name, c.models, c.threshold, c.score) == ("auto", ("m1", "m2"), -0.25, "min_logprob")
+    assert (str(setup.cache.path), setup.cache.ttl_s) == ("/tmp/x.db", 60.0)
