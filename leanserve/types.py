@@ -93,6 +93,9 @@ class SamplingParams:
     # prefix cache and get none (the first token never has one)
     prompt_logprobs: int | None = None
     prompt_logprobs_start: int = 0
+    # an embedding of the prompt (/v1/embeddings): the mean of its tokens' final hidden states, L2-
+    # normalized; every prompt token is computed (none from the prefix cache)
+    embed: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -205,6 +208,8 @@ class Request:
         p = self.sampling_params
         if p.prompt_logprobs is not None:
             limit = min(limit, max(p.prompt_logprobs_start, 1) - 1)
+        if p.embed:
+            limit = 0
         return limit
 
 
@@ -254,6 +259,8 @@ class StepOutput:
     accepted_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
     # request id -> (prompt index, logprob of that prompt token given the ones before it)
     prompt_logprobs: dict[str, list[tuple[int, TokenLogprob]]] = field(default_factory=dict)
+    # request id -> its prompt's embedding, in the step that computed the prompt's last token
+    embeddings: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -280,6 +287,7 @@ class RequestOutput:
     # speculative decoding, summed over the choices: draft tokens the target verified, and accepted
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    embedding: list[float] | None = None  # with SamplingParams.embed, once the prompt is computed
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -83,6 +83,7 @@ class _Sequence:
     acceptance: Acceptance = field(default_factory=Acceptance)  # how often its drafts stand (speculative decoding)
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    embedding: list[float] | None = None  # SamplingParams.embed: the prompt's, once computed
 
 
 @dataclass
@@ -131,7 +132,8 @@ class LLMEngine:
         n_params, n_bytes = model_size(loaded.model)
         self.info = ModelInfo(max_model_len=max_len, vocab_size=int(mcfg.vocab_size), kv_cache_tokens=capacity,
                               max_num_seqs=config.max_num_seqs, dtype=str(loaded.dtype).removeprefix("torch."),
-                              device=str(loaded.device), num_params=n_params, weight_bytes=n_bytes)
+                              device=str(loaded.device), num_params=n_params, weight_bytes=n_bytes,
+                              hidden_size=int(mcfg.hidden_size))
         self._groups: dict[str, _Group] = {}
         self._seqs: dict[str, _Sequence] = {}
         self._ids = itertools.count()
@@ -297,6 +299,8 @@ class LLMEngine:
             seq = self._seqs[rid]
             assert seq.prompt_logprobs is not None
             seq.prompt_logprobs.update(items)
+        for rid, vec in result.embeddings.items():
+            self._seqs[rid].embedding = vec
         self._count_spec(sched, result.accepted)
         updated = self.scheduler.update(sched, result.sampled, result.accepted)
         touched: dict[str, _Group] = {}
@@ -428,7 +432,8 @@ class LLMEngine:
             prompt_lps = [got.get(i) for i in range(len(g.prompt_token_ids))]
         return RequestOutput(g.request_id, g.prompt_token_ids, outs, cached, g.finished, g.error,
                              self.meter.charged(g.request_id), self.meter.charged_prefill(g.request_id), prompt_lps,
-                             sum(s.num_draft_tokens for s in g.seqs), sum(s.num_accepted_tokens for s in g.seqs))
+                             sum(s.num_draft_tokens for s in g.seqs), sum(s.num_accepted_tokens for s in g.seqs),
+                             g.seqs[0].embedding)
 
     # ---- stats -------------------------------------------------------------------------------
 

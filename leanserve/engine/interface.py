@@ -46,6 +46,7 @@ class ModelInfo:
     device: str  # "cpu", "cuda:0", ...
     num_params: int = 0  # of the weights, for achieved FLOP/s
     weight_bytes: int = 0  # bytes a step reads, for achieved bandwidth
+    hidden_size: int = 0  # the width of a prompt embedding (SamplingParams.embed)
 
 
 @dataclass

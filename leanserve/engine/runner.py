@@ -41,6 +41,7 @@ class ModelRunner:
         self.windows = set(cfg.layer_windows)
         self.sampler = Sampler(cfg.vocab_size, loaded.eos_token_ids)
         self.generators: dict[str, torch.Generator] = {}
+        self.pooled: dict[str, tuple[torch.Tensor, int]] = {}  # embedding requests: (sum of hidden rows, rows)
         self.workspace = GatherWorkspace()
 
     @torch.inference_mode()
@@ -52,8 +53,14 @@ class ModelRunner:
         sampling: list[tuple[Request, list[int]]] = []  # the requests that sample, with the drafts they verify
         # prompt logprobs: (flat row, request, prompt index of the token that row's logits predict)
         prompt_rows: list[tuple[int, Request, int]] = []
+        pool_rows: list[tuple[Request, int, int, bool]] = []  # embedding: (request, first flat row, rows, last chunk)
         for s in out.scheduled:
             r, start, n = s.request, s.request.num_computed_tokens, s.num_new_tokens
+            if r.sampling_params.embed and start < r.num_prompt_tokens:
+                k = min(n, r.num_prompt_tokens - start)
+                if start == 0:  # a first chunk, or a preempted request's recompute: start over
+                    self.pooled.pop(r.request_id, None)
+                pool_rows.append((r, len(input_ids), k, start + k == r.num_prompt_tokens))
             if r.sampling_params.prompt_logprobs is not None:
                 first = max(r.sampling_params.prompt_logprobs_start, 1)
                 base = len(input_ids) - start  # flat row of position q is base + q
@@ -74,6 +81,16 @@ class ModelRunner:
         pos_t = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
         hidden = self.model(ids_t, pos_t, meta, self.kv_caches)  # (num_tokens, hidden_size)
         result = StepOutput()
+        for r, lo, k, last in pool_rows:
+            part = hidden[lo:lo + k].float().sum(0)  # (hidden_size,)
+            acc, count = self.pooled.get(r.request_id, (0.0, 0))
+            acc, count = acc + part, count + k
+            if last:
+                self.pooled.pop(r.request_id, None)
+                mean = acc / count
+                result.embeddings[r.request_id] = (mean / mean.norm().clamp_min(1e-12)).tolist()
+            else:
+                self.pooled[r.request_id] = (acc, count)
         sample_logits = self._logits(hidden, prompt_rows, sample_rows, result)
         if not sampling:
             return result
@@ -163,8 +180,9 @@ class ModelRunner:
         return SamplingRow(p, r.prompt_token_ids, r.output_token_ids + drafts if drafts else r.output_token_ids, gen)
 
     def reset_request(self, request_id: str) -> None:
-        """A finished request's generator goes; a preempted one's restarts so recompute is exact."""
+        """A finished request's generator and pooled rows go; a preempted one's restart so recompute is exact."""
         self.generators.pop(request_id, None)
+        self.pooled.pop(request_id, None)
 
 
 def _token_slice(r: Request, start: int, n: int) -> list[int]:

@@ -41,6 +41,7 @@ from leanserve.cost.ledger import Ledger, LedgerRecord
 from leanserve.gateway import sse
 from leanserve.gateway.cache import ResponseCache, cache_key, cacheable
 from leanserve.gateway.confidence import DEFAULT_SCORE, get_score, token_logprobs
+from leanserve.gateway.semantic import SemanticIndex, normalize_text, semantic_group, semantic_text
 from leanserve.gateway.upstream import Upstream
 from leanserve.serve.errors import APIError
 from leanserve.serve.protocol import StreamOptions
@@ -74,6 +75,8 @@ class Call:
     request: Request  # the HTTP request (its API key, its disconnect)
     tags: Tags = NO_TAGS
     scope: str | None = None  # the caller's API key id: the response cache's scope
+    lookup_usd: float = 0.0  # what the semantic stage's embedding of this request cost (in its bill)
+    semantic: tuple[str, list[float]] | None = None  # (group, vector): stored beside the entry once answered
 
     def with_(self, *, model: str | None = None, stream: bool | None = None, logprobs: bool = False,
               tags: Tags | None = None) -> Call:
@@ -168,7 +171,8 @@ class Gateway:
     """Routes by model name; owns the response cache, the cascades and the receipts they write."""
 
     def __init__(self, backends: list[Backend], cascades: list[CascadeSpec] = (), cache: ResponseCache | None = None,
-                 ledger: Ledger | None = None) -> None:
+                 ledger: Ledger | None = None, semantic: SemanticIndex | None = None,
+                 embedder: str | None = None) -> None:
         self.backends: dict[str, Backend] = {}
         for b in backends:
             if b.name in self.backends:
@@ -190,8 +194,14 @@ class Gateway:
         self.default = next(iter(self.backends))
         self.cache = cache
         self.ledger = ledger
+        if semantic is not None and (cache is None or embedder not in self.backends
+                                     or not hasattr(self.backends[embedder], "embed")):
+            raise ValueError(f"the semantic cache needs the response cache and a local model to embed with "
+                             f"(got {embedder!r})")
+        self.semantic = semantic
+        self.embedder = embedder
         self.created = int(time.time())
-        self.lookups = {"hit": 0, "miss": 0, "bypass": 0, "off": 0}
+        self.lookups = {"hit": 0, "semantic_hit": 0, "miss": 0, "bypass": 0, "off": 0}
         self.routes: dict[tuple[str, str], int] = {}  # (route, answered by) -> requests
 
     # ---- names ---------------------------------------------------------------------------------
@@ -241,6 +251,11 @@ class Gateway:
             if entry is not None:
                 self.lookups["hit"] += 1
                 return await self._hit(name, call, scope, entry)
+            if self.semantic is not None:
+                call, hit = await self._semantic_lookup(name, call)
+                if hit is not None:
+                    self.lookups["semantic_hit"] += 1
+                    return hit
         self.lookups[verdict] += 1
         call = replace(call, tags=Tags(cache=verdict if self.cache is not None and verdict != "off" else None))
         headers = {CACHE_HEADER: verdict} if self.cache is not None else {}
@@ -251,7 +266,7 @@ class Gateway:
             chunks = backend.stream(call.with_(stream=True))
             return await self._stream_out(call, name, chunks, key, headers, None)
         resp = await backend.complete(call.with_(stream=False))
-        self._mark(resp, headers)
+        self._mark(resp, headers, call)
         await self._store(call, key, name, resp)
         return JSONResponse(resp, headers=headers)
 
@@ -268,32 +283,67 @@ class Gateway:
             return "off", None
         return "miss", cache_key(scope, name, call.endpoint, call.raw)
 
-    def _mark(self, resp: dict[str, Any], headers: dict[str, str]) -> None:
-        """With the cache on, every answer's cost_details says what the cache did (hit, miss, bypass, off)."""
-        if CACHE_HEADER in headers and resp.get("usage"):
-            resp["usage"].setdefault("cost_details", {})["cache"] = headers[CACHE_HEADER]
+    def _mark(self, resp: dict[str, Any], headers: dict[str, str], call: Call) -> None:
+        """With the cache on, every answer's cost_details says what the cache did (hit, miss, bypass, off),
+        and its cost includes the semantic stage's lookup, when there was one."""
+        usage = resp.get("usage")
+        if CACHE_HEADER in headers and usage:
+            details = usage.setdefault("cost_details", {})
+            details["cache"] = headers[CACHE_HEADER]
+            if call.semantic is not None:
+                details["lookup_usd"] = call.lookup_usd
+                usage["cost"] = float(usage.get("cost") or 0.0) + call.lookup_usd
+
+    async def _semantic_lookup(self, name: str, call: Call) -> tuple[Call, Response | None]:
+        """The second stage after an exact miss: embed the request's text (billed: its own ledger row,
+        its cost in this answer's), find the nearest stored text of the same group."""
+        assert self.semantic is not None and self.embedder is not None
+        grp = semantic_group(call.scope, name, call.endpoint, call.raw)
+        if grp is None:
+            return call, None
+        text = normalize_text(semantic_text(call.endpoint, call.raw) or "")
+        if not text:
+            return call, None
+        embedder = self.backends[self.embedder]
+        vectors, usage = await embedder.embed([text], call.request, Tags(cache="lookup"))  # type: ignore[attr-defined]
+        call = replace(call, lookup_usd=float(usage.get("cost") or 0.0), semantic=(grp, vectors[0]))
+        found = await asyncio.to_thread(self.semantic.search, grp, vectors[0])
+        if found is None:
+            return call, None
+        entry = await asyncio.to_thread(self.cache.get, found[0])  # type: ignore[union-attr]
+        if entry is None:  # expired or evicted since: forget its vector
+            await asyncio.to_thread(self.semantic.drop, grp, found[0])
+            return call, None
+        return call, await self._hit(name, call, call.scope, entry, similarity=found[1])
 
     async def _store(self, call: Call, key: str | None, name: str, resp: dict[str, Any]) -> None:
         if key is None or self.cache is None:
             return
         try:
-            await asyncio.to_thread(self.cache.put, key, name, resp, _cost(resp), scope=call.scope)
+            stored = await asyncio.to_thread(self.cache.put, key, name, resp, _cost(resp) - call.lookup_usd,
+                                             scope=call.scope)
+            if stored and call.semantic is not None and self.semantic is not None:
+                await asyncio.to_thread(self.semantic.add, call.semantic[0], key, call.semantic[1])
         except Exception as e:  # noqa: BLE001 - a full disk must not fail an answered request
             log.warning("could not store a response in the cache: %s", e)
 
     # ---- cache hits ----------------------------------------------------------------------------
 
-    async def _hit(self, name: str, call: Call, scope: str | None, entry: Any) -> Response:
-        """Answer from the cache: the stored response under a new id, $0, its receipt the first answer's cost."""
+    async def _hit(self, name: str, call: Call, scope: str | None, entry: Any, similarity: float | None = None) -> Response:
+        """Answer from the cache: the stored response under a new id, $0 (a semantic hit: what its
+        lookup's embedding cost), its receipt the first answer's cost."""
         resp = _copy(entry.response)
         rid = f"{'chatcmpl' if call.endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         first_id = resp.get("id")
         resp["id"], resp["created"] = rid, int(time.time())
         usage = resp.setdefault("usage", {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
-        usage["cost"] = 0.0
-        usage["cost_details"] = {"machine_seconds": 0.0, "input_usd": 0.0, "output_usd": 0.0, "cache": "hit",
+        verdict = "hit" if similarity is None else "semantic-hit"
+        usage["cost"] = call.lookup_usd
+        usage["cost_details"] = {"machine_seconds": 0.0, "input_usd": 0.0, "output_usd": 0.0, "cache": verdict,
                                  "cached_response_id": first_id, "cached_at": entry.created,
                                  **receipt(response_cache=entry.cost_usd)}
+        if similarity is not None:
+            usage["cost_details"].update(similarity=similarity, lookup_usd=call.lookup_usd)
         usage.pop("completion_tokens_details", None)
         rec = LedgerRecord(id=rid, ts=time.time(), key_id=scope, model=name,
                            prompt_tokens=int(usage.get("prompt_tokens") or 0),
@@ -303,7 +353,7 @@ class Gateway:
                            cache="hit", route=name if name in self.cascades else None,
                            saved_cache_usd=entry.cost_usd)
         await self.record(self.book(name), rec)
-        headers = {CACHE_HEADER: "hit"}
+        headers = {CACHE_HEADER: verdict}
         if not call.body.stream:
             return JSONResponse(resp, headers=headers)
         chunks = sse.replay(call.endpoint, resp, include_usage=call.body.include_usage)
@@ -348,7 +398,7 @@ class Gateway:
                         break
                     usage = chunk.get("usage")
                     if usage:
-                        self._mark(chunk, headers)
+                        self._mark(chunk, headers, call)
                         if on_usage is not None:
                             on_usage(chunk)
                     seen.append(chunk)
@@ -412,7 +462,7 @@ class Gateway:
                                           {**headers, ROUTE_HEADER: _route_header(attempts)}, on_usage)
         resp = await backend.complete(final_call.with_(stream=False))
         self._settle_route(route, resp, attempts, spent, saved, last_backend=last)
-        self._mark(resp, headers)
+        self._mark(resp, headers, call)
         await self._store(call, key, route.name, resp)
         return JSONResponse(resp, headers={**headers, ROUTE_HEADER: _route_header(attempts)})
 
@@ -434,7 +484,7 @@ class Gateway:
         details = usage.setdefault("cost_details", {})
         details.update(receipt(**saved))
         usage["cost"] = spent
-        self._mark(resp, headers)
+        self._mark(resp, headers, call)
         self.routes[(route.name, answered)] = self.routes.get((route.name, answered), 0) + 1
         await self._store(call, key, route.name, resp)
         headers = {**headers, ROUTE_HEADER: _route_header(attempts)}
@@ -486,6 +536,8 @@ class Gateway:
                                "window": {"window_seconds": window, **total_w.figures()}}
         if self.cache is not None:
             out["response_cache"] = {**self.cache.stats(), "lookups": dict(self.lookups)}
+            if self.semantic is not None:
+                out["response_cache"]["semantic"] = {"model": self.embedder, **self.semantic.stats()}
         return out
 
     def collector(self) -> Collector:

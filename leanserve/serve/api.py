@@ -13,10 +13,12 @@ row; the handler settles that bill once, for ``usage.cost``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import logging
 import math
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -29,7 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import leanserve
 from leanserve.cost.basis import PriceBasis, resolve_price_basis
-from leanserve.cost.billing import Billing, RequestMeta
+from leanserve.cost.billing import Billing, RequestMeta, receipt
 from leanserve.cost.ledger import Ledger, key_id
 from leanserve.cost.meter import HISTORY_SECONDS
 from leanserve.gateway import sse
@@ -41,8 +43,8 @@ from leanserve.serve.auth import APIKeyAuth, _bearer
 from leanserve.serve.errors import APIError, from_value_error, install_error_handlers, invalid
 from leanserve.serve.metrics import CONTENT_TYPE, ServerMetrics
 from leanserve.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                                      CompletionResponse, ErrorResponse, ModelCard, ModelList, TokenizeRequest,
-                                      TokenizeResponse)
+                                      CompletionResponse, EmbeddingRequest, ErrorResponse, ModelCard, ModelList,
+                                      TokenizeRequest, TokenizeResponse)
 from leanserve.tokenizer import ChatTemplateError
 from leanserve.types import Priority, RequestOutput, SamplingParams
 
@@ -237,17 +239,7 @@ class OpenAIServer:
         meta = dataclasses.replace(meta, cache=tags.cache, route=tags.route)
         if self.billing.stores_text:
             meta = dataclasses.replace(meta, prompt_text=await asyncio.to_thread(self.tokenizer.decode, ids))
-        try:
-            stream = self.engine.add_request(rid, ids, params, priority, timeout=self.settings.request_timeout,
-                                             meta=meta, tenant=tenant)
-        except QueueFullError as e:
-            self.metrics.failure("rejected")
-            raise APIError(429, str(e), code="queue_full",
-                           headers={"Retry-After": str(math.ceil(e.retry_after))}) from None
-        except EngineDeadError as e:
-            raise APIError(503, f"{e}; the server is shutting down or failed", code="engine_dead") from None
-        except ValueError as e:
-            raise from_value_error(e) from None
+        stream = self._add(rid, ids, params, priority, meta, tenant)
         created = int(time.time())
         if body.stream:
             gen = self._stream(rid, created, stream, body, chat)
@@ -267,6 +259,69 @@ class OpenAIServer:
                 self.tokenizer.decode, ids, skip_special_tokens=False)
         return JSONResponse(R.completion_response(rid, created, self.model, out, self.token_text, cost, echo,
                                                   prompt_logprobs=body.prompt_logprobs is not None))
+
+    def _add(self, rid: str, ids: list[int], params: SamplingParams, priority: Priority, meta: RequestMeta,
+             tenant: str | None) -> RequestStream:
+        """Admit a request to the engine; the refusals as HTTP errors."""
+        try:
+            return self.engine.add_request(rid, ids, params, priority, timeout=self.settings.request_timeout,
+                                           meta=meta, tenant=tenant)
+        except QueueFullError as e:
+            self.metrics.failure("rejected")
+            raise APIError(429, str(e), code="queue_full",
+                           headers={"Retry-After": str(math.ceil(e.retry_after))}) from None
+        except EngineDeadError as e:
+            raise APIError(503, f"{e}; the server is shutting down or failed", code="engine_dead") from None
+        except ValueError as e:
+            raise from_value_error(e) from None
+
+    async def embed(self, inputs: list[str | list[int]], request: Request, tags: Tags = NO_TAGS,
+                    param: str = "input") -> tuple[list[list[float]], dict[str, Any]]:
+        """Each input's embedding (the mean of its prompt's final hidden states, L2-normalized; one
+        engine request each, billed like any other) and the summed ``usage`` of them all."""
+        ids_list: list[list[int]] = []
+        for item in inputs:
+            if isinstance(item, str):
+                self.check_chars(len(item), param)
+                ids = await self.tokenize(lambda t=item: self.tokenizer.encode(t), param)
+            else:
+                bad = next((t for t in item if t >= self.vocab_size), None)
+                if bad is not None:
+                    raise invalid(f"{param}: token id {bad} is out of range (the vocabulary has {self.vocab_size} "
+                                  "tokens)", param, "invalid_value")
+                ids = item
+            if not ids:
+                raise invalid(f"{param}: an input is empty", param, "invalid_value")
+            self.check_length(len(ids), 1, param)
+            ids_list.append(ids)
+        params = SamplingParams(max_tokens=1, temperature=0.0, embed=True)
+        meta, tenant = self.request_meta(request)
+        meta = dataclasses.replace(meta, cache=tags.cache, route=tags.route)
+        streams: list[tuple[str, RequestStream]] = []
+        try:
+            for ids in ids_list:
+                rid = f"embd-{uuid.uuid4().hex}"
+                streams.append((rid, self._add(rid, ids, params, Priority.INTERACTIVE, meta, tenant)))
+            results = await asyncio.gather(*(self._collect(rid, st, request) for rid, st in streams),
+                                           return_exceptions=True)
+        finally:
+            for rid, _ in streams:
+                self.engine.abort(rid)  # no-op once finished
+        bills = [await self.billing.settle(st.receipt) for _, st in streams]
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            raise failed
+        outs: list[RequestOutput] = results  # type: ignore[assignment]
+        details = [b.get("cost_details", {}) for b in bills]
+        prompt_tokens = sum(o.num_prompt_tokens for o in outs)
+        usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens,
+                 "cost": math.fsum(b.get("cost", 0.0) for b in bills),
+                 "cost_details": {"machine_seconds": math.fsum(d.get("machine_seconds", 0.0) for d in details),
+                                  "input_usd": math.fsum(d.get("input_usd", 0.0) for d in details),
+                                  "output_usd": math.fsum(d.get("output_usd", 0.0) for d in details),
+                                  "price_per_hour": self.billing.basis.price_per_hour,
+                                  "hardware": self.billing.basis.hardware.name, **receipt()}}
+        return [o.embedding or [] for o in outs], usage
 
     def _error_for(self, e: BaseException) -> APIError:
         if isinstance(e, RequestTimeoutError):
@@ -412,6 +467,11 @@ class LocalModel:
         rates = self.book.usd_per_token()
         return None if rates is None else prompt_tokens * rates[0] + completion_tokens * rates[1]
 
+    async def embed(self, texts: list[str | list[int]], request: Request,
+                    tags: Tags = NO_TAGS) -> tuple[list[list[float]], dict[str, Any]]:
+        """Embeddings for the gateway's semantic cache stage (billed like /v1/embeddings)."""
+        return await self.server.embed(texts, request, tags)
+
     async def _respond(self, call: Call) -> Response:
         if call.endpoint == "chat":
             return await self.server.chat_completions(call.body, call.request, call.tags)
@@ -436,7 +496,8 @@ class LocalModel:
 
 def build_app(engines: AsyncEngine | dict[str, AsyncEngine], settings: ServerSettings,
               on_ready: Callable[[], None] | None = None, upstreams: list[Backend] = (),
-              cascades: list[Any] = (), cache: Any = None) -> FastAPI:
+              cascades: list[Any] = (), cache: Any = None, semantic: Any = None,
+              semantic_model: str | None = None) -> FastAPI:
     """The app over one engine or several (name -> engine), upstream backends, cascades and a response
     cache (gateway/); its lifespan starts the engine threads (if not started) and stops them at shutdown."""
     if not isinstance(engines, dict):
@@ -444,7 +505,7 @@ def build_app(engines: AsyncEngine | dict[str, AsyncEngine], settings: ServerSet
     server_metrics = ServerMetrics()
     servers = {name: OpenAIServer(e, settings, server_metrics, name) for name, e in engines.items()}
     gateway = Gateway([*(LocalModel(s) for s in servers.values()), *upstreams], list(cascades), cache,
-                      settings.ledger)
+                      settings.ledger, semantic, semantic_model)
     for b in upstreams:
         b.gateway_record = gateway.record  # type: ignore[attr-defined]
         server_metrics.add_model(b.name, None, b.book)
@@ -465,15 +526,17 @@ def build_app(engines: AsyncEngine | dict[str, AsyncEngine], settings: ServerSet
             engine.shutdown()
         for b in upstreams:
             await b.upstream.aclose()  # type: ignore[attr-defined]
+        if semantic is not None:
+            semantic.close()
         if cache is not None:
             cache.close()
         if settings.ledger is not None:
             settings.ledger.close()
 
-    def local(model: str | None) -> OpenAIServer:
+    def local(model: str | None, path: str = "/tokenize") -> OpenAIServer:
         name = gateway.resolve(model)
         if name not in servers:
-            raise APIError(400, f"{name!r} is not a local model: /tokenize needs one of {', '.join(map(repr, servers))}",
+            raise APIError(400, f"{name!r} is not a local model: {path} needs one of {', '.join(map(repr, servers))}",
                            param="model", code="invalid_value")
         return servers[name]
 
@@ -542,6 +605,23 @@ def build_app(engines: AsyncEngine | dict[str, AsyncEngine], settings: ServerSet
                          **_error_responses(400, 401, 404, 429, 500, 504)})
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
         return await gateway.handle("chat", body, request)
+
+    @app.post("/v1/embeddings", tags=["openai"], dependencies=secured,
+              responses={200: {"description": "one embedding per input, and the usage with its cost"},
+                         **_error_responses(400, 401, 404, 429, 500, 504)},
+              summary="embeddings of texts or token ids from a local model (mean of the final hidden states)")
+    async def create_embedding(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
+        server = local(body.model, "/v1/embeddings")
+        width = server.engine.engine.info.hidden_size
+        if body.dimensions is not None and body.dimensions != width:
+            raise invalid(f"dimensions: {server.model} gives {width}-dimensional embeddings, which cannot be "
+                          f"shortened (got dimensions={body.dimensions})", "dimensions", "invalid_value")
+        vectors, usage = await server.embed(body.inputs, request)
+        data = [{"object": "embedding", "index": i,
+                 "embedding": v if body.encoding_format == "float"
+                 else base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode("ascii")}
+                for i, v in enumerate(vectors)]
+        return {"object": "list", "data": data, "model": server.model, "usage": usage}
 
     @app.post("/tokenize", tags=["openai"], dependencies=secured, response_model=TokenizeResponse,
               responses=_error_responses(400, 401, 404), summary="token ids of a prompt or conversation (vLLM's shape)")

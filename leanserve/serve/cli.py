@@ -69,6 +69,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     help="the cache's size cap, least recently used entries go first (default 256MiB)")
     gw.add_argument("--cache-path", type=Path, default=None, metavar="PATH",
                     help="the cache's SQLite file (default: $LEANSERVE_HOME/response_cache.sqlite)")
+    gw.add_argument("--semantic-cache", default=None, metavar="MODEL",
+                    help="with --response-cache: after an exact miss, match the request's text by its embedding "
+                         "from MODEL (a served local model; /v1/embeddings' vectors)")
+    gw.add_argument("--semantic-threshold", type=float, default=None, metavar="COS",
+                    help="the cosine similarity a stored text must reach (default: the measured one in "
+                         "docs/gateway.md)")
     g = p.add_argument_group("server")
     g.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}; 0.0.0.0 for all)")
     g.add_argument("--port", type=port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free port)")
@@ -219,6 +225,8 @@ class GatewaySetup:
     upstreams: list[Any]  # gateway.upstream.Upstream
     cascades: list[Any]  # gateway.router.CascadeSpec
     cache: Any  # gateway.cache.CacheConfig or None
+    semantic_model: str | None = None  # the local model that embeds for the semantic stage
+    semantic_threshold: float | None = None
 
 
 def _gateway_config(args: argparse.Namespace, models: list[str]) -> GatewaySetup:
@@ -268,8 +276,14 @@ def _gateway_config(args: argparse.Namespace, models: list[str]) -> GatewaySetup
                                    if v is not None})
         except ValueError as e:
             raise CLIError(f"--response-cache: {e}") from None
-    elif any(v is not None for v in (args.cache_ttl, args.cache_max_bytes, args.cache_path)):
-        raise CLIError("--cache-ttl, --cache-max-bytes and --cache-path need --response-cache")
+    elif any(v is not None for v in (args.cache_ttl, args.cache_max_bytes, args.cache_path, args.semantic_cache)):
+        raise CLIError("--cache-ttl, --cache-max-bytes, --cache-path and --semantic-cache need --response-cache")
+    if args.semantic_cache is None and args.semantic_threshold is not None:
+        raise CLIError("--semantic-threshold needs --semantic-cache")
+    if args.semantic_cache is not None and args.semantic_cache not in names:
+        raise CLIError(f"--semantic-cache {args.semantic_cache!r} is not a served local model (local: {', '.join(names)})")
+    if args.semantic_threshold is not None and not -1.0 <= args.semantic_threshold <= 1.0:
+        raise CLIError(f"--semantic-threshold is a cosine similarity in [-1, 1], got {args.semantic_threshold}")
 
     async def check_all() -> None:
         await asyncio.gather(*(u.check() for u in upstreams))
@@ -279,7 +293,7 @@ def _gateway_config(args: argparse.Namespace, models: list[str]) -> GatewaySetup
             asyncio.run(check_all())
         except UpstreamError as e:
             raise CLIError(str(e)) from None
-    return GatewaySetup(names, upstreams, cascades, cache)
+    return GatewaySetup(names, upstreams, cascades, cache, args.semantic_cache, args.semantic_threshold)
 
 
 def _open_cache(config: Any) -> Any:
@@ -305,6 +319,13 @@ def _serve(args: argparse.Namespace, config: EngineConfig, models: list[str], se
     from leanserve.serve.api import ServerSettings, build_app
 
     cache = _open_cache(setup.cache) if setup.cache is not None else None
+    semantic = None
+    if setup.semantic_model is not None:
+        from leanserve.gateway.semantic import DEFAULT_THRESHOLD as SEMANTIC_THRESHOLD
+        from leanserve.gateway.semantic import SemanticIndex
+
+        threshold = SEMANTIC_THRESHOLD if setup.semantic_threshold is None else setup.semantic_threshold
+        semantic = SemanticIndex(setup.cache.path, threshold)
     engines: dict[str, AsyncEngine] = {}
     for model, name in zip(models, setup.names):
         ensure_model(model)
@@ -340,14 +361,17 @@ def _serve(args: argparse.Namespace, config: EngineConfig, models: list[str], se
             print(f"leanserve: route {c.name}: cascade {' -> '.join(c.models)}, accept when {c.score} >= "
                   f"{c.threshold:g}", flush=True)
         if cache is not None:
+            sem = (f"; semantic stage: {setup.semantic_model} embeddings, cosine >= {semantic.threshold:g}"
+                   if semantic is not None else "")
             print(f"leanserve: response cache {cache.config.path} (ttl {cache.config.ttl_s:g} s, cap "
-                  f"{cache.config.max_bytes:,} bytes)", flush=True)
+                  f"{cache.config.max_bytes:,} bytes{sem})", flush=True)
         where = f"ledger {ledger.path}" + (" (with text)" if ledger.store_text else "") if ledger else "no ledger"
         print(f"leanserve: {basis.describe()}; {where}; GET /v1/cost", flush=True)
 
     upstreams = [UpstreamModel(u) for u in setup.upstreams]
     try:
-        app = build_app(engines, settings, on_ready=ready, upstreams=upstreams, cascades=setup.cascades, cache=cache)
+        app = build_app(engines, settings, on_ready=ready, upstreams=upstreams, cascades=setup.cascades, cache=cache,
+                        semantic=semantic, semantic_model=setup.semantic_model)
     except ValueError as e:
         raise CLIError(str(e)) from None
     server = uvicorn.Server(transport.uvicorn_config(app, limits, log_level=args.log_level, access_log=args.access_log,

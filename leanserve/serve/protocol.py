@@ -342,6 +342,56 @@ class TokenizeRequest(BaseModel):
         return self
 
 
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on inputs per request
+
+
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings: one vector per input, the mean of the prompt's final hidden states (L2-normalized)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, max_length=MAX_MODEL_NAME_CHARS)
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="a text, texts, token ids, or lists of token ids (at most 2048 inputs)")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="float: a list of numbers; base64: little-endian float32 bytes, base64-encoded")
+    dimensions: int | None = Field(None, ge=1, description="must equal the model's hidden size if given (the "
+                                                           "vectors are not truncatable)")
+    user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_unicode(cls, v: Any) -> Any:
+        bad = _bad_unicode(v)
+        if bad is not None:
+            raise ValueError(f"input: the text at {bad} is not valid Unicode")
+        return v
+
+    @property
+    def inputs(self) -> list[str | list[int]]:
+        """The inputs as a list: texts or token-id lists."""
+        x = self.input
+        if isinstance(x, str):
+            return [x]
+        if x and all(isinstance(t, int) for t in x):
+            return [list(x)]  # type: ignore[arg-type]
+        return list(x)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _check(self) -> "EmbeddingRequest":
+        items = self.inputs
+        if not items:
+            raise ValueError("input: give at least one input")
+        if len(items) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"input: at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(items)}")
+        for i, item in enumerate(items):
+            if len(item) == 0:
+                raise ValueError(f"input: input {i} is empty")
+            if isinstance(item, list) and any(t < 0 for t in item):
+                raise ValueError(f"input: input {i} has a negative token id")
+        return self
+
+
 class TokenizeResponse(BaseModel):
     tokens: list[int]
     count: int

@@ -66,7 +66,9 @@ def test_every_response_carries_its_cost(server):
     body = complete(server, "The cheapest way to serve a model is")
     usd, cost = body["usage"]["cost"], body["usage"]["cost_details"]
     assert isinstance(usd, float)  # OpenRouter's usage.cost, as LiteLLM and other clients read it
-    assert set(cost) == {"machine_seconds", "input_usd", "output_usd", "price_per_hour", "hardware"}
+    assert set(cost) == {"machine_seconds", "input_usd", "output_usd", "price_per_hour", "hardware", "saved_usd", "saved"}
+    # a new prompt: nothing cached, nothing saved
+    assert cost["saved"] == {"prefix_cache": 0.0, "response_cache": 0.0, "routing": 0.0} and cost["saved_usd"] == 0.0
     assert cost["price_per_hour"] == PRICE and cost["hardware"]
     assert cost["machine_seconds"] > 0
     assert usd == pytest.approx(cost["machine_seconds"] * PRICE / 3600)
