@@ -11,7 +11,7 @@ then the model's embedding, as /v1/embeddings gives it) and reports, for a range
 * hit rate on light rewordings (one small word dropped, "What" <-> "Which"): what the embedding adds
   beyond normalization (these are near-misses by design; a hit here may or may not be right).
 
-    .venv/bin/python benchmarks/semantic_cache.py [--model smollm2-135m] [--limit 3000] [--json OUT]
+    .venv/bin/python benchmarks/semantic_cache.py [--model smollm2-135m] [--limit 3000] [--variants-of 1000]
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--limit", type=int, default=3000)
+    ap.add_argument("--variants-of", type=int, default=1000, metavar="N",
+                    help="make the repeats and rewordings of the first N distinct questions (default 1000)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -87,11 +89,12 @@ def main() -> None:
     sims = base @ base.T
     np.fill_diagonal(sims, -1.0)
     nearest = sims.max(1)
-    var = [v for p in distinct for v in trivial_variants(p)]
-    var_owner = [i for i, p in enumerate(distinct) for _ in trivial_variants(p)]
+    some = distinct[:args.variants_of]
+    var = [v for p in some for v in trivial_variants(p)]
+    var_owner = [i for i, p in enumerate(some) for _ in trivial_variants(p)]
     var_sims = (embed(llm, var) * base[var_owner]).sum(1)
-    rew = [v for p in distinct for v in rewordings(p)]
-    rew_owner = [i for i, p in enumerate(distinct) for _ in rewordings(p)]
+    rew = [v for p in some for v in rewordings(p)]
+    rew_owner = [i for i, p in enumerate(some) for _ in rewordings(p)]
     rew_sims = (embed(llm, rew) * base[rew_owner]).sum(1) if rew else np.zeros(0)
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

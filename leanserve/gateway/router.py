@@ -339,7 +339,8 @@ class Gateway:
         usage = resp.setdefault("usage", {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
         verdict = "hit" if similarity is None else "semantic-hit"
         usage["cost"] = call.lookup_usd
-        usage["cost_details"] = {"machine_seconds": 0.0, "input_usd": 0.0, "output_usd": 0.0, "cache": verdict,
+        usage["cost_details"] = {"machine_seconds": 0.0, "input_usd": 0.0, "output_usd": 0.0, "price_per_hour": 0.0,
+                                 "hardware": "response-cache", "cache": verdict,
                                  "cached_response_id": first_id, "cached_at": entry.created,
                                  **receipt(response_cache=entry.cost_usd)}
         if similarity is not None:
