@@ -30,7 +30,7 @@ from leanserve.eval.tasks import load_triviaqa
 from leanserve.gateway.semantic import DEFAULT_THRESHOLD, normalize_text
 from leanserve.types import SamplingParams
 
-THRESHOLDS = (0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
+THRESHOLDS = (0.97, 0.98, 0.99, 0.995, 0.999, 0.9995, 0.9999)
 EMBED = SamplingParams(max_tokens=1, temperature=0.0, embed=True)
 
 

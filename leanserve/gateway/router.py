@@ -52,6 +52,8 @@ CACHE_HEADER = "x-leanserve-cache"
 ROUTE_HEADER = "x-leanserve-route"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 LEDGER_WAIT_S = 5.0
+# a cascade's early model refusing for a reason of its own (a larger model may not): ask the next
+ESCALATE_CODES = frozenset({"context_length_exceeded", "chat_template_missing"})
 
 
 @dataclass(frozen=True)
@@ -433,7 +435,7 @@ class Gateway:
             try:
                 resp = await backend.complete(call.with_(model=name, stream=False, logprobs=True, tags=tags))
             except APIError as e:
-                if e.status < 500 and e.status not in (404, 408, 429):
+                if e.status < 500 and e.status not in (408, 429) and e.code not in ESCALATE_CODES:
                     raise  # the request itself is wrong: the next model would refuse it too
                 attempts.append({"model": name, "error": e.message, "accepted": False, "cost": 0.0})
                 continue

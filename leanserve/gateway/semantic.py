@@ -34,7 +34,8 @@ import numpy as np
 
 from leanserve.gateway.cache import KEY_VERSION, normalize
 
-DEFAULT_THRESHOLD = 0.99
+DEFAULT_THRESHOLD = 0.9995
+PRUNE_MIN = 1024  # vectors before the first pruning pass; then whenever they double
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS semantic (
@@ -47,9 +48,15 @@ CREATE INDEX IF NOT EXISTS semantic_grp ON semantic (grp);
 
 
 def normalize_text(text: str) -> str:
-    """What is embedded: case-folded, punctuation and symbols dropped, whitespace collapsed."""
-    kept = "".join(" " if unicodedata.category(c)[0] in "PSZ" or c.isspace() else c for c in text.casefold())
-    return " ".join(kept.split())
+    """What is embedded: case-folded, punctuation deleted (so "who's" and "whos", "Jean-Paul" and
+    "JeanPaul" are one text), symbols and whitespace runs made one space."""
+    out = []
+    for c in text.casefold():
+        cat = unicodedata.category(c)[0]
+        if cat == "P":
+            continue
+        out.append(" " if cat in "SZ" or c.isspace() else c)
+    return " ".join("".join(out).split())
 
 
 def semantic_text(endpoint: str, body: dict[str, Any]) -> str | None:
@@ -97,10 +104,28 @@ class SemanticIndex:
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.executescript(_SCHEMA)
         self._groups: dict[str, tuple[list[str], np.ndarray]] = {}
-        for key, grp, blob in self._conn.execute("SELECT key, grp, vector FROM semantic"):
-            self._append(grp, key, np.frombuffer(blob, dtype=np.float32))
+        self._load()
+        self._next_prune = max(2 * self._count(), PRUNE_MIN)
         self.searches = 0
         self.found = 0
+
+    def _load(self) -> None:
+        self._groups = {}
+        for key, grp, blob in self._conn.execute("SELECT key, grp, vector FROM semantic"):
+            self._append(grp, key, np.frombuffer(blob, dtype=np.float32))
+
+    def _count(self) -> int:
+        return sum(len(k) for k, _ in self._groups.values())
+
+    def _prune(self) -> None:
+        """Drop the vectors whose entries expired or were evicted (under the lock): without this, a
+        cache that turns over would keep every vector it ever stored."""
+        has_entries = self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'entries'")
+        if has_entries.fetchone() is not None:
+            with self._conn:
+                self._conn.execute("DELETE FROM semantic WHERE key NOT IN (SELECT key FROM entries)")
+            self._load()
+        self._next_prune = max(2 * self._count(), PRUNE_MIN)
 
     def _append(self, grp: str, key: str, vec: np.ndarray) -> None:
         keys, mat = self._groups.get(grp, ([], np.zeros((0, vec.shape[0]), dtype=np.float32)))
@@ -132,6 +157,8 @@ class SemanticIndex:
             self._append(grp, key, v)
             with self._conn:
                 self._conn.execute("INSERT OR REPLACE INTO semantic VALUES (?, ?, ?)", (key, grp, v.tobytes()))
+            if self._count() >= self._next_prune:
+                self._prune()
 
     def drop(self, grp: str, key: str) -> None:
         """Forget a vector whose entry is gone (expired or evicted)."""

@@ -15,7 +15,8 @@ def unit(*xs: float) -> list[float]:
 
 def test_normalize_text_folds_case_punctuation_and_whitespace():
     assert normalize_text("  Who WROTE   Hamlet?\nAnswer: ") == "who wrote hamlet answer"
-    assert normalize_text("Straße, naïve — café!") == "strasse naïve café"
+    assert normalize_text("Who's Jean-Paul?") == normalize_text("whos JeanPaul") == "whos jeanpaul"
+    assert normalize_text("Straße, naïve — café! 3+4") == "strasse naïve café 3 4"
     assert normalize_text("?!...") == ""
 
 
@@ -66,3 +67,21 @@ def test_index_finds_the_nearest_vector_above_the_threshold_and_persists(tmp_pat
     assert again.stats()["vectors"] == 2
     with pytest.raises(ValueError, match="cosine similarity"):
         SemanticIndex(path, threshold=1.5)
+
+
+def test_vectors_of_entries_gone_from_the_cache_are_pruned(tmp_path, monkeypatch):
+    from leanserve.gateway import semantic
+    from leanserve.gateway.cache import CacheConfig, ResponseCache
+
+    monkeypatch.setattr(semantic, "PRUNE_MIN", 4)
+    path = tmp_path / "cache.sqlite"
+    cache = ResponseCache(CacheConfig(path))
+    idx = SemanticIndex(path, threshold=0.9)
+    cache.put("k0", "m", {"id": "a"}, 0.1)
+    cache.put("k1", "m", {"id": "b"}, 0.1)
+    for i in range(3):
+        idx.add("g", f"k{i}", unit(1, i, 0))
+    assert idx.stats()["vectors"] == 3  # below the first pass
+    idx.add("g", "k3", unit(0, 0, 1))  # the 4th: a pass keeps only k0 and k1, whose entries exist
+    assert idx.stats()["vectors"] == 2
+    assert idx.search("g", unit(0, 0, 1)) is None and idx.search("g", unit(1, 0, 0))[0] == "k0"
