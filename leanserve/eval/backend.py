@@ -5,7 +5,8 @@ Every task reduces to these three calls, so the scoring code is one path for eve
     tokenize(text)                     the model's token ids (BOS as the model adds it, if asked)
     score([ScoreRequest(ids, start)])  log p(ids[i] | ids[:i]) for i in [start, len(ids)), and
                                        whether each of those tokens was the argmax (greedy)
-    generate([GenerateRequest(...)])   greedy text, cut at the first stop string
+    generate([GenerateRequest(...)])   greedy text, cut at the first stop string, with the log-probability
+                                       of each generated token and what that one request cost
 
 Two backends implement it: `InProcessBackend` (the engine in this process, with its options) and
 `ServerBackend` (any OpenAI-compatible server: prompt logprobs through ``echo`` + ``logprobs`` on
@@ -47,6 +48,18 @@ class GenerateRequest:
     stop: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Generation:
+    """One greedy answer: its text, the log-probability of each token the model chose (in order,
+    the end-of-sequence token too when one ended it: what a server returns as
+    ``choices[0].logprobs.token_logprobs``), and what this request alone cost."""
+
+    text: str
+    token_logprobs: tuple[float, ...]  # natural log; () when the backend returned none
+    usd: float | None = None  # None: unknown (a server that reports no usage.cost)
+    machine_seconds: float | None = None  # None: unknown
+
+
 @dataclass
 class CostTally:
     """What the backend's calls cost so far, from the engine's meter or the server's ``usage.cost``."""
@@ -74,7 +87,7 @@ class EvalBackend(Protocol):
 
     def score(self, requests: list[ScoreRequest]) -> list[Score]: ...
 
-    def generate(self, requests: list[GenerateRequest]) -> list[str]: ...
+    def generate(self, requests: list[GenerateRequest]) -> list[Generation]: ...
 
     def cost(self) -> CostTally: ...  # cumulative since the backend was made
 

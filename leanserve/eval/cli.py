@@ -3,6 +3,7 @@
     leanserve eval [--model NAME|PATH ENGINE FLAGS | --base-url URL] --tasks arc_easy,wikitext2 [options]
     leanserve eval compare A.json B.json [--json]
     leanserve eval report A.json B.json ... --html report.html
+    leanserve eval cascade SMALL.json LARGE.json [--task T] [--target 0.95] [--score NAME] [--json]
 
 ``leanserve/cli.py`` adds the command through :func:`add_parser`. Every user error is one line,
 ``leanserve: error: ...``, exit code 2. The backends are imported only when a run needs one
@@ -21,6 +22,7 @@ from leanserve.argtypes import add_config_args, config_kwargs, nonneg_float, pos
 from leanserve.cli_common import CLIError, engine_config, ensure_model
 from leanserve.config import EngineConfig
 from leanserve.eval.tasks import BUILTIN_TASKS, EvalOptions, Selection, TaskError, resolve_tasks
+from leanserve.gateway.confidence import DEFAULT_SCORE, SCORES
 
 EPILOG = "Full guide: docs/eval.md."
 
@@ -53,12 +55,13 @@ def _task_names(text: str) -> list[str]:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``eval`` (with ``compare`` and ``report``) to the top-level CLI's subparsers."""
+    """Add ``eval`` (with ``compare``, ``report`` and ``cascade``) to the top-level CLI's subparsers."""
     p = subparsers.add_parser(
         "eval", help="measure quality beside cost: perplexity and task accuracy, in-process or over HTTP",
         description="Run evaluation tasks on a model in this process (--model and the engine flags) or on any "
                     "OpenAI-compatible server (--base-url), and report each task's metrics with its cost: $ and "
-                    "machine-seconds per 1,000 items, $/Mtok, items/s.", epilog=EPILOG)
+                    "machine-seconds per 1,000 items, $/Mtok, items/s.", epilog=EPILOG,
+        allow_abbrev=False)  # else `eval cascade --task` would be an ambiguous abbreviation of --tasks here
     configure_parser(p)
     return p
 
@@ -106,7 +109,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_eval)
 
-    sub = p.add_subparsers(dest="eval_command", metavar="{compare,report}")
+    sub = p.add_subparsers(dest="eval_command", metavar="{compare,report,cascade}")
     c = sub.add_parser("compare", help="per-task deltas with paired statistics and the cost ratio",
                        description="B - A per task on the items both runs scored (paired bootstrap 95%% CI, "
                                    "McNemar's exact p), and B/A of $ and machine-seconds per 1,000 items. Both runs "
@@ -124,6 +127,28 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     r.add_argument("results", nargs="+", type=Path, metavar="RESULTS.json")
     r.add_argument("--html", type=Path, required=True, metavar="PATH", help="where to write the page")
     r.set_defaults(func=cmd_report)
+    k = sub.add_parser("cascade", help="pick a cascade's confidence threshold for a target quality at the least cost",
+                       description="From per-item runs of one generation task on the same items, one file per "
+                                   "model, cheapest first (each with --save-items): simulate the cascade (accept a "
+                                   "model's answer when its confidence score >= the threshold, else ask the next; "
+                                   "the last always answers; every model tried is paid), pick on the dev items the "
+                                   "cheapest threshold whose quality >= target x the last model's, and report it on "
+                                   "the test items beside each model alone.", epilog=EPILOG)
+    k.error = _one_line_error(k)  # type: ignore[method-assign]
+    k.add_argument("results", nargs="+", type=Path, metavar="RESULTS.json",
+                   help="two or more results files, the cheapest model first")
+    k.add_argument("--task", metavar="NAME", help="the generation task (default: the one all files hold)")
+    k.add_argument("--target", default="0.95", metavar="F",
+                   help="the quality to reach, a share of the last model's dev quality, in (0, 1] (default 0.95)")
+    k.add_argument("--score", default=DEFAULT_SCORE, choices=sorted(SCORES),
+                   help="the confidence score of an answer (default %(default)s)")
+    split = k.add_mutually_exclusive_group()
+    split.add_argument("--dev-fraction", metavar="F", help="the share of the items, first by index, that picks the "
+                       "threshold (default 1/3); the rest is the test split")
+    split.add_argument("--dev-items", type=positive_int, metavar="N", help="the first N items pick the threshold")
+    k.add_argument("--json", action="store_true", help="print the report as JSON")
+    k.add_argument("--output", type=Path, metavar="PATH", help="also write the report as JSON")
+    k.set_defaults(func=cmd_cascade)
 
 
 # ----------------------------------------------------------------------------- backends
@@ -272,9 +297,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cascade(args: argparse.Namespace) -> int:
+    from leanserve.eval.cascade import cascade_report, format_cascade, parse_target
+    from leanserve.eval.run import dumps
+
+    parse_target(args.target)  # a bad target fails before any file is read
+    if len(args.results) < 2:
+        raise CLIError("a cascade needs two or more results files, the cheapest model first")
+    if args.output is not None:
+        _check_writable(args.output)
+    runs = _load_all(args.results)
+    if len({name for name, _ in runs}) < len(runs):
+        runs = [(str(p), r) for p, (_, r) in zip(args.results, runs)]
+    report = cascade_report(runs, task=args.task, target=args.target, score=args.score,
+                            dev_fraction=args.dev_fraction, dev_items=args.dev_items)
+    if args.output is not None:
+        _write(args.output, dumps(report) + "\n")
+    _print(dumps(report) if args.json else format_cascade(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m leanserve.eval.cli``: the command alone, with leanserve's one-line errors."""
-    parser = argparse.ArgumentParser(prog="leanserve eval", epilog=EPILOG)
+    parser = argparse.ArgumentParser(prog="leanserve eval", epilog=EPILOG, allow_abbrev=False)
     configure_parser(parser)
     args = parser.parse_args(argv)
     try:

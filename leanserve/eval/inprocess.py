@@ -5,6 +5,10 @@ Scoring is a one-token request whose prompt is the whole sequence, asking for th
 log-probabilities from ``start`` on (``SamplingParams.prompt_logprobs_start``): the tokens before
 may come from the prefix cache, so items that share a context compute it once. Requests are added
 in the order given, up to ``max_in_flight`` at a time, and the engine batches them.
+
+Generation asks for the chosen tokens' log-probabilities (``SamplingParams.logprobs=0``), and each
+answer carries its own bill: the machine-seconds the meter charged that request, in $ at the price
+basis, the same bill the run's total adds up.
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ from typing import Any
 
 from leanserve.config import EngineConfig
 from leanserve.cost.basis import resolve_price_basis
-from leanserve.cost.billing import Billing
+from leanserve.cost.billing import Bill, Billing
 from leanserve.engine.engine import LLMEngine
-from leanserve.eval.backend import CostTally, GenerateRequest, Score, ScoreRequest
+from leanserve.eval.backend import CostTally, GenerateRequest, Generation, Score, ScoreRequest
 from leanserve.types import RequestOutput, SamplingParams
 
 
@@ -43,7 +47,7 @@ class InProcessBackend:
     def score(self, requests: list[ScoreRequest]) -> list[Score]:
         params = [SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, prompt_logprobs_start=r.start)
                   for r in requests]
-        outs = self._run([list(r.token_ids) for r in requests], params)
+        outs, _ = self._run([list(r.token_ids) for r in requests], params)
         scores = []
         for r, out in zip(requests, outs):
             lps = out.prompt_logprobs or []
@@ -53,11 +57,13 @@ class InProcessBackend:
             scores.append(Score(tuple(lp.logprob for lp in got), all(lp.rank == 1 for lp in got)))
         return scores
 
-    def generate(self, requests: list[GenerateRequest]) -> list[str]:
+    def generate(self, requests: list[GenerateRequest]) -> list[Generation]:
         prompts = [self.tokenize(r.prompt) for r in requests]
         params = [SamplingParams(max_tokens=max(1, min(r.max_tokens, self.max_length - len(p) - 1)), temperature=0.0,
-                                 stop=r.stop) for r, p in zip(requests, prompts)]
-        return [out.outputs[0].text for out in self._run(prompts, params)]
+                                 stop=r.stop, logprobs=0) for r, p in zip(requests, prompts)]
+        outs, bills = self._run(prompts, params)
+        return [Generation(out.outputs[0].text, tuple(lp.logprob for lp in out.outputs[0].logprobs or ()),
+                           bill.usd, bill.machine_seconds) for out, bill in zip(outs, bills)]
 
     def cost(self) -> CostTally:
         t = CostTally()
@@ -85,10 +91,12 @@ class InProcessBackend:
 
     # ---- running requests ----------------------------------------------------------------------
 
-    def _run(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
-        """All requests through the engine, at most ``max_in_flight`` at once, in the given order."""
+    def _run(self, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[list[RequestOutput], list[Bill]]:
+        """All requests through the engine, at most ``max_in_flight`` at once, in the given order:
+        their final outputs and their bills, in that order."""
         t0 = time.perf_counter()
         done: dict[str, RequestOutput] = {}
+        bills: dict[str, Bill] = {}
         ids: list[str] = []
         pending = list(zip(prompts, params))
         pending.reverse()
@@ -105,11 +113,11 @@ class InProcessBackend:
                 if out.finished:
                     done[out.request_id] = out
                     live -= 1
-                    bill = self.billing.close(out, None)
+                    bill = bills[out.request_id] = self.billing.close(out, None)
                     self._tally.add(CostTally(bill.machine_seconds, bill.usd, out.num_prompt_tokens,
                                               out.num_generated_tokens, 1))
         self._tally.wall_seconds += time.perf_counter() - t0
-        return [done[i] for i in ids]
+        return [done[i] for i in ids], [bills[i] for i in ids]
 
 
 def _file_digest(path: Path) -> str | None:

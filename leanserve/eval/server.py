@@ -6,10 +6,13 @@
               "prompt_logprobs_start": start}                           (leanserve extra, ignored
                                                                          elsewhere: then every prompt
                                                                          token is scored)
-    generate  POST /v1/completions {"prompt": text, "max_tokens", "stop", "temperature": 0}
+    generate  POST /v1/completions {"prompt": text, "max_tokens", "stop", "temperature": 0,
+              "logprobs": 0}                                            (each chosen token's logprob:
+                                                                         choices[0].logprobs.token_logprobs)
 
 Cost is what the server says in ``usage.cost`` (USD; leanserve's ``cost_details`` adds the
-machine-seconds); a server that reports none leaves the run's $ unknown. Requests run
+machine-seconds), per response, so each generated answer carries its own; a server that reports
+none leaves the run's $ unknown. Requests run
 ``max_in_flight`` at a time, in the order given, so items that share a context reach the prefix
 cache together.
 """
@@ -23,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from leanserve.eval.backend import CostTally, GenerateRequest, Score, ScoreRequest
+from leanserve.eval.backend import CostTally, GenerateRequest, Generation, Score, ScoreRequest
 
 GREEDY_TOLERANCE = 1e-5  # a scored token whose logprob is within this of the top one counts as the argmax
 
@@ -74,10 +77,10 @@ class ServerBackend:
                    "logprobs": 1, "prompt_logprobs_start": r.start} for r in requests]
         return [_score(r, body, self.root) for r, body in zip(requests, self._post_all(bodies))]
 
-    def generate(self, requests: list[GenerateRequest]) -> list[str]:
+    def generate(self, requests: list[GenerateRequest]) -> list[Generation]:
         bodies = [{"model": self.model, "prompt": r.prompt, "max_tokens": r.max_tokens, "temperature": 0,
-                   **({"stop": list(r.stop)} if r.stop else {})} for r in requests]
-        return [str(b["choices"][0]["text"]) for b in self._post_all(bodies)]
+                   "logprobs": 0, **({"stop": list(r.stop)} if r.stop else {})} for r in requests]
+        return [_generation(b) for b in self._post_all(bodies)]
 
     def cost(self) -> CostTally:
         t = CostTally()
@@ -150,6 +153,22 @@ def _score(req: ScoreRequest, answer: dict[str, Any], root: str) -> Score:
         if isinstance(top, dict) and top and max(top.values()) > v + GREEDY_TOLERANCE:
             greedy = False
     return Score(scored, greedy)
+
+
+def _generation(answer: dict[str, Any]) -> Generation:
+    choice = (answer.get("choices") or [{}])[0]
+    lp = choice.get("logprobs") or {}
+    values = lp.get("token_logprobs") if isinstance(lp, dict) else None
+    logprobs = tuple(float(v) for v in values if _is_number(v)) if isinstance(values, list) else ()
+    cost = _cost_of(answer)
+    details = (answer.get("usage") or {}).get("cost_details")
+    seconds = cost.machine_seconds if isinstance(details, dict) and _is_number(details.get("machine_seconds")) \
+        else None
+    return Generation(str(choice.get("text") or ""), logprobs, cost.usd, seconds)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def _cost_of(answer: dict[str, Any]) -> CostTally:

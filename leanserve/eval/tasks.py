@@ -7,8 +7,10 @@ so every backend is scored by this one code path. Prompt formats and metrics (do
   disagree on the boundary: ``ctx + tokenize(continuation, add_special_tokens=False)``).
   ``acc``: the choice with the highest summed log-probability is right. ``acc_norm``: the highest
   sum divided by the choice text's UTF-8 bytes (lm-eval's ``len(choice)``) is right.
-- ``triviaqa`` (generation): greedy, at most 24 tokens, stopped at a newline; normalized exact match
-  (SQuAD normalization) against the answer and its aliases: ``exact_match``.
+- ``triviaqa`` (generation): greedy, at most 24 tokens; the answer is the first non-empty line;
+  normalized exact match (SQuAD normalization) against the answer and its aliases: ``exact_match``.
+  Each item also records what a cascade needs (`leanserve eval cascade`): the generated tokens'
+  log-probabilities, their confidence scores (``gateway/confidence.py``) and the item's own cost.
 - ``wikitext2`` (perplexity): the whole file tokenized once without special tokens, scored in rolling
   windows (`rolling_windows`): token perplexity exp(mean NLL) and bits per byte.
 - a ``--task-file`` of JSONL lines of one shape: ``{"query", "choices", "gold"}`` (multiple choice),
@@ -33,7 +35,8 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-from leanserve.eval.backend import EvalBackend, GenerateRequest, Score, ScoreRequest
+from leanserve.eval.backend import EvalBackend, GenerateRequest, Generation, Score, ScoreRequest
+from leanserve.gateway.confidence import SCORES, answer_score
 
 BUILTIN_TASKS = ("arc_easy", "hellaswag", "triviaqa", "wikitext2")
 DEFAULT_BATCH_SIZE = 32  # items per backend call (multiple choice: all their choices in one score())
@@ -403,19 +406,29 @@ class GenerationTask(_LoadedItems):
         picked = [items[i] for i in options.selection.pick(len(items))]
         out: list[dict[str, Any]] = []
         for batch in _batches(picked, options.batch_size):
-            texts = backend.generate([GenerateRequest(it.prompt, self.max_tokens, self.stop) for it in batch])
-            if len(texts) != len(batch):
-                raise RuntimeError(f"the backend answered {len(texts)} generations for {len(batch)} requests")
-            for it, text in zip(batch, texts):
-                answer = first_line(text)
-                out.append({"index": it.index, "prediction": answer, "generated": text, "answer": it.answers[0],
-                            "correct": exact_match(answer, it.answers)})
+            gens = backend.generate([GenerateRequest(it.prompt, self.max_tokens, self.stop) for it in batch])
+            if len(gens) != len(batch):
+                raise RuntimeError(f"the backend answered {len(gens)} generations for {len(batch)} requests")
+            for it, gen in zip(batch, gens):
+                out.append(generation_record(it, gen))
             if progress:
                 progress(len(out), len(picked))
         n = len(out)
         metrics = {"exact_match": sum(r["correct"] for r in out) / n if n else math.nan}
         details = {"max_tokens": self.max_tokens, "stop": list(self.stop)}
         return TaskOutcome(metrics, n, len(items), options.selection.describe(len(items)), details, out)
+
+
+def generation_record(item: GenerationItem, gen: Generation) -> dict[str, Any]:
+    """One answered item: the answer and whether it matched, then what a cascade simulation needs:
+    the log-probability of every generated token (the whole completion as a server returns it, the
+    end-of-sequence token included when one ended it), each confidence score of them (-inf for no
+    tokens or an empty text, written as null), and what this item alone cost."""
+    answer = first_line(gen.text)
+    return {"index": item.index, "prediction": answer, "generated": gen.text, "answer": item.answers[0],
+            "correct": exact_match(answer, item.answers), "token_logprobs": list(gen.token_logprobs),
+            "scores": {name: answer_score(name, gen.text, gen.token_logprobs) for name in SCORES},
+            "cost_usd": gen.usd, "machine_seconds": gen.machine_seconds}
 
 
 def qa_prompt(question: str) -> str:

@@ -40,7 +40,7 @@ from leanserve.cost.billing import receipt
 from leanserve.cost.ledger import Ledger, LedgerRecord
 from leanserve.gateway import sse
 from leanserve.gateway.cache import ResponseCache, cache_key, cacheable
-from leanserve.gateway.confidence import DEFAULT_SCORE, get_score, token_logprobs
+from leanserve.gateway.confidence import DEFAULT_SCORE, answer_score, choice_text, get_score, token_logprobs
 from leanserve.gateway.semantic import SemanticIndex, normalize_text, semantic_group, semantic_text
 from leanserve.gateway.upstream import Upstream
 from leanserve.serve.errors import APIError
@@ -425,7 +425,6 @@ class Gateway:
     async def _cascade(self, route: CascadeSpec, call: Call, key: str | None, headers: dict[str, str]) -> Response:
         """Try the route's models in order; keep the first answer whose confidence reaches the threshold
         (the last model's answer is always kept). Every attempt is billed; the response says the route."""
-        score_fn = get_score(route.score)
         tags = replace(call.tags, route=route.name)
         attempts: list[dict[str, Any]] = []
         spent = 0.0
@@ -439,7 +438,8 @@ class Gateway:
                     raise  # the request itself is wrong: the next model would refuse it too
                 attempts.append({"model": name, "error": e.message, "accepted": False, "cost": 0.0})
                 continue
-            scores = [score_fn(token_logprobs(call.endpoint, resp, c.get("index", 0)))
+            scores = [answer_score(route.score, choice_text(call.endpoint, resp, c.get("index", 0)),
+                                   token_logprobs(call.endpoint, resp, c.get("index", 0)))
                       for c in resp.get("choices") or []]
             score = min(scores) if scores else -math.inf
             accepted = score >= route.threshold

@@ -5,7 +5,8 @@ bits per byte, exact-match normalization, and --limit/--seed subsets.
 `FakeBackend` (also used by the other test_eval_* files): one token per character (its code point;
 BOS = 1 when special tokens are asked for and ``bos``), optional merges of a character pair into one
 token, and a bigram rule: log p(token | previous) = -0.25 when the token repeats the previous one,
-else -2.0. Every call is recorded.
+else -2.0. A generated answer's token logprobs follow the same rule (its first token given the
+prompt's last). Every call is recorded.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from leanserve.eval.backend import CostTally, GenerateRequest, Score, ScoreRequest
+from leanserve.eval.backend import CostTally, GenerateRequest, Generation, Score, ScoreRequest
 from leanserve.eval.tasks import (
     Document,
     EvalOptions,
@@ -91,17 +92,22 @@ class FakeBackend:
             self._charge(len(r.token_ids), 0)
         return out
 
-    def generate(self, requests: list[GenerateRequest]) -> list[str]:
+    def generate(self, requests: list[GenerateRequest]) -> list[Generation]:
         self.generate_calls.append(list(requests))
-        texts = [self.answers.get(r.prompt, "") for r in requests]
-        for r, t in zip(requests, texts):
-            self._charge(len(r.prompt), len(t))
-        return texts
+        out = []
+        for r in requests:
+            text = self.answers.get(r.prompt, "")
+            ids = [ord(r.prompt[-1])] + self.tokenize(text, add_special_tokens=False)
+            seconds, usd = self._charge(len(r.prompt), len(text))
+            out.append(Generation(text, tuple(bigram(a, b) for a, b in zip(ids, ids[1:])), usd, seconds))
+        return out
 
-    def _charge(self, prompt: int, output: int) -> None:
+    def _charge(self, prompt: int, output: int) -> tuple[float, float | None]:
         seconds = (prompt + output) * SECONDS_PER_TOKEN
-        self._cost.add(CostTally(machine_seconds=seconds, usd=seconds * USD_PER_SECOND if self.usd else None,
-                                 prompt_tokens=prompt, output_tokens=output, requests=1, wall_seconds=seconds))
+        usd = seconds * USD_PER_SECOND if self.usd else None
+        self._cost.add(CostTally(machine_seconds=seconds, usd=usd, prompt_tokens=prompt, output_tokens=output,
+                                 requests=1, wall_seconds=seconds))
+        return seconds, usd
 
     def cost(self) -> CostTally:
         return self._cost
@@ -273,6 +279,20 @@ def test_generation_is_greedy_short_and_answers_with_the_first_non_empty_line():
                                   GenerateRequest("Question: c?\nAnswer:", 24, ())]]
     assert [r["prediction"] for r in out.items] == ["paris.", "", "St. Louis"]
     assert [r["correct"] for r in out.items] == [True, False, True] and out.metrics == {"exact_match": 2 / 3}
+
+
+def test_a_generated_item_records_its_token_logprobs_scores_and_own_cost():
+    # "Question: a?\nAnswer:" (20 chars) -> " aa": ' ' after ':' (-2), 'a' after ' ' (-2), 'a' after 'a' (-0.25)
+    items = [GenerationItem(0, "Question: a?\nAnswer:", ("aa",)), GenerationItem(1, "Question: b?\nAnswer:", ("x",))]
+    fb = FakeBackend(answers={"Question: a?\nAnswer:": " aa"})
+    out = GenerationTask("qa", lambda: items, "t", "t").run(fb, EvalOptions())
+    a, b = out.items
+    assert a["token_logprobs"] == [-2.0, -2.0, -0.25] and a["correct"] is True
+    assert a["scores"] == {"mean_logprob": -4.25 / 3, "min_logprob": -2.0}
+    assert (a["machine_seconds"], a["cost_usd"]) == pytest.approx((0.23, 0.115))  # (20 + 3) x 0.01 s, x $0.5/s
+    assert b["token_logprobs"] == [] and b["scores"] == {"mean_logprob": -math.inf, "min_logprob": -math.inf}
+    assert (b["machine_seconds"], b["cost_usd"]) == pytest.approx((0.2, 0.1))
+    assert a["cost_usd"] + b["cost_usd"] == pytest.approx(fb.cost().usd)  # the items' costs add up to the run's
 
 
 # ----------------------------------------------------------------------------- perplexity
