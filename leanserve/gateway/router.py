@@ -307,7 +307,11 @@ class Gateway:
         if not text:
             return call, None
         embedder = self.backends[self.embedder]
-        vectors, usage = await embedder.embed([text], call.request, Tags(cache="lookup"))  # type: ignore[attr-defined]
+        try:
+            vectors, usage = await embedder.embed([text], call.request, Tags(cache="lookup"))  # type: ignore[attr-defined]
+        except APIError as e:  # e.g. a text past the embedding model's context: the exact stage alone
+            log.info("semantic cache lookup skipped: %s", e.message)
+            return call, None
         call = replace(call, lookup_usd=float(usage.get("cost") or 0.0), semantic=(grp, vectors[0]))
         found = await asyncio.to_thread(self.semantic.search, grp, vectors[0])
         if found is None:

@@ -316,7 +316,19 @@ class ChatCompletionRequest(_SamplingFields):
         return self.top_logprobs or 0
 
 
-class TokenizeRequest(BaseModel):
+class _UnicodeChecked(BaseModel):
+    """A request body whose every text must be valid Unicode (a 400 naming where, not a 500 later)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_unicode(cls, v: Any) -> Any:
+        bad = _bad_unicode(v)
+        if bad is not None:
+            raise ValueError(f"{bad.split('.')[0].split('[')[0]}: the text at {bad} is not valid Unicode")
+        return v
+
+
+class TokenizeRequest(_UnicodeChecked):
     """POST /tokenize (vLLM's shape): a prompt's token ids, or a conversation's through the chat template."""
 
     model_config = ConfigDict(extra="ignore")
@@ -326,14 +338,6 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES,
                                                description="or a conversation, through the chat template")
     add_special_tokens: bool = Field(True, description="with prompt: add BOS as the model does")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _check_unicode(cls, v: Any) -> Any:
-        bad = _bad_unicode(v)
-        if bad is not None:
-            raise ValueError(f"{bad.split('.')[0].split('[')[0]}: the text at {bad} is not valid Unicode")
-        return v
 
     @model_validator(mode="after")
     def _check(self) -> "TokenizeRequest":
@@ -345,7 +349,7 @@ class TokenizeRequest(BaseModel):
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on inputs per request
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(_UnicodeChecked):
     """POST /v1/embeddings: one vector per input, the mean of the prompt's final hidden states (L2-normalized)."""
 
     model_config = ConfigDict(extra="ignore")
@@ -358,14 +362,6 @@ class EmbeddingRequest(BaseModel):
     dimensions: int | None = Field(None, ge=1, description="must equal the model's hidden size if given (the "
                                                            "vectors are not truncatable)")
     user: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _check_unicode(cls, v: Any) -> Any:
-        bad = _bad_unicode(v)
-        if bad is not None:
-            raise ValueError(f"input: the text at {bad} is not valid Unicode")
-        return v
 
     @property
     def inputs(self) -> list[str | list[int]]:
