@@ -43,6 +43,7 @@ class RequestMeta:
     prompt_text: str | None = None  # only when the ledger stores text
     cache: str | None = None  # the response cache's verdict (miss, bypass) when it was looked up
     route: str | None = None  # the cascade that sent it here
+    batch_id: str | None = None  # a batch line: its batch
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,9 @@ class Billing:
     """Thread-safe: ``close()`` on the engine thread, ``settle()`` and ``report()`` on the event loop."""
 
     def __init__(self, basis: PriceBasis, meter: CostMeter, model: str, num_params: int = 0, weight_bytes: int = 0,
-                 dtype: str = "float32", ledger: Ledger | None = None) -> None:
+                 dtype: str = "float32", ledger: Ledger | None = None, batch_price_factor: float = 1.0) -> None:
         self.basis = basis
+        self.batch_price_factor = batch_price_factor  # batch lines' machine time at this share of the price
         self.model = model
         self.ledger = ledger
         self.book = CostBook(basis, meter, num_params, weight_bytes, dtype)
@@ -99,6 +101,8 @@ class Billing:
         ms = out.machine_seconds
         pre = min(out.prefill_seconds, ms)
         usd, input_usd = self.basis.usd(ms), self.basis.usd(pre)
+        if meta is not None and meta.batch_id is not None:
+            usd, input_usd = usd * self.batch_price_factor, input_usd * self.batch_price_factor
         saved_prefix = prefix_saving(input_usd, out.num_prompt_tokens, out.num_cached_tokens)
         reasons = [c.finish_reason for c in out.outputs]
         finish = next((r for r in ("error", "abort") if r in reasons), None) or (reasons[0] if reasons else None)
@@ -114,7 +118,8 @@ class Billing:
             latency_s=time.monotonic() - meta.arrival if meta else None,
             finish_reason=finish or (out.error and "error") or "abort",
             prompt_text=meta.prompt_text if meta else None, output_text=output_text, input_usd=input_usd,
-            cache=meta.cache if meta else None, route=meta.route if meta else None, saved_prefix_usd=saved_prefix)
+            cache=meta.cache if meta else None, route=meta.route if meta else None, saved_prefix_usd=saved_prefix,
+            batch_id=meta.batch_id if meta else None)
         committed = self.record(rec)
         return Bill(out.request_id, ms, pre, usd, input_usd, max(0.0, usd - input_usd), self.basis.price_per_hour,
                     self.basis.hardware.name, saved_prefix, committed)

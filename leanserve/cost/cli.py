@@ -3,6 +3,7 @@
     leanserve usage                          # per day, all time, a table
     leanserve usage --by key --since 7d      # per API key id over the last 7 days
     leanserve usage --by model --since 2026-11-01 --format csv
+    leanserve usage --by kind                # interactive against batch (/v1/batches) work
 
 Days and dates are UTC. ``$/Mtok`` is the group's dollars per million tokens (prompt + output).
 """
@@ -26,7 +27,11 @@ GROUPS = {
     "key": "COALESCE(key_id, '-')",
     "model": "model",
     "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",
+    "kind": "CASE WHEN batch_id IS NULL THEN 'interactive' ELSE 'batch' END",
+    "batch": "COALESCE(batch_id, '-')",
 }
+_NEEDS = {"kind": "batch_id", "batch": "batch_id"}  # a group's column, absent from ledgers before it
+_WITHOUT = {"kind": "'interactive'", "batch": "'-'"}
 FIELDS = ("group", "requests", "prompt_tokens", "cached_tokens", "output_tokens", "machine_seconds", "cost_usd",
           "usd_per_mtok", "cache_hits", "saved_usd")
 
@@ -57,6 +62,7 @@ def usage_rows(path: str | Path, by: str = "day", since: float | None = None) ->
     try:
         where, args = ("WHERE ts >= ?", (since,)) if since is not None else ("", ())
         have = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
+        group = GROUPS[by] if _NEEDS.get(by, "id") in have else _WITHOUT[by]
         # a ledger from before receipts (schema 1) has no cache or saved_* columns: they count as none
         hits = "COALESCE(SUM(cache = 'hit'), 0)" if "cache" in have else "0"
         saved = ("COALESCE(SUM(saved_prefix_usd + saved_cache_usd + saved_routing_usd), 0)"
@@ -64,7 +70,7 @@ def usage_rows(path: str | Path, by: str = "day", since: float | None = None) ->
         sums = ("COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(cached_tokens), 0), "
                 f"COALESCE(SUM(output_tokens), 0), COALESCE(SUM(machine_seconds), 0), COALESCE(SUM(cost_usd), 0), "
                 f"{hits}, {saved}")
-        rows = conn.execute(f"SELECT {GROUPS[by]} AS g, {sums} FROM requests {where} GROUP BY g ORDER BY g",
+        rows = conn.execute(f"SELECT {group} AS g, {sums} FROM requests {where} GROUP BY g ORDER BY g",
                             args).fetchall()
         total = conn.execute(f"SELECT 'TOTAL', {sums} FROM requests {where}", args).fetchone()
     finally:
@@ -120,7 +126,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "usage", help="cost and token totals from the request ledger, per API key, model or day",
+        "usage", help="cost and token totals from the request ledger, per API key, model, day, kind or batch",
         description="Totals from the ledger a server writes (one row per request): requests, tokens, "
                     "machine-seconds, $ and $ per million tokens, per group. Days are UTC.",
         epilog="Details: docs/cost.md")

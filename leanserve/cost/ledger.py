@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS requests (
     route           TEXT,               -- the route that sent the request here (a cascade's name)
     saved_prefix_usd  REAL NOT NULL DEFAULT 0,  -- what the cached prompt tokens would have cost
     saved_cache_usd   REAL NOT NULL DEFAULT 0,  -- a response-cache hit: what computing the answer cost
-    saved_routing_usd REAL NOT NULL DEFAULT 0   -- a cascade: the largest model's cost minus what was paid
+    saved_routing_usd REAL NOT NULL DEFAULT 0,  -- a cascade: the largest model's cost minus what was paid
+    batch_id        TEXT                -- a line of this batch (/v1/batches); NULL: an interactive request
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -95,6 +96,7 @@ class LedgerRecord:
     saved_prefix_usd: float = 0.0
     saved_cache_usd: float = 0.0
     saved_routing_usd: float = 0.0
+    batch_id: str | None = None
 
     @property
     def saved_usd(self) -> float:
@@ -104,7 +106,7 @@ class LedgerRecord:
 # columns added after schema 1, with their types: a ledger written by an older server gains them on open
 _ADDED = (("input_usd", "REAL"), ("cache", "TEXT"), ("route", "TEXT"),
           ("saved_prefix_usd", "REAL NOT NULL DEFAULT 0"), ("saved_cache_usd", "REAL NOT NULL DEFAULT 0"),
-          ("saved_routing_usd", "REAL NOT NULL DEFAULT 0"))
+          ("saved_routing_usd", "REAL NOT NULL DEFAULT 0"), ("batch_id", "TEXT"))
 AMENDABLE = frozenset({"route", "saved_routing_usd"})  # what Ledger.amend may change after the row is queued
 
 COLUMNS = tuple(f.name for f in fields(LedgerRecord))

@@ -22,6 +22,7 @@ usage chunk only if it asked).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -37,7 +38,7 @@ from prometheus_client.registry import Collector
 
 from leanserve.cost.accounting import Billed, BilledBook
 from leanserve.cost.billing import receipt
-from leanserve.cost.ledger import Ledger, LedgerRecord
+from leanserve.cost.ledger import Ledger, LedgerRecord, key_id
 from leanserve.gateway import sse
 from leanserve.gateway.cache import ResponseCache, cache_key, cacheable
 from leanserve.gateway.confidence import DEFAULT_SCORE, answer_score, choice_text, get_score, token_logprobs
@@ -62,6 +63,8 @@ class Tags:
 
     cache: str | None = None  # the response cache's verdict: miss, bypass
     route: str | None = None  # the cascade it is an attempt of
+    batch_id: str | None = None  # a batch line (/v1/batches): its batch
+    key_id: str | None = None  # a batch line: its owner's API key id (there is no caller's header)
 
 
 NO_TAGS = Tags()
@@ -240,13 +243,15 @@ class Gateway:
 
     # ---- a request -----------------------------------------------------------------------------
 
-    async def handle(self, endpoint: str, body: Any, request: Request) -> Response:
+    async def handle(self, endpoint: str, body: Any, request: Request, internal: Tags | None = None) -> Response:
+        """One request: an HTTP one, or (``internal``: its owner's key id and batch) one the server makes
+        itself, a batch line, which takes the same path (routes, the cache, bills) but is never streamed."""
         name = self.resolve(body.model)
         raw = await request.json()
         if not isinstance(raw, dict):  # the body was validated as an object; a defensive check
             raise APIError(400, "the request body must be a JSON object")
-        scope = _key_id(request)
-        call = Call(endpoint, body, raw, request, scope=scope)
+        scope = internal.key_id if internal is not None else caller_key_id(request)
+        call = Call(endpoint, body, raw, request, tags=internal or NO_TAGS, scope=scope)
         verdict, key = self._lookup_key(name, call, scope)
         if key is not None:
             entry = await asyncio.to_thread(self.cache.get, key)  # type: ignore[union-attr]
@@ -259,7 +264,7 @@ class Gateway:
                     self.lookups["semantic_hit"] += 1
                     return hit
         self.lookups[verdict] += 1
-        call = replace(call, tags=Tags(cache=verdict if self.cache is not None and verdict != "off" else None))
+        call = replace(call, tags=replace(call.tags, cache=verdict if self.cache is not None and verdict != "off" else None))
         headers = {CACHE_HEADER: verdict} if self.cache is not None else {}
         if name in self.cascades:
             return await self._cascade(self.cascades[name], call, key, headers)
@@ -295,6 +300,11 @@ class Gateway:
             if call.semantic is not None:
                 details["lookup_usd"] = call.lookup_usd
                 usage["cost"] = float(usage.get("cost") or 0.0) + call.lookup_usd
+
+    async def complete_internal(self, endpoint: str, body: Any, raw: dict[str, Any], tags: Tags) -> dict[str, Any]:
+        """A request the server makes itself (a batch line): the whole response as a dict, or APIError."""
+        resp = await self.handle(endpoint, body, internal_request(raw), tags)
+        return json.loads(bytes(resp.body))
 
     async def _semantic_lookup(self, name: str, call: Call) -> tuple[Call, Response | None]:
         """The second stage after an exact miss: embed the request's text (billed: its own ledger row,
@@ -358,7 +368,7 @@ class Gateway:
                            machine_seconds=0.0, prefill_seconds=0.0, cost_usd=0.0, price_per_hour=0.0,
                            hardware="response-cache", latency_s=0.0, finish_reason=_finish(resp), input_usd=0.0,
                            cache="hit", route=name if name in self.cascades else None,
-                           saved_cache_usd=entry.cost_usd)
+                           saved_cache_usd=entry.cost_usd, batch_id=call.tags.batch_id)
         await self.record(self.book(name), rec)
         headers = {CACHE_HEADER: verdict}
         if not call.body.stream:
@@ -578,9 +588,26 @@ def _route_header(attempts: list[dict[str, Any]]) -> str:
     return ", ".join(parts)
 
 
-def _key_id(request: Request) -> str | None:
-    from leanserve.cost.ledger import key_id
+def internal_request(raw: dict[str, Any]) -> Request:
+    """An HTTP request the server makes to itself: ``raw`` as its JSON body, no headers, and a client
+    that never goes away (nothing can disconnect it; abort it by cancelling its task)."""
+    body = json.dumps(raw).encode("utf-8")
+    sent = False
 
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # never: an internal request has no client to lose
+        raise AssertionError("unreachable")
+
+    scope = {"type": "http", "method": "POST", "path": "/internal", "headers": [], "query_string": b""}
+    return Request(scope, receive)
+
+
+def caller_key_id(request: Request) -> str | None:
+    """The id of the API key a request carries (None without one): its cache scope, its files' owner."""
     scheme, _, token = (request.headers.get("authorization") or "").strip().partition(" ")
     return key_id(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
 
@@ -680,12 +707,12 @@ class UpstreamModel:
         usage.setdefault("cost_details", details)
         details.update(receipt())
         cost = float(usage.get("cost") or 0.0)
-        rec = LedgerRecord(id=rid, ts=time.time(), key_id=_key_id(call.request), model=self.name,
+        rec = LedgerRecord(id=rid, ts=time.time(), key_id=call.scope, model=self.name,
                            prompt_tokens=int(usage.get("prompt_tokens") or 0), cached_tokens=0,
                            output_tokens=int(usage.get("completion_tokens") or 0), machine_seconds=0.0,
                            prefill_seconds=0.0, cost_usd=cost, price_per_hour=0.0, hardware=f"upstream:{self.name}",
                            latency_s=latency, finish_reason=finish, input_usd=details.get("input_usd"),
-                           cache=call.tags.cache, route=call.tags.route)
+                           cache=call.tags.cache, route=call.tags.route, batch_id=call.tags.batch_id)
         if self.gateway_record is not None:
             await self.gateway_record(self.book, rec)
         else:

@@ -64,6 +64,7 @@ class ServerSettings:
     ledger: Ledger | None = None  # where finished requests are recorded; None: nowhere
     max_body_bytes: int | None = None  # larger request bodies get 413; None: TransportConfig's default (serve/transport.py)
     allowed_hosts: tuple[str, ...] | None = None  # Host header allow list (any port); None: no check
+    batch_price_factor: float = 1.0  # batch lines' machine time priced at this share (--batch-price-factor)
 
 
 def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -109,19 +110,22 @@ class OpenAIServer:
         core = engine.engine
         basis = settings.price_basis or resolve_price_basis(device=engine.device)
         self.billing = Billing(basis, core.meter, self.model, core.info.num_params, core.info.weight_bytes,
-                               engine.dtype, settings.ledger)
+                               engine.dtype, settings.ledger, settings.batch_price_factor)
         engine.on_request_done = self.billing.close  # the one door a request leaves by (cost/billing.py)
         self.metrics = (metrics or ServerMetrics()).add_model(self.model, engine, self.billing.book)
         self.created = int(time.time())
 
-    def request_meta(self, request: Request) -> tuple[RequestMeta, str | None]:
-        """(the request's ledger facts, its tenant for admission: the API key when there are several)."""
-        kid = None
-        if self.settings.api_key_digests:
+    def request_meta(self, request: Request, tags: Tags = NO_TAGS) -> tuple[RequestMeta, str | None]:
+        """(the request's ledger facts, its tenant for admission: the API key when there are several).
+        A batch line has no caller's header: its owner's key id comes in ``tags``."""
+        kid = tags.key_id
+        if kid is None and self.settings.api_key_digests:
             scheme, _, token = (request.headers.get("authorization") or "").strip().partition(" ")
             kid = key_id(token.strip()) if scheme.lower() == "bearer" else None
         tenant = kid if len(self.settings.api_key_digests) > 1 else None
-        return RequestMeta(arrival=time.monotonic(), key_id=kid), tenant
+        meta = RequestMeta(arrival=time.monotonic(), key_id=kid, cache=tags.cache, route=tags.route,
+                           batch_id=tags.batch_id)
+        return meta, tenant
 
     # ---- checks shared by both endpoints -------------------------------------------------------
 
@@ -235,8 +239,7 @@ class OpenAIServer:
                         params: SamplingParams, chat: bool, tags: Tags = NO_TAGS) -> Response:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         priority = Priority.BATCH if body.priority == "batch" else Priority.INTERACTIVE
-        meta, tenant = self.request_meta(request)
-        meta = dataclasses.replace(meta, cache=tags.cache, route=tags.route)
+        meta, tenant = self.request_meta(request, tags)
         if self.billing.stores_text:
             meta = dataclasses.replace(meta, prompt_text=await asyncio.to_thread(self.tokenizer.decode, ids))
         stream = self._add(rid, ids, params, priority, meta, tenant)
@@ -295,8 +298,7 @@ class OpenAIServer:
             self.check_length(len(ids), 1, param)
             ids_list.append(ids)
         params = SamplingParams(max_tokens=1, temperature=0.0, embed=True)
-        meta, tenant = self.request_meta(request)
-        meta = dataclasses.replace(meta, cache=tags.cache, route=tags.route)
+        meta, tenant = self.request_meta(request, tags)
         streams: list[tuple[str, RequestStream]] = []
         try:
             for ids in ids_list:
@@ -497,7 +499,8 @@ class LocalModel:
 def build_app(engines: AsyncEngine | dict[str, AsyncEngine], settings: ServerSettings,
               on_ready: Callable[[], None] | None = None, upstreams: list[Backend] = (),
               cascades: list[Any] = (), cache: Any = None, semantic: Any = None,
-              semantic_model: str | None = None) -> FastAPI:
+              semantic_model: str | None = None, batch_store: Any = None,
+              batch_max_in_flight: int | None = None) -> FastAPI:
     """The app over one engine or several (name -> engine), upstream backends, cascades and a response
     cache (gateway/); its lifespan starts the engine threads (if not started) and stops them at shutdown."""
     if not isinstance(engines, dict):
@@ -513,19 +516,30 @@ def build_app(engines: AsyncEngine | dict[str, AsyncEngine], settings: ServerSet
         server_metrics.add_model(name, None, book)
     server_metrics.registry.register(gateway.collector())
     auth = APIKeyAuth(settings.api_key_digests)
+    runner = None
+    if batch_store is not None:
+        from leanserve.batch.runner import DEFAULT_MAX_IN_FLIGHT, BatchRunner
+
+        runner = BatchRunner(batch_store, gateway, batch_max_in_flight or DEFAULT_MAX_IN_FLIGHT)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for engine in engines.values():
             if not engine.is_running:
                 engine.start()
+        runner_task = asyncio.ensure_future(runner.run()) if runner is not None else None
         if on_ready is not None:
             on_ready()
         yield
+        if runner_task is not None:  # lines in flight are cancelled: they stay pending, a restart resumes them
+            runner_task.cancel()
+            await asyncio.gather(runner_task, return_exceptions=True)
         for engine in engines.values():
             engine.shutdown()
         for b in upstreams:
             await b.upstream.aclose()  # type: ignore[attr-defined]
+        if batch_store is not None:
+            batch_store.close()
         if semantic is not None:
             semantic.close()
         if cache is not None:
@@ -551,7 +565,12 @@ def build_app(engines: AsyncEngine | dict[str, AsyncEngine], settings: ServerSet
     app.state.gateway = gateway
     install_error_handlers(app)
     from leanserve.serve.transport import install_transport_guards  # Host check and body limit, outermost
-    install_transport_guards(app, settings)
+    larger = None
+    if batch_store is not None:
+        from leanserve.batch.store import MAX_FILE_BYTES
+
+        larger = {"/v1/files": MAX_FILE_BYTES + 2**20}  # the file plus its multipart framing
+    install_transport_guards(app, settings, larger)
     if auth.enabled:
         app.add_middleware(_AuthMiddleware, auth=auth)
     secured = [Security(_bearer)] if auth.enabled else []  # the check is the middleware; this documents it
@@ -629,6 +648,11 @@ def build_app(engines: AsyncEngine | dict[str, AsyncEngine], settings: ServerSet
         server = local(body.model)
         return await server.tokenize_request(body.model_copy(update={"model": server.model}))
 
+    if runner is not None:
+        from leanserve.batch.api import install_batch_routes
+
+        install_batch_routes(app, batch_store, runner, secured)
+        app.state.batch_runner = runner
     _drop_422_from_openapi(app)
     return app
 

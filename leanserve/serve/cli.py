@@ -69,6 +69,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     help="the cache's size cap, least recently used entries go first (default 256MiB)")
     gw.add_argument("--cache-path", type=Path, default=None, metavar="PATH",
                     help="the cache's SQLite file (default: $LEANSERVE_HOME/response_cache.sqlite)")
+    b = p.add_argument_group("batch API (docs/batch.md)")
+    b.add_argument("--batch-dir", type=Path, default=None, metavar="DIR",
+                   help="where /v1/files and /v1/batches keep files and progress (default: $LEANSERVE_HOME/batches)")
+    b.add_argument("--batch-max-in-flight", type=nonneg_int, default=None, metavar="N",
+                   help="batch lines running at once, in the batch priority class (default 8)")
+    b.add_argument("--no-batch-api", action="store_true", help="serve no /v1/files and /v1/batches")
+    b.add_argument("--batch-price-factor", type=nonneg_float, default=1.0, metavar="F",
+                   help="price batch lines' machine time at F x the price (e.g. 0.5, as hosted APIs sell batch work; "
+                        "default 1: what it cost)")
     gw.add_argument("--semantic-cache", default=None, metavar="MODEL",
                     help="with --response-cache: after an exact miss, match the request's text by its embedding "
                          "from MODEL (a served local model; /v1/embeddings' vectors)")
@@ -282,6 +291,10 @@ def _gateway_config(args: argparse.Namespace, models: list[str]) -> GatewaySetup
         raise CLIError("--semantic-threshold needs --semantic-cache")
     if args.semantic_cache is not None and args.semantic_cache not in names:
         raise CLIError(f"--semantic-cache {args.semantic_cache!r} is not a served local model (local: {', '.join(names)})")
+    if args.no_batch_api and (args.batch_dir is not None or args.batch_max_in_flight is not None):
+        raise CLIError("--batch-dir and --batch-max-in-flight cannot be combined with --no-batch-api")
+    if args.batch_max_in_flight == 0:
+        raise CLIError("--batch-max-in-flight must be >= 1")
     if args.semantic_threshold is not None and not -1.0 <= args.semantic_threshold <= 1.0:
         raise CLIError(f"--semantic-threshold is a cosine similarity in [-1, 1], got {args.semantic_threshold}")
 
@@ -294,6 +307,17 @@ def _gateway_config(args: argparse.Namespace, models: list[str]) -> GatewaySetup
         except UpstreamError as e:
             raise CLIError(str(e)) from None
     return GatewaySetup(names, upstreams, cascades, cache, args.semantic_cache, args.semantic_threshold)
+
+
+def _open_batch_store(root: Path) -> Any:
+    import sqlite3
+
+    from leanserve.batch.store import BatchStore
+
+    try:
+        return BatchStore(root)
+    except (OSError, sqlite3.Error) as e:
+        raise CLIError(f"cannot open the batch store {root}: {e} (pass --batch-dir or --no-batch-api)") from None
 
 
 def _open_cache(config: Any) -> Any:
@@ -319,6 +343,7 @@ def _serve(args: argparse.Namespace, config: EngineConfig, models: list[str], se
     from leanserve.serve.api import ServerSettings, build_app
 
     cache = _open_cache(setup.cache) if setup.cache is not None else None
+    batch_store = None if args.no_batch_api else _open_batch_store(args.batch_dir or env.home() / "batches")
     semantic = None
     if setup.semantic_model is not None:
         from leanserve.gateway.semantic import DEFAULT_THRESHOLD as SEMANTIC_THRESHOLD
@@ -334,7 +359,7 @@ def _serve(args: argparse.Namespace, config: EngineConfig, models: list[str], se
     name = setup.names[0]
     async_engine = engines[name]
     basis = resolve_price_basis(args.hardware, args.price_per_hour, async_engine.device)
-    settings = ServerSettings(model_name=name, api_key_digests=digests,
+    settings = ServerSettings(model_name=name, api_key_digests=digests, batch_price_factor=args.batch_price_factor,
                               request_timeout=args.request_timeout or None, price_basis=basis, ledger=ledger,
                               max_body_bytes=limits.max_body_bytes, allowed_hosts=hosts)
     host, port = sock.getsockname()[:2]
@@ -367,11 +392,15 @@ def _serve(args: argparse.Namespace, config: EngineConfig, models: list[str], se
                   f"{cache.config.max_bytes:,} bytes{sem})", flush=True)
         where = f"ledger {ledger.path}" + (" (with text)" if ledger.store_text else "") if ledger else "no ledger"
         print(f"leanserve: {basis.describe()}; {where}; GET /v1/cost", flush=True)
+        if batch_store is not None:
+            print(f"leanserve: batch API /v1/files, /v1/batches: {batch_store.root} (up to "
+                  f"{args.batch_max_in_flight or 8} lines at once, batch priority)", flush=True)
 
     upstreams = [UpstreamModel(u) for u in setup.upstreams]
     try:
         app = build_app(engines, settings, on_ready=ready, upstreams=upstreams, cascades=setup.cascades, cache=cache,
-                        semantic=semantic, semantic_model=setup.semantic_model)
+                        semantic=semantic, semantic_model=setup.semantic_model, batch_store=batch_store,
+                        batch_max_in_flight=args.batch_max_in_flight)
     except ValueError as e:
         raise CLIError(str(e)) from None
     server = uvicorn.Server(transport.uvicorn_config(app, limits, log_level=args.log_level, access_log=args.access_log,

@@ -100,21 +100,25 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 class BodyLimit:
     """413 for a request body over ``max_bytes``; pure ASGI, so nothing is buffered here."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, larger: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.larger = larger or {}  # path -> its own limit (file uploads)
 
-    def _message(self, size: str) -> str:
-        return f"the request body is {size}; this server takes at most {self.max_bytes:,} bytes (--max-body-size)"
+    def _message(self, size: str, limit: int) -> str:
+        flag = "" if limit != self.max_bytes else " (--max-body-size)"
+        return f"the request body is {size}; this server takes at most {limit:,} bytes here{flag}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.larger.get(scope.get("path", ""), self.max_bytes)
         length = _header(scope, b"content-length")
-        if length is not None and length.strip().isdigit() and int(length) > self.max_bytes:
+        if length is not None and length.strip().isdigit() and int(length) > limit:
             # answered before the body is read; Connection: close, so the server does not read it either
-            await _send_error(send, 413, self._message(f"{int(length):,} bytes"), "request_too_large", close=True)
+            await _send_error(send, 413, self._message(f"{int(length):,} bytes", limit), "request_too_large",
+                              close=True)
             return
         received = 0
         refused = False
@@ -127,11 +131,11 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     # the app sees the client go away; the client gets the 413 (unless a response began)
                     refused = True
                     if not started:
-                        await _send_error(send, 413, self._message(f"over {self.max_bytes:,} bytes"),
+                        await _send_error(send, 413, self._message(f"over {limit:,} bytes", limit),
                                           "request_too_large", close=True)
                     return {"type": "http.disconnect"}
             return message
@@ -216,16 +220,17 @@ def is_loopback(address: str) -> bool:
         return address.lower() == "localhost"
 
 
-def install_transport_guards(app: Any, settings: Any) -> None:
+def install_transport_guards(app: Any, settings: Any, larger: dict[str, int] | None = None) -> None:
     """Wrap a Starlette/FastAPI app's whole middleware stack (so they run before anything else, auth
     included, whatever middleware is added later): the Host check outermost, then the body limit.
-    ``settings.max_body_bytes`` None: `TransportConfig`'s default; ``settings.allowed_hosts`` None: no check."""
+    ``settings.max_body_bytes`` None: `TransportConfig`'s default; ``larger``: paths with a limit of their own
+    (file uploads); ``settings.allowed_hosts`` None: no check."""
     max_bytes = getattr(settings, "max_body_bytes", None) or TransportConfig.max_body_bytes
     hosts = getattr(settings, "allowed_hosts", None)
     build = app.build_middleware_stack
 
     def build_guarded() -> ASGIApp:
-        guarded: ASGIApp = BodyLimit(build(), max_bytes)
+        guarded: ASGIApp = BodyLimit(build(), max_bytes, larger)
         if hosts is not None:
             guarded = HostCheck(guarded, hosts)
         return guarded

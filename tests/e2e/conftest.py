@@ -81,6 +81,8 @@ def start_server(tmp_dir: Path, *args: str, model: str | list[str] = "smollm2-13
     api_key = keys[0] if keys else None
     if "--ledger" not in args and "--no-ledger" not in args:
         cmd += ["--ledger", str(tmp_dir / f"ledger-{port}.sqlite")]  # never the user's own ledger
+    if "--batch-dir" not in args and "--no-batch-api" not in args:
+        cmd += ["--batch-dir", str(tmp_dir / f"batches-{port}")]  # nor the user's batches
     log_path = tmp_dir / f"server-{port}.log"
     log = log_path.open("w")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
