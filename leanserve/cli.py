@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from leanserve.batch.cli import add_parser as add_batch
 from leanserve.bench.cli import add_parser as add_bench
 from leanserve.cli_common import CLIError, add_engine_args, engine_config, ensure_model
 from leanserve.cost.cli import add_parser as add_usage
@@ -14,7 +15,7 @@ from leanserve.serve.cli import add_parser as add_serve
 
 # Every command's module is imported directly: a broken import fails `leanserve` loudly instead of
 # hiding the command. Each module keeps its heavy imports (torch, the model) inside its commands.
-COMMANDS = (add_serve, add_bench, add_usage, add_eval)
+COMMANDS = (add_serve, add_batch, add_bench, add_usage, add_eval)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

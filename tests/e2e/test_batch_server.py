@@ -118,3 +118,26 @@ def test_kill_9_during_a_batch_then_restart_completes_every_line_once(tmp_path):
     rows = conn.execute("SELECT COUNT(*), SUM(cost_usd) FROM requests WHERE batch_id = ? AND finish_reason != 'abort'",
                         (b.id,)).fetchone()
     assert rows[0] >= 24 and rows[1] > 0
+
+
+def test_leanserve_batch_runs_the_same_file_in_process(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join([line(0), line(1), "{broken"]) + "\n")
+    out = tmp_path / "out.jsonl"
+    run = subprocess.run([sys.executable, "-m", "leanserve", "batch", str(src), "-o", str(out), "--dtype", "float32",
+                          "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr  # a line failed
+    assert "2 of 3 requests done, 1 failed" in run.stderr
+    done = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["custom_id"] for r in done] == ["req-0", "req-1"]
+    assert all(r["response"]["body"]["usage"]["cost"] > 0 for r in done)
+    (err,) = [json.loads(x) for x in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert err["error"]["code"] == "invalid_request" and "line 3" in err["error"]["message"]
+    bad = subprocess.run([sys.executable, "-m", "leanserve", "batch", str(tmp_path / "none.jsonl"), "-o", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("leanserve: error: no input file")
