@@ -95,3 +95,19 @@ def test_bad_batch_requests_are_clear_errors(served):
     r = client.post("/v1/batches", headers=h(), json={"input_file_id": f["id"], "endpoint": "/v1/embeddings"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "endpoint"
     assert client.post("/v1/batches/batch_nope/cancel", headers=h()).status_code == 404
+
+
+def test_a_batch_near_its_windows_end_runs_as_interactive(served):
+    client, priorities, _ = served
+    runner = client.app.state.batch_runner
+    runner.clock = lambda: time.time() + 0.85 * 3600  # the last fifth of a 1h window
+    line = {"custom_id": "late", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi", "max_tokens": 2}}
+    f = client.post("/v1/files", headers=h(), files={"file": ("in.jsonl", json.dumps(line).encode())},
+                    data={"purpose": "batch"}).json()
+    b = client.post("/v1/batches", headers=h(), json={"input_file_id": f["id"], "endpoint": "/v1/completions",
+                                                       "completion_window": "1h"}).json()
+    deadline = time.monotonic() + 10
+    while (b := client.get(f"/v1/batches/{b['id']}", headers=h()).json())["status"] != "completed":
+        assert time.monotonic() < deadline, b
+        time.sleep(0.02)
+    assert priorities == [Priority.INTERACTIVE]
