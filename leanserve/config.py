@@ -68,9 +68,13 @@ class SchedulerConfig:
     max_num_seqs: int = 128
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
+    # BATCH-priority sequences a step may carry when it also carries INTERACTIVE ones; None: no cap
+    max_batch_seqs_beside_interactive: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.max_num_batched_tokens >= 1, f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        _require(self.max_batch_seqs_beside_interactive is None or self.max_batch_seqs_beside_interactive >= 0,
+                 f"max_batch_seqs_beside_interactive must be >= 0, got {self.max_batch_seqs_beside_interactive}")
         _require(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         _require(self.max_model_len >= 1, f"max_model_len must be >= 1, got {self.max_model_len}")
         _require(
@@ -99,6 +103,10 @@ class EngineConfig:
     max_num_batched_tokens: int = field(default=512, metadata=_cli(
         "tokens one model step may compute (its prefill chunks and decodes together)"))
     max_num_seqs: int = field(default=128, metadata=_cli("sequences in the running batch at most"))
+    batch_seqs_beside_interactive: int = field(default=2, metadata=_cli(
+        "batch-priority sequences (the batch API's lines) a step may carry beside interactive ones: on a CPU a "
+        "decode step's time grows with its rows, so more would slow interactive tokens (0: batch work only in "
+        "steps without interactive work; batch work alone is not capped)", metavar="N"))
     max_model_len: int | None = field(default=None, metadata=_cli(
         "context length (default: the model's own, capped by the KV cache)"))
     speculative: str = field(default="off", metadata=_cli(
@@ -128,6 +136,8 @@ class EngineConfig:
         _require(self.block_size in (8, 16, 32, 64, 128), f"block_size must be 8, 16, 32, 64 or 128, got {self.block_size}")
         _require(self.max_num_batched_tokens >= 1, f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         _require(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        _require(self.batch_seqs_beside_interactive >= 0,
+                 f"batch_seqs_beside_interactive must be >= 0, got {self.batch_seqs_beside_interactive}")
         _require(self.max_model_len is None or self.max_model_len >= 1, f"max_model_len must be >= 1, got {self.max_model_len}")
         _require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
         _require(self.speculative in SPECULATIVE_METHODS,

@@ -124,7 +124,8 @@ class LLMEngine:
                 f"to at least {-(-max_len // config.block_size) * block_bytes / 2**20:.0f} MiB or lower --max-model-len")
         self.max_model_len = max_len
         self.cache_config = CacheConfig(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler_config = SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, max_len)
+        self.scheduler_config = SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, max_len,
+                                                max_batch_seqs_beside_interactive=config.batch_seqs_beside_interactive)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_cache)
         self.runner = ModelRunner(loaded, self.cache_config)

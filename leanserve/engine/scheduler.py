@@ -5,6 +5,11 @@ running requests. Requests are served in priority order, class by class:
 
     INTERACTIVE running -> INTERACTIVE waiting -> BATCH running -> BATCH waiting
 
+A step that carries INTERACTIVE work carries at most ``max_batch_seqs_beside_interactive`` BATCH
+sequences (the others keep their seats and blocks and wait a step): on a CPU a step's time grows
+with its rows, so batch rows beside interactive ones slow every interactive token; alone, batch
+work fills the step.
+
 Within a class, running requests go first (decodes and unfinished prefill chunks never stall
 behind new prompts) and everything is FCFS by arrival. Putting INTERACTIVE admissions ahead of
 BATCH decodes is what lets an INTERACTIVE request preempt BATCH ones safely: a preemption victim
@@ -109,6 +114,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         step = _Step(self.config.max_num_batched_tokens)
         for priority in Priority:  # INTERACTIVE, then BATCH
+            cap = self.config.max_batch_seqs_beside_interactive
+            step.seats = cap if priority is Priority.BATCH and cap is not None and step.scheduled else None
             self._schedule_running(step, priority)
             self._schedule_waiting(step, priority)
         scheduled = list(step.scheduled.values())
@@ -187,7 +194,7 @@ class Scheduler:
 
     def _schedule_running(self, step: _Step, priority: Priority) -> None:
         for request in [r for r in self._running if r.priority == priority]:
-            if step.budget == 0:
+            if step.budget == 0 or step.seats == 0:
                 return
             if request.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
@@ -212,7 +219,7 @@ class Scheduler:
             request = queue[0]
             # A request preempted this step stays out until the next one; it is at the head of
             # its class, so FCFS stops the admissions behind it too.
-            if step.budget == 0 or request.request_id in step.preempted_ids:
+            if step.budget == 0 or step.seats == 0 or request.request_id in step.preempted_ids:
                 step.admitting = False
                 return
             if len(self._running) >= self.config.max_num_seqs:
@@ -274,7 +281,10 @@ class _Step:
         self.scheduled: dict[str, ScheduledRequest] = {}
         self.preempted_ids: list[str] = []
         self.admitting = True  # FCFS: once a waiting request cannot start, nothing behind it may
+        self.seats: int | None = None  # sequences the class being scheduled may still add; None: any
 
     def add(self, s: ScheduledRequest) -> None:
         self.scheduled[s.request.request_id] = s
         self.budget -= s.num_new_tokens
+        if self.seats is not None:
+            self.seats -= 1

@@ -36,9 +36,10 @@ def make_sched() -> Iterator[Callable[..., Scheduler]]:
         max_model_len: int | None = None,
         chunked: bool = True,
         caching: bool = True,
+        batch_beside: int | None = None,
     ) -> Scheduler:
         kv = KVCacheManager(num_blocks, BS, caching)
-        config = SchedulerConfig(budget, max_num_seqs, max_model_len or num_blocks * BS, chunked)
+        config = SchedulerConfig(budget, max_num_seqs, max_model_len or num_blocks * BS, chunked, batch_beside)
         s = Scheduler(config, kv)
         made.append(s)
         return s
@@ -187,6 +188,31 @@ def test_interactive_admission_comes_before_batch_decodes(make_sched) -> None:
     assert chunks(out) == {"y": 8}
     assert s.get_request("x").status is RequestStatus.RUNNING  # skipped this step, not preempted
     assert chunks(step(s)) == {"y": 2, "x": 1}
+
+
+def test_batch_sequences_beside_interactive_ones_are_capped(make_sched) -> None:
+    s = make_sched(budget=32, batch_beside=1)
+    for rid in ("x1", "x2", "x3"):
+        s.add_request(req(rid, 2, BATCH))
+    assert chunks(step(s)) == {"x1": 2, "x2": 2, "x3": 2}  # alone, batch work fills the step
+    s.add_request(req("y", 3))
+    assert chunks(step(s)) == {"y": 3, "x1": 1}  # beside interactive work: one batch sequence
+    assert chunks(step(s)) == {"y": 1, "x1": 1}  # the others keep their seats, and wait
+    assert s.get_request("x2").status is RequestStatus.RUNNING and s.get_request("x3").num_computed_tokens == 2
+    s.finish_request("y", RequestStatus.FINISHED_STOPPED)
+    assert chunks(step(s)) == {"x1": 1, "x2": 1, "x3": 1}
+    s.add_request(req("z", 2))
+    s.add_request(req("w", 2, BATCH))  # a waiting batch request is not admitted past the cap either
+    assert chunks(step(s)) == {"z": 2, "x1": 1}
+
+
+def test_no_batch_sequence_beside_interactive_ones_with_a_cap_of_0(make_sched) -> None:
+    s = make_sched(budget=32, batch_beside=0)
+    s.add_request(req("x", 2, BATCH))
+    s.add_request(req("y", 2))
+    assert chunks(step(s)) == {"y": 2}
+    s.finish_request("y", RequestStatus.FINISHED_STOPPED)
+    assert chunks(step(s)) == {"x": 2}
 
 
 def test_running_request_preempts_the_latest_one(make_sched) -> None:
