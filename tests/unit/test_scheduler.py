@@ -404,7 +404,7 @@ def test_randomized_stress(seed: int) -> None:
     max_model_len = rng.randint(num_blocks * bs // 2, num_blocks * bs)
     chunked = seed % 3 != 2
     budget = rng.randint(1, 40) if chunked else rng.randint(max_model_len, max_model_len + 20)
-    config = SchedulerConfig(budget, rng.randint(1, 6), max_model_len, chunked)
+    config = SchedulerConfig(budget, rng.randint(1, 6), max_model_len, chunked, [None, 0, 1, 2][seed % 4])
     kv = KVCacheManager(num_blocks, bs, enable_prefix_caching=seed % 4 != 3)
     s = Scheduler(config, kv)
     fake = FakeKV(bs)
