@@ -103,10 +103,10 @@ class EngineConfig:
     max_num_batched_tokens: int = field(default=512, metadata=_cli(
         "tokens one model step may compute (its prefill chunks and decodes together)"))
     max_num_seqs: int = field(default=128, metadata=_cli("sequences in the running batch at most"))
-    batch_seqs_beside_interactive: int = field(default=2, metadata=_cli(
-        "batch-priority sequences (the batch API's lines) a step may carry beside interactive ones: on a CPU a "
-        "decode step's time grows with its rows, so more would slow interactive tokens (0: batch work only in "
-        "steps without interactive work; batch work alone is not capped)", metavar="N"))
+    batch_seqs_beside_interactive: int = field(default=0, metadata=_cli(
+        "batch-priority sequences (the batch API's lines) a step may carry beside interactive ones (0: batch work "
+        "runs only in steps without interactive work; measured on a 2-core CPU, where a decode step's time grows "
+        "with its rows: 2 doubled interactive TPOT, 0 kept it flat; batch work alone is not capped)", metavar="N"))
     max_model_len: int | None = field(default=None, metadata=_cli(
         "context length (default: the model's own, capped by the KV cache)"))
     speculative: str = field(default="off", metadata=_cli(
