@@ -268,23 +268,25 @@ def test_every_cost_and_receipt_adds_up_in_cost_and_the_ledger(gateway, spent, p
     assert math.fsum(levers) == pytest.approx(total["saved"]["usd"], rel=1e-9, abs=1e-15)
 
 
-# ---- restarts and failures -----------------------------------------------------------------------
+# ---- failures and restarts -----------------------------------------------------------------------
 
-def test_a_restart_keeps_the_cache_and_a_failing_upstream_is_a_clean_error(gateway, paths, upstream):
+def test_a_failing_upstream_is_a_clean_error_and_a_restart_keeps_the_cache(gateway, paths, upstream):
     prompt = "Three colours of the rainbow are"
     first, _, _ = complete(gateway, None, model="smollm2-135m", prompt=prompt)
+    # the upstream goes away while the gateway runs: an OpenAI-format error, the local models serve on
+    upstream.stop()
+    with pytest.raises(openai.APIStatusError) as e:
+        complete(gateway, None, model="remote", prompt="Something new to ask", max_tokens=4)
+    assert e.value.status_code == 502 and e.value.body["code"] == "upstream_unreachable"
+    r, _, _ = complete(gateway, None, model="gemma3-270m", prompt="Something new to ask", max_tokens=4)
+    assert r.choices[0].finish_reason in ("stop", "length")
     gateway.stop()
-    again = _start_gateway(paths, upstream.v1)
+    # a new server on the same cache file (here with one model: entries are keyed by model name) answers from it
+    again = start_server(paths["dir"], "--response-cache", "--cache-path", str(paths["cache"]), "--no-ledger",
+                         api_key=[KEY1, KEY2])
     try:
         r, h, b = complete(again, None, model="smollm2-135m", prompt=prompt)
         assert h["x-leanserve-cache"] == "hit" and r.choices[0].text == first.choices[0].text
         assert b["usage"]["cost"] == 0.0
-        # the upstream goes away while the gateway runs: an OpenAI-format error, the local models serve on
-        upstream.stop()
-        with pytest.raises(openai.APIStatusError) as e:
-            complete(again, None, model="remote", prompt="Something new to ask", max_tokens=4)
-        assert e.value.status_code == 502 and e.value.body["code"] == "upstream_unreachable"
-        r, _, _ = complete(again, None, model="smollm2-135m", prompt="Something new to ask", max_tokens=4)
-        assert r.choices[0].finish_reason in ("stop", "length")
     finally:
         again.stop()
