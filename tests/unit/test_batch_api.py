@@ -47,6 +47,15 @@ def h(key: str = "k1") -> dict:
     return {"Authorization": f"Bearer {key}"}
 
 
+def completed(client, batch_id: str) -> dict:
+    """The batch once completed (at most 10 s: the fake engine's lines take milliseconds)."""
+    deadline = time.monotonic() + 10
+    while (b := client.get(f"/v1/batches/{batch_id}", headers=h()).json())["status"] != "completed":
+        assert time.monotonic() < deadline, b
+        time.sleep(0.02)
+    return b
+
+
 def test_a_batch_runs_in_the_batch_class_at_its_price_and_is_its_owners(served):
     client, priorities, tmp = served
     lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
@@ -57,10 +66,7 @@ def test_a_batch_runs_in_the_batch_class_at_its_price_and_is_its_owners(served):
     assert client.get(f"/v1/files/{f['id']}", headers=h("k2")).status_code == 404  # another key's
     b = client.post("/v1/batches", headers=h(), json={"input_file_id": f["id"], "endpoint": "/v1/completions",
                                                        "completion_window": "24h"}).json()
-    deadline = time.monotonic() + 10
-    while (b := client.get(f"/v1/batches/{b['id']}", headers=h()).json())["status"] != "completed":
-        assert time.monotonic() < deadline, b
-        time.sleep(0.02)
+    b = completed(client, b["id"])
     assert b["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
     assert priorities == [Priority.BATCH] * 3
     out = [json.loads(x) for x in client.get(f"/v1/files/{b['output_file_id']}/content", headers=h()).text.splitlines()]
@@ -106,8 +112,5 @@ def test_a_batch_near_its_windows_end_runs_as_interactive(served):
                     data={"purpose": "batch"}).json()
     b = client.post("/v1/batches", headers=h(), json={"input_file_id": f["id"], "endpoint": "/v1/completions",
                                                        "completion_window": "1h"}).json()
-    deadline = time.monotonic() + 10
-    while (b := client.get(f"/v1/batches/{b['id']}", headers=h()).json())["status"] != "completed":
-        assert time.monotonic() < deadline, b
-        time.sleep(0.02)
+    b = completed(client, b["id"])
     assert priorities == [Priority.INTERACTIVE]
