@@ -22,6 +22,7 @@ usage chunk only if it asked).
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import math
@@ -348,7 +349,7 @@ class Gateway:
     async def _hit(self, name: str, call: Call, scope: str | None, entry: Any, similarity: float | None = None) -> Response:
         """Answer from the cache: the stored response under a new id, $0 (a semantic hit: what its
         lookup's embedding cost), its receipt the first answer's cost."""
-        resp = _copy(entry.response)
+        resp = copy.deepcopy(entry.response)
         rid = f"{'chatcmpl' if call.endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         first_id = resp.get("id")
         resp["id"], resp["created"] = rid, int(time.time())
@@ -566,12 +567,6 @@ async def _next(chunks: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None:
         return await chunks.__anext__()
     except StopAsyncIteration:
         return None
-
-
-def _copy(obj: Any) -> Any:
-    import copy
-
-    return copy.deepcopy(obj)
 
 
 def _finish(resp: dict[str, Any]) -> str:
