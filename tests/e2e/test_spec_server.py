@@ -30,7 +30,9 @@ def test_completion_equals_no_speculation_and_reports_predictions(server):
     assert r.choices[0].text == want.text
     details = r.usage.completion_tokens_details
     accepted, rejected = details.accepted_prediction_tokens, details.rejected_prediction_tokens
-    assert accepted > 5 and rejected >= 0  # the list is in the prompt: drafts are accepted
+    # the list is in the prompt: drafts are accepted (how many depends on the drafts the server's own step
+    # timings size, so a loaded machine may draft fewer: a CI run saw exactly 5)
+    assert accepted > 0 and rejected >= 0
     after = server.metrics()
     assert after["leanserve:spec_decode_num_accepted_tokens_total"] - before.get("leanserve:spec_decode_num_accepted_tokens_total", 0) == accepted
     assert (after["leanserve:spec_decode_num_draft_tokens_total"] - before.get("leanserve:spec_decode_num_draft_tokens_total", 0)
