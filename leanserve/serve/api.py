@@ -40,6 +40,7 @@ from leanserve.engine.async_engine import (AsyncEngine, EngineDeadError, EngineS
                                            QueueFullError, RequestStream, RequestTimeoutError)
 from leanserve.serve import responses as R
 from leanserve.serve.auth import APIKeyAuth, _bearer
+from leanserve.serve.dashboard import PATH as DASHBOARD_PATH, install_dashboard
 from leanserve.serve.errors import APIError, from_value_error, install_error_handlers, invalid
 from leanserve.serve.metrics import CONTENT_TYPE, ServerMetrics
 from leanserve.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
@@ -48,7 +49,9 @@ from leanserve.serve.protocol import (ChatCompletionRequest, ChatCompletionRespo
 from leanserve.tokenizer import ChatTemplateError
 from leanserve.types import Priority, RequestOutput, SamplingParams
 
-OPEN_PATHS = frozenset({"/health", "/version", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# the dashboard is a static page with no data: its script asks for the key (serve/dashboard.py)
+OPEN_PATHS = frozenset({"/health", "/version", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
+                        DASHBOARD_PATH})
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MAX_CHARS_PER_TOKEN = 32  # prompt text longer than this x the context is refused before tokenizing
 
@@ -589,6 +592,8 @@ def build_app(engines: AsyncEngine | dict[str, AsyncEngine], settings: ServerSet
     @app.get("/metrics", tags=["ops"], dependencies=secured, summary="Prometheus metrics (leanserve: prefix)")
     async def metrics() -> Response:
         return Response(server_metrics.render(), media_type=CONTENT_TYPE)
+
+    install_dashboard(app)
 
     @app.get("/v1/cost", tags=["cost"], dependencies=secured, responses=_error_responses(401),
              summary="cost figures since start and over a sliding window (docs/cost.md)")
