@@ -1,4 +1,4 @@
-"""`leanserve pull | models | generate | serve | bench | usage | eval`: argument parsing and one-line errors."""
+"""`leanserve pull | models | generate | serve | bench | usage | eval | plan`: argument parsing and one-line errors."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from leanserve.bench.cli import add_parser as add_bench
 from leanserve.cli_common import CLIError, add_engine_args, engine_config, ensure_model
 from leanserve.cost.cli import add_parser as add_usage
 from leanserve.eval.cli import add_parser as add_eval
+from leanserve.plan.cli import add_parser as add_plan
 from leanserve.serve.cli import add_parser as add_serve
 
 # Every command's module is imported directly: a broken import fails `leanserve` loudly instead of
 # hiding the command. Each module keeps its heavy imports (torch, the model) inside its commands.
-COMMANDS = (add_serve, add_batch, add_bench, add_usage, add_eval)
+COMMANDS = (add_serve, add_batch, add_bench, add_usage, add_eval, add_plan)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

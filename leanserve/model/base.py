@@ -156,6 +156,17 @@ class CausalLM(nn.Module):
                 if qw is not None:
                     self._set_qweight(modules, module_name, qw)
 
+    def quantized_reads(self) -> tuple[int, int, int]:
+        """(rows, bytes, weights): steps of at most ``rows`` tokens read the layers' quantized blocks
+        (``bytes`` holding ``weights`` weights, the LM head's included where it has them, though its
+        own row limit may be lower); (0, 0, 0) if none."""
+        layers = [m.qweight for m in self.modules() if getattr(m, "qweight", None) is not None]
+        if not layers:
+            return 0, 0, 0
+        quant = layers + ([self.lm_head_q] if self.lm_head_q is not None else [])
+        return (max(q.max_rows for q in layers), sum(q.nbytes for q in quant),
+                sum(q.shape[0] * q.shape[1] for q in quant))
+
     def quantized_summary(self) -> str:
         """E.g. '121 of 121 matmuls also in 4/8-bit GGUF blocks (115 MB), read ... up to 4 rows; 121
         packed for AMX (269 MB)'; '' if neither."""

@@ -1,0 +1,316 @@
+"""`leanserve plan calibrate`: what fraction of this machine's peak the engine's real steps reach.
+
+1. The machine's peaks, measured now: the read rate of a 512 MiB buffer (past every cache) and
+   the best rate of square matmuls (512, 1024, 2048) in float32 and bfloat16.
+2. A short sweep of real engine steps through the public engine API (add_request / step), each of
+   a composition known by construction: pure decode steps of B sequences at context C (B from 1 to
+   128), and single prompt chunks of L tokens at a given start.
+3. A fit of the roofline's six parameters (roofline.Efficiency: four fractions of peak, a per-step
+   and a per-sequence overhead) minimising the squared relative error over the sweep's steps: the
+   four fractions on a grid, the two overheads by least squares for each grid point.
+
+The result is stored as JSON (``calibration_path()``), one entry per model and dtype, beside the
+measured peaks, the CPU and the date; ``leanserve plan`` uses it for the hardware it was measured on.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from leanserve.plan.roofline import Efficiency, Machine, ModelShape, Precision, Step, StepWork, step_work
+
+CALIBRATION_VERSION = 1
+GRID = tuple(round(0.01 * (2.0 / 0.01) ** (i / 35), 6) for i in range(36))  # 0.01 .. 2, geometric (above 1: a
+# working set that stays in the caches reads faster than the 512 MiB buffer the peak is measured with)
+
+
+def calibration_path() -> Path:
+    from leanserve.env import home
+
+    return home() / "plan" / "calibration.json"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---- the machine's peaks ----------------------------------------------------------------------
+
+def measure_peaks(log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """{'bandwidth_gbps', 'peak_flops': {'fp32', 'bf16'}} of this machine, now (medians of repeats)."""
+    import torch
+
+    def median_time(fn: Callable[[], Any], repeats: int = 7) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    big = torch.ones(128 * 2**20)  # 512 MiB of float32
+    bandwidth = big.numel() * 4 / median_time(lambda: big.sum()) / 1e9
+    del big
+    flops: dict[str, float] = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        best = 0.0
+        for size in (512, 1024, 2048):
+            a = torch.randn(size, size).to(dtype)
+            b = torch.randn(size, size).to(dtype)
+            best = max(best, 2 * size**3 / median_time(lambda: a @ b, repeats=5))
+        flops[name] = best
+    log(f"peaks: read {bandwidth:.1f} GB/s, fp32 {flops['fp32'] / 1e9:,.0f} GFLOP/s, "
+        f"bf16 {flops['bf16'] / 1e9:,.0f} GFLOP/s ({torch.get_num_threads()} threads)")
+    return {"bandwidth_gbps": bandwidth, "peak_flops": flops, "threads": torch.get_num_threads()}
+
+
+# ---- the sweep ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Observation:
+    """One measured engine step of a known composition."""
+
+    step: Step
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_decode": self.step.num_decode, "decode_kv": list(self.step.decode_kv),
+                "prefill": [list(p) for p in self.step.prefill], "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Observation":
+        return cls(Step(int(d["num_decode"]), tuple(int(x) for x in d["decode_kv"]),
+                        tuple((int(a), int(b), bool(c)) for a, b, c in d["prefill"])), float(d["seconds"]))
+
+
+DECODE_POINTS = ((1, 64), (2, 64), (4, 64), (8, 64), (16, 64), (32, 64), (64, 64), (128, 64),
+                 (1, 1024), (8, 1024), (16, 1024), (48, 512))
+PREFILL_POINTS = ((16,), (64,), (128,), (256,), (512,), (1536,))  # prompt lengths, one request each
+QUICK_DECODE_POINTS = ((1, 64), (8, 64), (32, 64), (128, 64), (8, 1024), (24, 512))
+QUICK_PREFILL_POINTS = ((64,), (512,), (1536,))
+
+
+def decode_kv(shape: ModelShape, contexts: list[int]) -> tuple[int, ...]:
+    """Step.decode_kv for decoding sequences whose step attends ``contexts`` keys each."""
+    return tuple(sum(c if w is None else min(c, w) for c in contexts) for w, _ in shape.window_groups())
+
+
+def run_sweep(engine: Any, shape: ModelShape, quick: bool = False, decode_steps: int = 5, seed: int = 0,
+              log: Callable[[str], None] = lambda s: None) -> list[Observation]:
+    """Time real steps of ``engine`` (an LLMEngine with max_num_batched_tokens >= 512) whose
+    composition is known: see the module's docstring."""
+    from leanserve.types import SamplingParams
+
+    rng = random.Random(seed)
+    budget = engine.scheduler_config.max_num_batched_tokens
+    vocab = shape.vocab_size
+
+    def prompt(n: int) -> list[int]:
+        return [rng.randrange(100, vocab - 100) for _ in range(n)]
+
+    def submit(n_prompt: int, max_tokens: int) -> str:
+        rid = engine.new_request_id()
+        engine.add_request(rid, prompt(n_prompt), SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        return rid
+
+    def drain() -> None:
+        while engine.has_unfinished():
+            engine.step()
+
+    submit(32, 4)  # warm-up: first calls load kernels and fill allocator caches
+    drain()
+    obs: list[Observation] = []
+    for batch, context in (QUICK_DECODE_POINTS if quick else DECODE_POINTS):
+        # enough tokens that nobody finishes while the last prompts are still being computed
+        max_tokens = -(-batch * context // budget) + decode_steps + 4
+        ids = [submit(context, max_tokens) for _ in range(batch)]
+        produced = dict.fromkeys(ids, 0)
+        while min(produced.values()) == 0:  # prefill every prompt; each samples its first token
+            for out in engine.step().outputs:
+                produced[out.request_id] = len(out.outputs[0].token_ids)
+        times = []
+        for j in range(decode_steps):
+            # the token being decoded is each one's last output, at position context + produced - 1
+            step = Step(batch, decode_kv(shape, [context + n for n in produced.values()]))
+            t = time.perf_counter()
+            result = engine.step()
+            times.append(time.perf_counter() - t)
+            if j:  # the first decode step after the prefills is a warm-up
+                obs.append(Observation(step, times[-1]))
+            for out in result.outputs:
+                produced[out.request_id] = len(out.outputs[0].token_ids)
+        for rid in ids:
+            engine.abort_request(rid)
+        drain()
+        log(f"decode batch {batch:>3} at context {context:>4}: median step "
+            f"{1e3 * statistics.median(times[1:]):.2f} ms")
+    for (length,) in (QUICK_PREFILL_POINTS if quick else PREFILL_POINTS):
+        for _ in range(3):
+            submit(length, 1)
+            start = 0
+            while engine.has_unfinished():
+                n = min(budget, length - start)
+                t = time.perf_counter()
+                engine.step()
+                seconds = time.perf_counter() - t
+                obs.append(Observation(Step(0, (0,) * len(shape.window_groups()), ((start, n, start + n == length),)),
+                                       seconds))
+                start += n
+        log(f"prefill of {length} tokens: {1e3 * sum(o.seconds for o in obs[-3 * -(-length // budget):]) / 3:.1f} ms")
+    return obs
+
+
+# ---- the fit -----------------------------------------------------------------------------------
+
+def fit(observations: list[Observation], shape: ModelShape, precision: Precision, machine: Machine,
+        source: str) -> tuple[Efficiency, dict[str, float]]:
+    """The Efficiency minimising sum(((predicted - measured) / measured)^2), and the fit's errors."""
+    import numpy as np
+
+    if len(observations) < 4:
+        raise ValueError("a calibration needs at least 4 measured steps")
+    works: list[StepWork] = [step_work(shape, o.step, precision) for o in observations]
+    meas = np.array([o.seconds for o in observations])
+    seqs = np.array([o.step.num_seqs for o in observations], dtype=float)
+    bw = machine.bandwidth_gbps * 1e9
+    peak = machine.flops_for(precision.compute_dtype)
+    grid = np.array(GRID)
+    lb = np.array([w.linear_bytes for w in works]) / bw
+    lf = np.array([w.linear_flops for w in works]) / peak
+    ab = np.array([w.attention_bytes for w in works]) / bw
+    af = np.array([w.attention_flops for w in works]) / peak
+    # time of each kind at every grid pair: (G, G, N) -> flattened (G*G, N)
+    lin = np.maximum(lb[None, None, :] / grid[:, None, None], lf[None, None, :] / grid[None, :, None]).reshape(-1, len(meas))
+    att = np.maximum(ab[None, None, :] / grid[:, None, None], af[None, None, :] / grid[None, :, None]).reshape(-1, len(meas))
+    w = 1.0 / meas**2
+    a11, a12, a22 = w.sum(), (w * seqs).sum(), (w * seqs * seqs).sum()
+    det = a11 * a22 - a12 * a12
+    best = (np.inf, 0, 0, 0.0, 0.0)
+    for i in range(lin.shape[0]):
+        r = meas[None, :] - lin[i][None, :] - att  # (G*G, N): what the overheads must explain
+        b1, b2 = (w * r).sum(axis=1), (w * seqs * r).sum(axis=1)
+        t0 = (a22 * b1 - a12 * b2) / det
+        ts = (a11 * b2 - a12 * b1) / det
+        # overheads cannot be negative: where one is, set it to 0 and fit the other alone
+        neg0, negs = t0 < 0, ts < 0
+        t0 = np.where(neg0, 0.0, t0)
+        ts = np.where(neg0, np.maximum(b2 / a22, 0.0), ts)
+        ts = np.where(negs & ~neg0, 0.0, ts)
+        t0 = np.where(negs & ~neg0, np.maximum(b1 / a11, 0.0), t0)
+        err = (w * (r - t0[:, None] - ts[:, None] * seqs[None, :]) ** 2).sum(axis=1)
+        j = int(np.argmin(err))
+        if err[j] < best[0]:
+            best = (float(err[j]), i, j, float(t0[j]), float(ts[j]))
+    _, i, j, t0, ts = best
+    g = len(grid)
+    eff = Efficiency(mem=float(grid[i // g]), flops=float(grid[i % g]), kv_mem=float(grid[j // g]),
+                     attn_flops=float(grid[j % g]), step_overhead_s=t0, seq_overhead_s=ts, source=source)
+    pred = lin[i] + att[j] + t0 + ts * seqs
+    rel = np.abs(pred - meas) / meas
+    return eff, {"median_abs_rel_error": float(np.median(rel)), "max_abs_rel_error": float(rel.max()),
+                 "steps": int(len(meas))}
+
+
+# ---- the stored calibration --------------------------------------------------------------------
+
+def model_key(model: str, precision: Precision) -> str:
+    return f"{Path(model).name if os.sep in model else model}|{precision.label()}"
+
+
+def load_calibrations(path: Path | None = None) -> dict[str, Any]:
+    """The stored calibrations ({} when there are none). ValueError, one line, when unreadable."""
+    path = path or calibration_path()
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the calibration file {path}: {e}") from None
+    if not isinstance(data, dict) or data.get("version") != CALIBRATION_VERSION or not isinstance(data.get("machines"), dict):
+        raise ValueError(f"{path} is not a leanserve plan calibration (version {CALIBRATION_VERSION}); "
+                         "run `leanserve plan calibrate` again")
+    return data
+
+
+def save_calibration(hardware: str, peaks: dict[str, Any], model: str, shape: ModelShape, precision: Precision,
+                     eff: Efficiency, errors: dict[str, float], observations: list[Observation],
+                     path: Path | None = None) -> Path:
+    path = path or calibration_path()
+    data = load_calibrations(path) if path.exists() else {}
+    data = data or {"version": CALIBRATION_VERSION, "machines": {}}
+    entry = data["machines"].setdefault(hardware, {})
+    entry.update(cpu=cpu_name(), peaks=peaks, date=_dt.date.today().isoformat())
+    entry.setdefault("models", {})[model_key(model, precision)] = {
+        "model": model, "shape": shape.name, "precision": {"weights": precision.weights, "kv_cache": precision.kv_cache,
+                                                           "small_batch": precision.small_batch},
+        "efficiency": eff.to_dict(), "fit": errors, "observations": [o.to_dict() for o in observations],
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def efficiency_from(entry: dict[str, Any], source: str) -> Efficiency:
+    e = entry["efficiency"]
+    return Efficiency(mem=e["mem"], flops=e["flops"], kv_mem=e["kv_mem"], attn_flops=e["attn_flops"],
+                      step_overhead_s=e["step_overhead_s"], seq_overhead_s=e["seq_overhead_s"], source=source)
+
+
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def engine_precision(info: Any) -> Precision:
+    """How a built engine (its ModelInfo) stores its weights and KV cache."""
+    dtype = DTYPE_NAMES.get(info.dtype, info.dtype)
+    small = (info.quantized_rows, info.quantized_bytes / info.quantized_params) if info.quantized_rows else None
+    return Precision(weights=dtype, kv_cache=dtype, small_batch=small)
+
+
+def local_machine(peaks: dict[str, Any], memory_gb: float | None = None) -> Machine:
+    return Machine("cpu-local", float(peaks["bandwidth_gbps"]), dict(peaks["peak_flops"]), memory_gb, "cpu")
+
+
+def calibrate(models: list[str], dtype: str = "auto", quick: bool = False, hardware: str = "cpu-local",
+              path: Path | None = None, log: Callable[[str], None] = lambda s: None) -> Path:
+    """Measure the peaks, sweep each model's steps, fit and store. Returns the file written."""
+    from leanserve.config import EngineConfig
+    from leanserve.engine.engine import LLMEngine
+    from leanserve.plan.model import load_shape
+
+    peaks = measure_peaks(log)
+    machine = local_machine(peaks)
+    written = path or calibration_path()
+    for model in models:
+        shape = load_shape(model)
+        engine = LLMEngine(EngineConfig(model=model, dtype=dtype, kv_cache_memory=3 << 30, max_num_batched_tokens=512))
+        precision = engine_precision(engine.info)
+        log(f"{model}: {precision.label()}; {engine.describe_runtime()}")
+        obs = run_sweep(engine, shape, quick=quick, log=log)
+        del engine
+        eff, errors = fit(obs, shape, precision, machine, source=f"calibrated on this machine ({cpu_name()})")
+        log(f"{model}: linear layers at {eff.mem:.0%} of peak bandwidth / {eff.flops:.0%} of peak FLOP/s, attention "
+            f"{eff.kv_mem:.0%} / {eff.attn_flops:.0%}, overhead {1e3 * eff.step_overhead_s:.2f} ms per step + "
+            f"{1e6 * eff.seq_overhead_s:.0f} us per sequence; fit: median error "
+            f"{errors['median_abs_rel_error']:.1%}, worst {errors['max_abs_rel_error']:.1%} over {errors['steps']} steps")
+        written = save_calibration(hardware, peaks, model, shape, precision, eff, errors, obs, path)
+    return written
