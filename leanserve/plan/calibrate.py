@@ -100,9 +100,9 @@ class Observation:
                         tuple((int(a), int(b), bool(c)) for a, b, c in d["prefill"])), float(d["seconds"]))
 
 
-DECODE_POINTS = ((1, 64), (2, 64), (4, 64), (8, 64), (16, 64), (32, 64), (64, 64), (128, 64),
-                 (1, 1024), (8, 1024), (16, 1024), (48, 512))
-PREFILL_POINTS = ((16,), (64,), (128,), (256,), (512,), (1536,))  # prompt lengths, one request each
+DECODE_POINTS = ((1, 64), (2, 64), (4, 64), (8, 64), (12, 64), (16, 64), (24, 64), (32, 64), (48, 64), (64, 64),
+                 (96, 64), (128, 64), (1, 1024), (4, 1024), (8, 1024), (16, 1024), (32, 256), (48, 512))
+PREFILL_POINTS = ((16,), (64,), (128,), (256,), (384,), (512,), (1536,))  # prompt lengths, one request each
 QUICK_DECODE_POINTS = ((1, 64), (8, 64), (32, 64), (128, 64), (8, 1024), (24, 512))
 QUICK_PREFILL_POINTS = ((64,), (512,), (1536,))
 
@@ -145,35 +145,40 @@ def run_sweep(engine: Any, shape: ModelShape, quick: bool = False, decode_steps:
         while min(produced.values()) == 0:  # prefill every prompt; each samples its first token
             for out in engine.step().outputs:
                 produced[out.request_id] = len(out.outputs[0].token_ids)
-        times = []
+        times, steps = [], []
         for j in range(decode_steps):
             # the token being decoded is each one's last output, at position context + produced - 1
-            step = Step(batch, decode_kv(shape, [context + n for n in produced.values()]))
+            steps.append(Step(batch, decode_kv(shape, [context + n for n in produced.values()])))
             t = time.perf_counter()
             result = engine.step()
             times.append(time.perf_counter() - t)
-            if j:  # the first decode step after the prefills is a warm-up
-                obs.append(Observation(step, times[-1]))
             for out in result.outputs:
                 produced[out.request_id] = len(out.outputs[0].token_ids)
+        # the first decode step after the prefills is a warm-up; of the rest, the median (a step of
+        # the middle context) stands for the point, so one stray slow step does not
+        timed = sorted(zip(times[1:], range(1, decode_steps)))
+        seconds, j = timed[len(timed) // 2]
+        obs.append(Observation(steps[j], seconds))
         for rid in ids:
             engine.abort_request(rid)
         drain()
         log(f"decode batch {batch:>3} at context {context:>4}: median step "
             f"{1e3 * statistics.median(times[1:]):.2f} ms")
     for (length,) in (QUICK_PREFILL_POINTS if quick else PREFILL_POINTS):
+        chunks: dict[int, list[float]] = {}  # chunk start -> its times over the repeats
         for _ in range(3):
             submit(length, 1)
             start = 0
             while engine.has_unfinished():
-                n = min(budget, length - start)
                 t = time.perf_counter()
                 engine.step()
-                seconds = time.perf_counter() - t
-                obs.append(Observation(Step(0, (0,) * len(shape.window_groups()), ((start, n, start + n == length),)),
-                                       seconds))
-                start += n
-        log(f"prefill of {length} tokens: {1e3 * sum(o.seconds for o in obs[-3 * -(-length // budget):]) / 3:.1f} ms")
+                chunks.setdefault(start, []).append(time.perf_counter() - t)
+                start += budget
+        for start, times in chunks.items():
+            n = min(budget, length - start)
+            step = Step(0, (0,) * len(shape.window_groups()), ((start, n, start + n == length),))
+            obs.append(Observation(step, statistics.median(times)))
+        log(f"prefill of {length} tokens: {1e3 * sum(statistics.median(t) for t in chunks.values()):.1f} ms")
     return obs
 
 

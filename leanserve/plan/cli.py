@@ -216,7 +216,6 @@ def build_plan(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from leanserve.plan.html import html_report
     from leanserve.plan.report import format_plan
 
     plan = build_plan(args)
@@ -227,6 +226,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             return 0
         args.json_out.write_text(text + "\n", encoding="utf-8")
     if args.html is not None:
+        from leanserve.plan.html import html_report
+
         args.html.write_text(html_report(plan), encoding="utf-8")
     print(format_plan(plan))
     return 0

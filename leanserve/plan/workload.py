@@ -175,6 +175,7 @@ def from_ledger(path: Path, window_s: float, rate: float | None = None, model: s
                 q += " AND model = ?"
                 args.append(model)
             rows = con.execute(q, args).fetchall()
+            oldest = con.execute("SELECT MIN(ts) FROM requests").fetchone()[0]
         finally:
             con.close()
     except sqlite3.Error as e:
@@ -185,8 +186,8 @@ def from_ledger(path: Path, window_s: float, rate: float | None = None, model: s
     ins = tuple(int(r[1]) for r in rows)
     outs = tuple(int(r[3]) for r in rows)
     cached = sum(int(r[2]) for r in rows)
-    first = min(r[0] for r in rows)
-    span = min(window_s, max(end - first, 3600.0))  # a ledger younger than the window: its own age
+    # a ledger younger than the window: its own age (an hour at least)
+    span = min(window_s, max(end - float(oldest), 3600.0))
     mean_rate = len(rows) / span
     hours: dict[int, int] = {}
     for ts, *_ in rows:
