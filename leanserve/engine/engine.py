@@ -131,12 +131,11 @@ class LLMEngine:
         self.runner = ModelRunner(loaded, self.cache_config)
         self.eos_token_ids = loaded.eos_token_ids
         n_params, n_bytes = model_size(loaded.model)
-        q_rows, q_bytes, q_params = loaded.model.quantized_reads()
         self.info = ModelInfo(max_model_len=max_len, vocab_size=int(mcfg.vocab_size), kv_cache_tokens=capacity,
                               max_num_seqs=config.max_num_seqs, dtype=str(loaded.dtype).removeprefix("torch."),
                               device=str(loaded.device), num_params=n_params, weight_bytes=n_bytes,
-                              hidden_size=int(mcfg.hidden_size), quantized_rows=q_rows, quantized_bytes=q_bytes,
-                              quantized_params=q_params)
+                              hidden_size=int(mcfg.hidden_size),
+                              small_step_reads=loaded.model.small_step_reads())
         self._groups: dict[str, _Group] = {}
         self._seqs: dict[str, _Sequence] = {}
         self._ids = itertools.count()

@@ -47,11 +47,9 @@ class ModelInfo:
     num_params: int = 0  # of the weights, for achieved FLOP/s
     weight_bytes: int = 0  # bytes a step reads, for achieved bandwidth
     hidden_size: int = 0  # the width of a prompt embedding (SamplingParams.embed)
-    # steps of at most this many tokens read the weights' quantized blocks instead (CPU, GGUF): their
-    # bytes and the number of weights they hold; 0 where there are none
-    quantized_rows: int = 0
-    quantized_bytes: int = 0
-    quantized_params: int = 0
+    # small steps read the weights' quantized blocks (CPU, GGUF): ((rows, bytes), ...), each the weight
+    # bytes a step of at most that many tokens reads (CausalLM.small_step_reads); () where none
+    small_step_reads: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass

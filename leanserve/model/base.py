@@ -156,16 +156,23 @@ class CausalLM(nn.Module):
                 if qw is not None:
                     self._set_qweight(modules, module_name, qw)
 
-    def quantized_reads(self) -> tuple[int, int, int]:
-        """(rows, bytes, weights): steps of at most ``rows`` tokens read the layers' quantized blocks
-        (``bytes`` holding ``weights`` weights, the LM head's included where it has them, though its
-        own row limit may be lower); (0, 0, 0) if none."""
-        layers = [m.qweight for m in self.modules() if getattr(m, "qweight", None) is not None]
-        if not layers:
-            return 0, 0, 0
-        quant = layers + ([self.lm_head_q] if self.lm_head_q is not None else [])
-        return (max(q.max_rows for q in layers), sum(q.nbytes for q in quant),
-                sum(q.shape[0] * q.shape[1] for q in quant))
+    def small_step_reads(self) -> tuple[tuple[int, int], ...]:
+        """Where small steps read the weights' quantized blocks: ((rows, bytes), ...), ascending, each
+        the weight bytes (layers and LM head) a step of at most ``rows`` tokens reads; () if none.
+        A matmul uses its blocks up to its own ``max_rows`` and its float (or packed) weight above."""
+        parts = []  # (max_rows or 0, bytes below or at it, bytes above it)
+        for m in self.modules():
+            if isinstance(getattr(m, "weight", None), torch.Tensor) and hasattr(m, "qweight"):
+                dense = m.weight.numel() * (m.amx.element_size() if m.amx is not None else m.weight.element_size())
+                q = m.qweight
+                parts.append((q.max_rows, q.nbytes, dense) if q is not None else (0, dense, dense))
+        if self.lm_head is None:  # tied: the embedding table (an untied head is a Linear, counted above)
+            emb = self.model.embed_tokens.weight
+            dense = emb.numel() * emb.element_size()
+            q = self.lm_head_q
+            parts.append((q.max_rows, q.nbytes, dense) if q is not None else (0, dense, dense))
+        rows = sorted({r for r, _, _ in parts if r > 0})
+        return tuple((r, sum(b if r <= mr else d for mr, b, d in parts)) for r in rows)
 
     def quantized_summary(self) -> str:
         """E.g. '121 of 121 matmuls also in 4/8-bit GGUF blocks (115 MB), read ... up to 4 rows; 121

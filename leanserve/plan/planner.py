@@ -321,7 +321,8 @@ def build_targets(names: list[str], calibrations: dict[str, Any], model: str,
                 if same:
                     pr = pick["precision"]
                     small = pr.get("small_batch")
-                    precision = Precision(pr["weights"], pr["kv_cache"], tuple(small) if small else None)  # type: ignore[arg-type]
+                    precision = Precision(pr["weights"], pr["kv_cache"],
+                                          tuple((int(r), float(b)) for r, b in small) if small else None)
         price = hw.price_per_hour_usd if price_per_hour is None else price_per_hour
         note = ("your price" if price_per_hour is not None else
                 f"{'placeholder' if hw.default_price else 'list'} price, {hw.source}, {hw.as_of}")

@@ -12,6 +12,7 @@ decode one token, some compute a chunk of their prompt. Its work, per kind of op
 
 Time of a step = fixed overhead + per-sequence overhead
                + max(linear bytes / (bandwidth x e_mem),      linear FLOPs / (peak x e_flops))
+                 (e_small_mem and e_small_flops where a small step reads the quantized copy: another kernel)
                + max(attention bytes / (bandwidth x e_kv),    attention FLOPs / (peak x e_attn))
 
 The efficiencies and overheads come from ``leanserve plan calibrate`` (what this machine's real
@@ -157,19 +158,20 @@ class StepWork:
     linear_flops: float
     attention_bytes: float
     attention_flops: float
+    small_batch: bool = False  # the weights were read from Precision.small_batch's copy
 
 
 @dataclass(frozen=True)
 class Precision:
     """How a configuration stores things: the weights' format, and the KV cache's.
 
-    ``small_batch``: (rows, bytes per weight) when the engine reads another copy of the weights in
-    steps of at most that many tokens (leanserve on a CPU reads a GGUF file's quantized blocks
-    there, and its float copy above)."""
+    ``small_batch``: ((rows, bytes), ...) ascending, where the engine reads another copy of the
+    weights in small steps: a step of at most ``rows`` tokens reads ``bytes`` of weights (leanserve
+    on a CPU reads a GGUF file's quantized blocks there, each matmul up to its own row limit)."""
 
     weights: str = "bf16"
     kv_cache: str = "bf16"
-    small_batch: tuple[int, float] | None = None
+    small_batch: tuple[tuple[int, float], ...] | None = None
 
     def __post_init__(self) -> None:
         for fmt, known, what in ((self.weights, WEIGHT_FORMATS, "weight format"), (self.kv_cache, KV_FORMATS, "KV cache dtype")):
@@ -180,15 +182,17 @@ class Precision:
     def compute_dtype(self) -> str:
         return COMPUTE_DTYPE[self.weights]
 
-    def bytes_per_weight(self, num_tokens: int) -> float:
-        if self.small_batch is not None and num_tokens <= self.small_batch[0]:
-            return self.small_batch[1]
-        return WEIGHT_FORMATS[self.weights]
+    def small_step_bytes(self, num_tokens: int) -> float | None:
+        """The weight bytes a step of ``num_tokens`` reads from the small-step copy, None above it."""
+        for rows, nbytes in self.small_batch or ():
+            if num_tokens <= rows:
+                return nbytes
+        return None
 
     def label(self) -> str:
         text = f"{self.weights} weights, {self.kv_cache} KV"
-        if self.small_batch is not None:
-            text += f" ({self.small_batch[1] * 8:.2f}-bit blocks up to {self.small_batch[0]} rows)"
+        if self.small_batch:
+            text += f" (quantized blocks up to {self.small_batch[-1][0]} rows)"
         return text
 
 
@@ -197,9 +201,10 @@ def step_work(shape: ModelShape, step: Step, precision: Precision) -> StepWork:
     tokens = step.num_tokens
     if tokens == 0:
         return StepWork(0.0, 0.0, 0.0, 0.0)
-    bpw = precision.bytes_per_weight(tokens)
+    bpw = WEIGHT_FORMATS[precision.weights]
     samples = step.num_samples
-    linear_bytes = shape.linear_params * bpw + (shape.head_params * bpw if samples else 0.0)
+    small = precision.small_step_bytes(tokens)
+    linear_bytes = small if small is not None else shape.linear_params * bpw + (shape.head_params * bpw if samples else 0.0)
     linear_flops = 2.0 * shape.linear_params * tokens + 2.0 * shape.head_params * samples
     kv_per_layer = 2 * shape.num_kv_heads * shape.head_dim * KV_FORMATS[precision.kv_cache]  # bytes per token
     flops_per_key = 4 * shape.num_heads * shape.head_dim
@@ -220,7 +225,7 @@ def step_work(shape: ModelShape, step: Step, precision: Precision) -> StepWork:
     written = tokens * shape.num_layers
     attention_bytes = (keys_read + written) * kv_per_layer
     attention_flops = float(flops_per_key * keys_attended)
-    return StepWork(float(linear_bytes), float(linear_flops), float(attention_bytes), attention_flops)
+    return StepWork(float(linear_bytes), float(linear_flops), float(attention_bytes), attention_flops, small is not None)
 
 
 @dataclass(frozen=True)
@@ -234,11 +239,15 @@ class Efficiency:
     step_overhead_s: float  # per step, whatever its size (scheduling, launches, sampling setup)
     seq_overhead_s: float  # per sequence in the step (metadata, sampling, detokenizing)
     source: str = "default"  # "default" or where the calibration came from
+    small_mem: float | None = None  # steps reading the small-step copy (another kernel): its bandwidth fraction
+    small_flops: float | None = None  # and its fraction of peak FLOP/s
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("mem", "flops", "kv_mem", "attn_flops"):
+        for name in ("mem", "flops", "kv_mem", "attn_flops", "small_mem", "small_flops"):
             v = getattr(self, name)
+            if v is None and name.startswith("small_"):
+                continue
             if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 < v <= 3):
                 raise ValueError(f"efficiency {name} must be in (0, 3], got {v!r}")
         for name in ("step_overhead_s", "seq_overhead_s"):
@@ -289,7 +298,8 @@ def step_time(work: StepWork, num_seqs: int, machine: Machine, eff: Efficiency, 
         return 0.0
     bw = machine.bandwidth_gbps * 1e9
     peak = machine.flops_for(compute_dtype)
-    linear = max(work.linear_bytes / (bw * eff.mem), work.linear_flops / (peak * eff.flops))
+    mem, flops = ((eff.small_mem or eff.mem, eff.small_flops or eff.flops) if work.small_batch else (eff.mem, eff.flops))
+    linear = max(work.linear_bytes / (bw * mem), work.linear_flops / (peak * flops))
     attention = max(work.attention_bytes / (bw * eff.kv_mem), work.attention_flops / (peak * eff.attn_flops))
     return eff.step_overhead_s + eff.seq_overhead_s * num_seqs + linear + attention
 

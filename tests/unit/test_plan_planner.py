@@ -107,12 +107,12 @@ def test_build_targets_uses_a_calibration_only_where_it_was_measured():
     cal = {"version": 1, "machines": {"cpu-local": {"cpu": "Test CPU", "peaks": {"bandwidth_gbps": 30.0,
             "peak_flops": {"fp32": 2e11, "bf16": 4e11}}, "models": {"m|x": {
                 "model": "tiny", "date": "2026-12-07T00:00:00+00:00",
-                "precision": {"weights": "bf16", "kv_cache": "bf16", "small_batch": [8, 0.6]},
+                "precision": {"weights": "bf16", "kv_cache": "bf16", "small_batch": [[4, 1000], [8, 2000]]},
                 "efficiency": {"mem": 0.8, "flops": 0.4, "kv_mem": 0.3, "attn_flops": 0.2,
                                "step_overhead_s": 0.001, "seq_overhead_s": 1e-5}}}}}}
     local, l4 = build_targets(["cpu-local", "l4"], cal, "tiny")
     assert local.calibrated and local.machine.bandwidth_gbps == 30.0 and local.efficiency.mem == 0.8
-    assert local.precision == Precision("bf16", "bf16", (8, 0.6))
+    assert local.precision == Precision("bf16", "bf16", ((4, 1000.0), (8, 2000.0)))
     assert "calibrated 2026-12-07 on Test CPU" in local.efficiency.source
     assert not l4.calibrated and l4.efficiency.source.startswith("default gpu") and l4.machine.bandwidth_gbps == 300
     other = build_targets(["cpu-local"], cal, "another-model")[0]

@@ -75,9 +75,14 @@ def test_step_work_sliding_window_layers():
 
 
 def test_small_batches_read_the_quantized_copy():
-    p = Precision("bf16", "bf16", small_batch=(8, 0.5))
-    assert step_work(TINY, Step(8, (64,)), p).linear_bytes == (1152 + 80) * 0.5
-    assert step_work(TINY, Step(9, (72,)), p).linear_bytes == (1152 + 80) * 2
+    # up to 4 rows every matmul reads its blocks (100 bytes); up to 8 the LM head reads its float copy
+    p = Precision("bf16", "bf16", small_batch=((4, 100.0), (8, 300.0)))
+    assert step_work(TINY, Step(3, (24,)), p).linear_bytes == 100
+    assert step_work(TINY, Step(3, (24,)), p).small_batch
+    assert step_work(TINY, Step(8, (64,)), p).linear_bytes == 300
+    nine = step_work(TINY, Step(9, (72,)), p)
+    assert nine.linear_bytes == (1152 + 80) * 2 and not nine.small_batch
+    assert p.label() == "bf16 weights, bf16 KV (quantized blocks up to 8 rows)"
     assert step_work(TINY, Step(), p) == StepWork(0.0, 0.0, 0.0, 0.0)
 
 
