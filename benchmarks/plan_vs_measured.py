@@ -77,7 +77,7 @@ def predict(model: str, run: dict, clients: int, calibration: dict) -> dict:
     target = build_targets(["cpu-local"], calibration, model)[0]
     if target.precision is None:
         raise SystemExit(f"no calibration of {model} on this machine: run `leanserve plan calibrate --model {model}`")
-    reqs = sorted((r for r in run["requests"] if r.get("success")), key=lambda r: r["start_s"])
+    reqs = sorted((r for r in run["requests"] if r.get("success")), key=lambda r: r["start_ms"])
     sims = [SimRequest(0.0, int(r["input_tokens"]), int(r["output_tokens"])) for r in reqs]
     kv_tokens = int(KV_CACHE_MEMORY // shape.kv_bytes_per_token(target.precision.kv_cache))
     timer = roofline_timer(shape, target.precision, target.machine, target.efficiency)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                     inputs, outputs = CONTEXTS[ctx]
                     for clients in (int(c) for c in args.concurrency.split(",")):
                         num = 8 if clients == 1 else max(clients, 32)
-                        run = bench(port, inputs, outputs, clients, num, Path(tmp) / "b.json")["runs"][0]
+                        run = bench(port, inputs, outputs, clients, num, Path(tmp) / "b.json")
                         pred = predict(model, run, clients, calibration)
                         row = {"model": model, "context": ctx, "clients": clients, "requests": num,
                                "measured_output_throughput": run["output_throughput"],

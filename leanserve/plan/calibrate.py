@@ -1,5 +1,7 @@
 """`leanserve plan calibrate`: what fraction of this machine's peak the engine's real steps reach.
 
+This machine's CPU; a GPU is not calibrated yet (the catalog's GPUs use stated defaults).
+
 1. The machine's peaks, measured now: the read rate of a 512 MiB buffer (past every cache) and
    the best rate of square matmuls (512, 1024, 2048) in float32 and bfloat16.
 2. A short sweep of real engine steps through the public engine API (add_request / step), each of
@@ -338,7 +340,10 @@ def calibrate(models: list[str], dtype: str = "auto", quick: bool = False, hardw
     written = path or calibration_path()
     for model in models:
         shape = load_shape(model)
-        engine = LLMEngine(EngineConfig(model=model, dtype=dtype, kv_cache_memory=3 << 30, max_num_batched_tokens=512))
+        # the CPU only: a GPU's calibration (its peaks measured with device synchronisation, CUDA
+        # graphs on and off) belongs with the CUDA path's first run on a real GPU
+        engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device="cpu", kv_cache_memory=3 << 30,
+                                        max_num_batched_tokens=512))
         precision = engine_precision(engine.info)
         log(f"{model}: {precision.label()}; {engine.describe_runtime()}")
         obs = run_sweep(engine, shape, quick=quick, log=log)

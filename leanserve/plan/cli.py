@@ -88,8 +88,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "(default %(default)g)")
     h = p.add_argument_group("hardware and configurations")
     h.add_argument("--hardware", type=_names, default=[], metavar="NAME[,NAME]",
-                   help="catalog entries (default: all; `leanserve usage --hardware-list` is not needed: an unknown "
-                        "name lists them)")
+                   help="catalog entries (default: all of them; an unknown name lists the known ones)")
     h.add_argument("--price-per-hour", type=nonneg, metavar="USD", help="your price (only with one --hardware)")
     h.add_argument("--weights", type=_names, default=["auto"], metavar="auto|bf16|fp16|fp32|fp8|int8|int4",
                    help="weight formats to compare (default auto: as leanserve runs the model there)")

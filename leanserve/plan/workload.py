@@ -126,10 +126,10 @@ def from_flags(rate: float, input_tokens: str, output_tokens: str, prefix_hit_ra
 
 
 def from_bench(path: Path, rate: float | None = None) -> Workload:
-    """A ``leanserve bench`` JSON: every successful request's lengths; the rate of its busiest run
-    (its measured request throughput) unless ``rate`` is given."""
+    """A ``leanserve bench --json`` file (one run, or a sweep's ``runs``): every successful request's
+    lengths; the rate of its busiest run (its measured request throughput) unless ``rate`` is given."""
     data = _read_json(path)
-    runs = data.get("runs") if isinstance(data, dict) else None
+    runs = (data.get("runs") or ([data] if "requests" in data else None)) if isinstance(data, dict) else None
     if not isinstance(runs, list) or not runs:
         raise ValueError(f"{path} is not a leanserve bench result (no 'runs')")
     ins: list[int] = []

@@ -150,6 +150,10 @@ def test_bench_file(tmp_path: Path):
     w = wl.from_bench(f)
     assert (w.input_tokens, w.output_tokens, w.rate, w.prefix_hit_rate) == ((100, 300), (20, 40), 2.5, 50 / 400)
     assert wl.from_bench(f, rate=7.0).rate == 7.0
+    one_run = tmp_path / "one.json"  # a single run's file is the run itself
+    one_run.write_text(json.dumps({"request_throughput": 1.5, "requests": [
+        {"success": True, "input_tokens": 10, "output_tokens": 5}]}))
+    assert (wl.from_bench(one_run).input_tokens, wl.from_bench(one_run).rate) == ((10,), 1.5)
 
 
 @pytest.mark.parametrize("content,message", [
