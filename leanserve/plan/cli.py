@@ -184,6 +184,10 @@ def build_plan(args: argparse.Namespace) -> dict[str, Any]:
     apis += [parse_api_price(t) for t in args.api_price]
     # the model and the hardware
     shape = load_shape(args.model)
+    longest = max(load.input_tokens) + max(load.output_tokens)
+    if longest > shape.max_context:
+        raise CLIError(f"the workload's longest request ({longest:,} tokens) exceeds {shape.name}'s context of "
+                       f"{shape.max_context:,} tokens")
     cal_path = args.calibration or calibration_path()
     calibrations = load_calibrations(cal_path)
     hw_targets = build_targets(args.hardware, calibrations, args.model, args.price_per_hour)

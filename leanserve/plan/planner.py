@@ -193,7 +193,11 @@ def predict(shape: ModelShape, target: Target, cfg: Configuration, workload: Wor
                    target.price_per_hour, fits=not reason, memory_needed_gb=needed / 1e9,
                    memory_gb=target.machine.memory_gb, kv_cache_tokens=kv_tokens, reason=reason,
                    price_note=target.price_note)
-    if reason:
+    longest = max(workload.input_tokens) + max(workload.output_tokens)
+    if not reason and kv_tokens < longest:
+        p.fits, p.reason = False, (f"its KV cache holds {kv_tokens:,} tokens, fewer than the workload's longest "
+                                   f"request ({longest:,}): give --kv-cache-memory")
+    if not p.fits:
         return p
     limits = Limits(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                     kv_cache_tokens=kv_tokens)

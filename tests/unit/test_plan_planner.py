@@ -243,6 +243,8 @@ def test_cli_model_that_does_not_fit(tmp_path: Path, capsys):
     (["--api-price", "bad"], ""),
     (["--weights", "int3"], "unknown weight format 'int3'"),
     (["--price-per-hour", "1", "--hardware", "l4,h100-sxm"], "--price-per-hour needs exactly one --hardware"),
+    (["--input-tokens", "2000", "--output-tokens", "100"], "the workload's longest request (2,100 tokens) exceeds"),
+    (["--kv-cache-memory", "1KiB"], "its KV cache holds 4 tokens, fewer than the workload's longest request (640)"),
 ])
 def test_cli_bad_inputs_are_one_line(tmp_path: Path, capsys, args, message):
     (tmp_path / "config.json").write_text(json.dumps(TINY_CFG))
