@@ -173,18 +173,9 @@ def measure_limits(weight_bytes: float) -> dict[str, float]:
     which a buffer of ``weight_bytes`` reads when read again and again, as decode reads the weights
     (it may stay in the last-level cache: on the 2026-11-30 Xeon 111 MB read at 37-41 GB/s, 512 MiB
     at 24-25)."""
-    import statistics
-
     import torch
 
-    def best(fn, repeats: int = 7) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
+    from leanserve.plan.calibrate import median_time as best
 
     big = torch.ones(128 * 2**20)  # 512 MiB, far past the caches
     limits = {"read_bytes_per_s": big.numel() * 4 / best(lambda: big.sum())}

@@ -43,14 +43,9 @@ SHAPES = [  # (name, GGUF type, out_features N, in_features K) of SmolLM2-135M
 
 
 def median_time(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    from leanserve.plan.calibrate import median_time as timed
+
+    return timed(fn, repeats, warmup=3)
 
 
 def model_pass(rows_list: list[int], repeats: int, paths: list[str]) -> None:

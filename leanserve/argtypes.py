@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -36,6 +37,15 @@ positive_int = _number(int, 1, inclusive=True)
 nonneg_int = _number(int, 0, inclusive=True)
 positive_float = _number(float, 0, inclusive=False)
 nonneg_float = _number(float, 0, inclusive=True)
+
+
+def one_line_error(prog: str) -> Callable[[str], None]:
+    """A replacement for ``ArgumentParser.error``: argparse's own errors as one line, exit code 2,
+    like every other user error (``parser.error = one_line_error("leanserve")``)."""
+    def error(message: str) -> None:
+        sys.stderr.write(f"{prog}: error: {message}\n")
+        raise SystemExit(2)
+    return error
 
 
 def port(text: str) -> int:

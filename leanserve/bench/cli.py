@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from leanserve.argtypes import nonneg_float, nonneg_int, positive_float, positive_int
+from leanserve.argtypes import nonneg_float, nonneg_int, one_line_error, positive_float, positive_int
 
 PROG = "leanserve bench"
 EPILOG = "Full guide: docs/bench.md. Results use the field names of `vllm bench serve`."
@@ -26,17 +26,6 @@ EPILOG = "Full guide: docs/bench.md. Results use the field names of `vllm bench 
 
 class UsageError(ValueError):
     """Bad command-line input: reported as one line, exit code 2."""
-
-
-def _one_line_error(parser: argparse.ArgumentParser):
-    def error(message: str) -> None:  # argparse's own errors, made one line
-        sys.stderr.write(f"{parser.prog}: error: {message}\n")
-        raise SystemExit(2)
-    return error
-
-
-
-
 
 
 def _rate(text: str) -> float:
@@ -70,7 +59,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     """Add the bench options (and the ``compare`` sub-command) to ``p``."""
     from leanserve.bench.workloads import WORKLOADS
 
-    p.error = _one_line_error(p)  # type: ignore[method-assign]
+    p.error = one_line_error(p.prog)  # type: ignore[method-assign]
     g = p.add_argument_group("server")
     g.add_argument("--base-url", help="the server, e.g. http://127.0.0.1:8000 (a trailing /v1 is accepted)")
     g.add_argument("--endpoint", choices=("chat", "completions"), default="chat",
@@ -149,7 +138,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
     sub = p.add_subparsers(dest="bench_command", metavar="{compare}")
     c = sub.add_parser("compare", help="print runs side by side", description="Print benchmark results side by side.")
-    c.error = _one_line_error(c)  # type: ignore[method-assign]
+    c.error = one_line_error(c.prog)  # type: ignore[method-assign]
     c.add_argument("results", nargs="+", type=Path, metavar="RESULT.json", help="files written by --json")
     c.add_argument("--html", type=Path, metavar="PATH", help="also write a comparison page")
     c.set_defaults(func=run_compare_command)

@@ -18,20 +18,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from leanserve.argtypes import add_config_args, config_kwargs, nonneg_float, positive_int
+from leanserve.argtypes import add_config_args, config_kwargs, nonneg_float, one_line_error, positive_int
 from leanserve.cli_common import CLIError, engine_config, ensure_model
 from leanserve.config import EngineConfig
 from leanserve.eval.tasks import BUILTIN_TASKS, EvalOptions, Selection, TaskError, resolve_tasks
 from leanserve.gateway.confidence import DEFAULT_SCORE, SCORES
 
 EPILOG = "Full guide: docs/eval.md."
-
-
-def _one_line_error(parser: argparse.ArgumentParser):
-    def error(message: str) -> None:  # argparse's own errors, as one line like every other user error
-        sys.stderr.write(f"leanserve: error: {message}\n")
-        raise SystemExit(2)
-    return error
 
 
 class _ModelAsFlag:
@@ -67,7 +60,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.error = _one_line_error(p)  # type: ignore[method-assign]
+    p.error = one_line_error("leanserve")  # type: ignore[method-assign]
     add_config_args(_ModelAsFlag(p.add_argument_group("in-process model (the engine's flags)")), EngineConfig)
     c = p.add_argument_group("in-process cost basis (docs/cost.md)")
     c.add_argument("--hardware", default=None, metavar="NAME",
@@ -114,7 +107,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                        description="B - A per task on the items both runs scored (paired bootstrap 95%% CI, "
                                    "McNemar's exact p), and B/A of $ and machine-seconds per 1,000 items. Both runs "
                                    "need --save-items.", epilog=EPILOG)
-    c.error = _one_line_error(c)  # type: ignore[method-assign]
+    c.error = one_line_error("leanserve")  # type: ignore[method-assign]
     c.add_argument("results", nargs=2, type=Path, metavar="RESULTS.json")
     c.add_argument("--json", action="store_true", help="print the comparison as JSON")
     c.add_argument("--resamples", type=positive_int, default=2000, metavar="N", help="bootstrap resamples (default 2000)")
@@ -123,7 +116,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     r = sub.add_parser("report", help="an HTML quality-vs-cost report of one or more results files",
                        description="One self-contained HTML page: a quality-vs-cost chart per task (one point per "
                                    "configuration) and the tables.", epilog=EPILOG)
-    r.error = _one_line_error(r)  # type: ignore[method-assign]
+    r.error = one_line_error("leanserve")  # type: ignore[method-assign]
     r.add_argument("results", nargs="+", type=Path, metavar="RESULTS.json")
     r.add_argument("--html", type=Path, required=True, metavar="PATH", help="where to write the page")
     r.set_defaults(func=cmd_report)
@@ -134,7 +127,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                                    "the last always answers; every model tried is paid), pick on the dev items the "
                                    "cheapest threshold whose quality >= target x the last model's, and report it on "
                                    "the test items beside each model alone.", epilog=EPILOG)
-    k.error = _one_line_error(k)  # type: ignore[method-assign]
+    k.error = one_line_error("leanserve")  # type: ignore[method-assign]
     k.add_argument("results", nargs="+", type=Path, metavar="RESULTS.json",
                    help="two or more results files, the cheapest model first")
     k.add_argument("--task", metavar="NAME", help="the generation task (default: the one all files hold)")

@@ -54,18 +54,21 @@ def cpu_name() -> str:
 
 # ---- the machine's peaks ----------------------------------------------------------------------
 
+def median_time(fn: Callable[[], Any], repeats: int = 7, warmup: int = 1) -> float:
+    """The median of ``repeats`` timed calls of ``fn``, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def measure_peaks(log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """{'bandwidth_gbps', 'peak_flops': {'fp32', 'bf16'}} of this machine, now (medians of repeats)."""
     import torch
-
-    def median_time(fn: Callable[[], Any], repeats: int = 7) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
 
     big = torch.ones(128 * 2**20)  # 512 MiB of float32
     bandwidth = big.numel() * 4 / median_time(lambda: big.sum()) / 1e9

@@ -16,22 +16,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from leanserve.argtypes import _number
+from leanserve.argtypes import nonneg_float as nonneg
+from leanserve.argtypes import one_line_error, positive_int
+from leanserve.argtypes import positive_float as positive
 from leanserve.cli_common import CLIError
 from leanserve.config import parse_bytes
 
-positive = _number(float, 0.0, inclusive=False)
-nonneg = _number(float, 0.0, inclusive=True)
-positive_int = _number(int, 1, inclusive=True)
-
 EPILOG = "Docs: docs/plan.md. Errors are one line on stderr, exit code 2."
-
-
-def _one_line_error(parser: argparse.ArgumentParser):
-    def error(message: str) -> None:
-        sys.stderr.write(f"leanserve: error: {message}\n")
-        raise SystemExit(2)
-    return error
 
 
 def _names(text: str) -> list[str]:
@@ -60,7 +51,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "roofline over the engine's real steps, scaled by efficiencies `leanserve plan calibrate` "
                     "measured (or stated defaults), replayed through the engine's scheduling policy.",
         epilog=EPILOG, allow_abbrev=False)
-    p.error = _one_line_error(p)  # type: ignore[method-assign]
+    p.error = one_line_error("leanserve")  # type: ignore[method-assign]
     p.add_argument("--model", default="smollm2-135m", metavar="MODEL",
                    help="built-in name, .gguf file, HF folder or its config.json (weights not needed) "
                         "(default %(default)s)")
@@ -119,7 +110,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                        description="Measure this machine's memory bandwidth and matmul peaks, time a sweep of real "
                                    "engine steps (decode at batch 1-128 and short/long contexts, prompt chunks), fit "
                                    "the roofline's efficiencies and store them for `leanserve plan`.", epilog=EPILOG)
-    c.error = _one_line_error(c)  # type: ignore[method-assign]
+    c.error = one_line_error("leanserve")  # type: ignore[method-assign]
     c.add_argument("--model", action="append", default=[], metavar="MODEL",
                    help="model to calibrate with (repeatable; default smollm2-135m)")
     c.add_argument("--dtype", default="auto", help="as `leanserve serve --dtype` (default auto)")
