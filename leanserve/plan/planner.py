@@ -19,6 +19,7 @@ import random
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
+from leanserve.cost.catalog import cost_per_million_tokens
 from leanserve.plan.apis import ApiPrice
 from leanserve.plan.roofline import (DEFAULT_EFFICIENCY, Efficiency, Machine, ModelShape, Precision, WEIGHT_FORMATS,
                                      KV_FORMATS)
@@ -214,9 +215,9 @@ def predict(shape: ModelShape, target: Target, cfg: Configuration, workload: Wor
     hourly = p.instances * target.price_per_hour
     p.monthly_usd = hourly * HOURS_PER_MONTH
     mean_tokens_s = workload.mean_rate * tokens_per_request
-    p.cost_per_mtok = hourly / (mean_tokens_s * 3600) * 1e6
-    p.cost_per_mtok_output = hourly / (workload.mean_rate * workload.mean_output * 3600) * 1e6
-    p.cost_per_mtok_full = target.price_per_hour / (p.max_rate * tokens_per_request * 3600) * 1e6
+    p.cost_per_mtok = cost_per_million_tokens(hourly, mean_tokens_s)
+    p.cost_per_mtok_output = cost_per_million_tokens(hourly, workload.mean_rate * workload.mean_output)
+    p.cost_per_mtok_full = cost_per_million_tokens(target.price_per_hour, p.max_rate * tokens_per_request)
     p.capacity_tokens_per_day = p.max_rate * tokens_per_request * SECONDS_PER_DAY
     return p
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 SECONDS_PER_DAY = 86_400.0
+HOUR = 3_600.0  # seconds
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def parse_lengths(text: str, what: str) -> tuple[int, ...]:
 
 def parse_window(text: str) -> float:
     """'7d', '24h', '90m', '3600' (seconds) -> seconds."""
-    units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+    units = {"d": SECONDS_PER_DAY, "h": HOUR, "m": 60.0, "s": 1.0}
     t = text.strip().lower()
     try:
         value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
@@ -181,21 +182,21 @@ def from_ledger(path: Path, window_s: float, rate: float | None = None, model: s
     except sqlite3.Error as e:
         raise ValueError(f"cannot read the ledger {path}: {e}") from None
     if not rows:
-        raise ValueError(f"the ledger {path} has no completed requests in the last {window_s / 3600:g} h"
+        raise ValueError(f"the ledger {path} has no completed requests in the last {window_s / HOUR:g} h"
                          + (f" for model {model!r}" if model else ""))
     ins = tuple(int(r[1]) for r in rows)
     outs = tuple(int(r[3]) for r in rows)
     cached = sum(int(r[2]) for r in rows)
     # a ledger younger than the window: its own age (an hour at least)
-    span = min(window_s, max(end - float(oldest), 3600.0))
+    span = min(window_s, max(end - float(oldest), HOUR))
     mean_rate = len(rows) / span
     hours: dict[int, int] = {}
     for ts, *_ in rows:
-        hours[int(ts // 3600)] = hours.get(int(ts // 3600), 0) + 1
-    peak = max(hours.values()) / 3600.0
-    notes = (f"{len(rows)} requests over {span / 3600:.1f} h; busiest hour {max(hours.values())} requests",)
+        hours[int(ts // HOUR)] = hours.get(int(ts // HOUR), 0) + 1
+    peak = max(hours.values()) / HOUR
+    notes = (f"{len(rows)} requests over {span / HOUR:.1f} h; busiest hour {max(hours.values())} requests",)
     return Workload(ins, outs, rate or peak, mean_rate, min(cached / sum(ins), 0.99),
-                    source=f"ledger {path.name}, last {window_s / 3600:g} h", notes=notes)
+                    source=f"ledger {path.name}, last {window_s / HOUR:g} h", notes=notes)
 
 
 def with_rate(w: Workload, rate: float) -> Workload:
