@@ -12,6 +12,7 @@ from typing import Any
 
 SPECULATIVE_METHODS = ("off", "ngram", "suffix", "draft", "auto")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "int8", "int4")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -94,6 +95,10 @@ class EngineConfig:
         "weights and activations; auto: bfloat16 where the hardware has fast bf16 matmul, else float32",
         choices=DTYPES))
     device: str = field(default="auto", metadata=_cli("auto (cuda if available, else cpu), cpu, cuda or cuda:N"))
+    quantization: str = field(default="none", metadata=_cli(
+        "quantize a float model's weights at load (an HF folder): int8 (GGUF Q8_0: a scale per 32 weights) or int4 "
+        "(Q4_1: a scale and a min per 32; the LM head in Q8_0); the model then is the quantized one at every batch "
+        "size, small steps reading the blocks with the native CPU kernels", choices=QUANTIZATIONS))
     kv_cache_memory: int | None = field(default=None, metadata=_cli(
         "bytes for the KV cache, e.g. 1GiB (default: 1GiB on CPU, 80% of free GPU memory)",
         type=parse_bytes, metavar="SIZE"))
@@ -129,6 +134,8 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _require(self.quantization in QUANTIZATIONS,
+                 f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                  f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _require(self.kv_cache_memory is None or self.kv_cache_memory > 0,

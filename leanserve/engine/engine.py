@@ -106,7 +106,7 @@ class LLMEngine:
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         if loaded is None:
-            loaded = load_model(config.model, resolve_dtype(config.dtype, device), device)
+            loaded = load_model(config.model, resolve_dtype(config.dtype, device), device, config.quantization)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         mcfg = loaded.config

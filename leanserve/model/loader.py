@@ -20,7 +20,7 @@ from torch import nn
 
 from leanserve import kernels
 from leanserve.model.config import ModelConfig
-from leanserve.model.quant import QuantWeight, from_gguf_blocks
+from leanserve.model.quant import QUANTIZE_TYPES, QuantWeight, from_gguf_blocks, quantize_weight
 from leanserve.model.registry import BUILTIN_MODELS, builtin_path, is_pulled, model_class
 from leanserve.tokenizer import LeanTokenizer
 
@@ -291,18 +291,44 @@ def load_config_and_tokenizer(source: ModelSource) -> tuple[ModelConfig, LeanTok
     return ModelConfig.from_hf_config(hf), LeanTokenizer.from_hf_folder(source.path), None
 
 
-def load_model(model: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> LoadedModel:
+def quantize_at_load(weights: Iterator[tuple[str, torch.Tensor]], quantization: str,
+                     blocks: list[tuple[str, QuantWeight]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``--quantization``: each matmul weight (2-D, rows a multiple of 32 wide) replaced by its
+    quantized-then-dequantized values, so every path computes the quantized model; the blocks go
+    to ``blocks`` for the native kernel. Norms, biases and odd shapes stay as they are."""
+    layer_type, head_type = QUANTIZE_TYPES[quantization]
+    for name, t in weights:
+        if t.dim() != 2 or t.shape[1] % 32 or not name.endswith(".weight"):
+            yield name, t
+            continue
+        head = name.endswith(("embed_tokens.weight", "lm_head.weight"))
+        qw, _ = quantize_weight(t, head_type if head else layer_type)
+        blocks.append((name, qw))
+        yield name, qw.dequantize().to(t.dtype)
+
+
+def load_model(model: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               quantization: str = "none") -> LoadedModel:
     source = resolve(model)
     device = torch.device(device)
+    if quantization != "none" and source.kind == "gguf":
+        raise ValueError(f"--quantization {quantization} quantizes a float model (an HF folder); "
+                         f"{source.path.name} is a GGUF file, already quantized")
     cfg, tokenizer, reader = load_config_and_tokenizer(source)
+    blocks: list[tuple[str, QuantWeight]] = []
     if reader is not None:
         arch = read_arch(reader)
         weights = iter_gguf_weights(reader, cfg, arch)
     else:
         weights = iter_safetensors(source.path)
+        if quantization != "none":
+            weights = quantize_at_load(weights, quantization, blocks)
     net = build_model(cfg, weights, dtype, device)
-    if reader is not None and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and kernels.ops() is not None:
+    native = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and kernels.ops() is not None
+    if reader is not None and native:
         net.attach_quantized(iter_gguf_quantized(reader, cfg, arch))
+    if blocks and native:
+        net.attach_quantized(blocks)
     if device.type == "cpu" and dtype == torch.bfloat16 and kernels.amx_available():
         net.attach_amx()
     return LoadedModel(source, cfg, net, tokenizer, dtype, device)

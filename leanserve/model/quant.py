@@ -114,6 +114,25 @@ def from_gguf_blocks(raw: np.ndarray, type_name: str, n: int, k: int) -> QuantWe
     return _make(q.astype(np.int8).reshape(n, k), d, mins, 8)
 
 
+# --quantization at load: the GGUF type each weight becomes (the LM head / tied embedding stays at 8 bits,
+# as llama.cpp's 4-bit files keep it)
+QUANTIZE_TYPES = {"int8": ("Q8_0", "Q8_0"), "int4": ("Q4_1", "Q8_0")}
+
+
+def quantize_weight(w: torch.Tensor, type_name: str) -> tuple[QuantWeight, np.ndarray]:
+    """A float (N, K) weight, K a multiple of 32, in GGUF blocks of ``type_name`` (gguf's reference
+    quantizer, llama.cpp's rounding): its QuantWeight and the raw block bytes."""
+    from gguf import GGMLQuantizationType, quants
+
+    n, k = w.shape
+    if k % BLOCK:
+        raise ValueError(f"cannot quantize a ({n}, {k}) weight in blocks of {BLOCK}")
+    raw = quants.quantize(w.detach().float().cpu().numpy(), GGMLQuantizationType[type_name])
+    qw = from_gguf_blocks(raw, type_name, n, k)
+    assert qw is not None
+    return qw, raw
+
+
 def _pack4(q: np.ndarray) -> np.ndarray:
     """(N, K) values 0..15 -> the kernel's 4-bit layout: blocks in pairs, 32 bytes a pair, byte i
     holding weight i of the first block in its low nibble and weight i of the second in its high
