@@ -1,10 +1,11 @@
-"""`leanserve pull | models | generate | serve | bench | usage | eval | plan`: argument parsing and one-line errors."""
+"""`leanserve pull | models | generate | quantize | serve | bench | usage | eval | plan`: argument parsing and one-line errors."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from leanserve.batch.cli import add_parser as add_batch
 from leanserve.bench.cli import add_parser as add_bench
@@ -61,6 +62,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from leanserve.model.gguf_write import write_gguf
+
+    src, dst = Path(args.src).expanduser(), Path(args.dst).expanduser()
+    if not (src / "config.json").is_file() or not any(src.glob("*.safetensors")) or not (src / "tokenizer.json").is_file():
+        raise CLIError(f"{src} is not an HF model folder (config.json, *.safetensors and tokenizer.json)")
+    if dst.suffix != ".gguf":
+        raise CLIError(f"the destination must end in .gguf, got {dst}")
+    if dst.exists() and not args.force:
+        raise CLIError(f"{dst} exists (--force to overwrite)")
+    write_gguf(src, dst, args.type, log=print)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leanserve", description="LLM inference at the lowest cost per token.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("quantize", help="write a float HF Llama model as a GGUF file in Q8_0 or Q4_1 blocks",
+                       description="Quantize an HF folder (Llama architecture, BPE tokenizer) into a GGUF file that "
+                                   "leanserve and llama.cpp load: the blocks --quantization makes at load, llama.cpp's "
+                                   "tensor names and metadata, and DST.tokenizer.json beside it (docs/quantization.md).")
+    p.add_argument("src", help="HF model folder")
+    p.add_argument("dst", help="the .gguf file to write")
+    p.add_argument("--type", choices=("int8", "int4"), default="int8",
+                   help="int8: Q8_0; int4: Q4_1 with the LM head in Q8_0 (default int8)")
+    p.add_argument("--force", action="store_true", help="overwrite DST")
+    p.set_defaults(func=cmd_quantize)
 
     for add in COMMANDS:
         add(sub)

@@ -188,7 +188,7 @@ def _tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer:
     types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     vocab = {t: i for i, t in enumerate(tokens)}
     if kind == "gpt2":
-        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
         tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False))
         pre = meta.get("tokenizer.ggml.pre", "default")
         if pre == "smollm":  # digits one by one, then GPT-2's split
