@@ -297,7 +297,7 @@ def _header(plan: dict[str, Any]) -> list[str]:
              f"<b>workload</b> {_esc(workload)}",
              *(f"&nbsp;&nbsp;{_esc(n)}" for n in w.get("notes") or []),
              f"<b>targets</b> {_esc(t.get('text', '?'))}",
-             f"<b>efficiencies</b> " + "; ".join(f"{_esc(k)} ({_esc(', '.join(v))})" for k, v in by_source.items()),
+             "<b>efficiencies</b> " + "; ".join(f"{_esc(k)} ({_esc(', '.join(v))})" for k, v in by_source.items()),
              f"<b>calibration file</b> {_esc(cal) if cal else 'none found: default efficiencies throughout'}"]
     return [f"<h1>leanserve plan: {_esc(m.get('name', '?'))}</h1>",
             f'<p class="sub">generated {_esc(plan.get("generated", "?"))} by leanserve '

@@ -160,11 +160,6 @@ def _meets(summary: dict[str, Any], targets: Targets) -> bool:
     return ttft <= targets.ttft_ms and (tpot is None or tpot <= targets.tpot_ms)
 
 
-def _pct(summary: dict[str, Any], targets: Targets, what: str) -> float | None:
-    key = "median" if targets.percentile == 50 else f"p{targets.percentile:g}"
-    return summary.get(f"{key}_{what}_ms")
-
-
 def max_rate(shape: ModelShape, timer: Callable, limits: Limits, base: list[SimRequest], targets: Targets,
              iterations: int = 10) -> float:
     """The highest Poisson arrival rate whose simulated run meets the targets (0 if none does)."""

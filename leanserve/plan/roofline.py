@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 # Bytes per weight of each format the planner knows. The 8- and 4-bit ones are GGUF's block
@@ -241,7 +241,6 @@ class Efficiency:
     source: str = "default"  # "default" or where the calibration came from
     small_mem: float | None = None  # steps reading the small-step copy (another kernel): its bandwidth fraction
     small_flops: float | None = None  # and its fraction of peak FLOP/s
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("mem", "flops", "kv_mem", "attn_flops", "small_mem", "small_flops"):
@@ -256,9 +255,7 @@ class Efficiency:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("extra")
-        return {**d, **self.extra}
+        return asdict(self)
 
 
 # Stated defaults for hardware never calibrated (not measured by leanserve): GPU decode kernels
@@ -303,6 +300,3 @@ def step_time(work: StepWork, num_seqs: int, machine: Machine, eff: Efficiency, 
     attention = max(work.attention_bytes / (bw * eff.kv_mem), work.attention_flops / (peak * eff.attn_flops))
     return eff.step_overhead_s + eff.seq_overhead_s * num_seqs + linear + attention
 
-
-def with_source(eff: Efficiency, source: str) -> Efficiency:
-    return replace(eff, source=source)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import random
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -92,9 +91,6 @@ class SimResult:
     @property
     def total_tokens(self) -> int:
         return sum(r.output + r.prompt for r in self.requests if r.finish is not None)
-
-    def percentile(self, values: Sequence[float], p: float) -> float:
-        return percentile(values, p)
 
     def summary(self, percentiles: Sequence[float] = (50, 90, 99)) -> dict[str, Any]:
         done = [r for r in self.requests if r.finish is not None]

@@ -11,7 +11,7 @@ import json
 import math
 import sqlite3
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -198,9 +198,6 @@ def from_ledger(path: Path, window_s: float, rate: float | None = None, model: s
     return Workload(ins, outs, rate or peak, mean_rate, min(cached / sum(ins), 0.99),
                     source=f"ledger {path.name}, last {window_s / HOUR:g} h", notes=notes)
 
-
-def with_rate(w: Workload, rate: float) -> Workload:
-    return replace(w, rate=rate)
 
 
 def _read_json(path: Path) -> Any:
