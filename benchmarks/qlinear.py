@@ -10,6 +10,7 @@ the other, per shape and row count.
     .venv/bin/python benchmarks/qlinear.py --rows 1,4 --repeats 100
     .venv/bin/python benchmarks/qlinear.py --dtype bfloat16     # against bfloat16 weights (AMX where present)
     .venv/bin/python benchmarks/qlinear.py --model-pass         # SmolLM2's own blocks, bf16 rows: AVX512-BF16 vs AVX2
+    .venv/bin/python benchmarks/qlinear.py --dense --dtype bfloat16 --rows 1,8,16,32,64,128,256   # blocks only
     for p in 0 1 0 1; do .venv/bin/python benchmarks/qlinear.py --model-pass --rows 1 --paths $p; done   # one path per process
 
 --model-pass times what one decode step of SmolLM2 asks of the kernel: every quantized matmul of
@@ -84,6 +85,41 @@ def model_pass(rows_list: list[int], repeats: int, paths: list[str]) -> None:
     os.environ.pop("LEANSERVE_AVX512")
 
 
+def dense_pass(rows_list: list[int], repeats: int, dtype: torch.dtype) -> None:
+    """SmolLM2's matmuls (30 layers x 4 in Q4_1, the Q8_0 LM head; random values), one pass per
+    step as a decode step asks them: the float copy (dense matmul), qlinear (the kernel reading the
+    blocks) and qlinear_dense (tiles of the blocks dequantized, then the dense matmul), in turn."""
+    ops = kernels.ops()
+    rng = np.random.default_rng(0)
+    weights = []
+    for _ in range(30):
+        for _, fmt, n, k in SHAPES[:-1]:
+            raw = quantize(rng.standard_normal((n, k)).astype(np.float32), GGMLQuantizationType[fmt])
+            weights.append((from_gguf_blocks(raw, fmt, n, k), torch.from_numpy(dequantize(raw, GGMLQuantizationType[fmt])).to(dtype)))
+    _, fmt, n, k = SHAPES[-1]
+    raw = quantize(rng.standard_normal((n, k)).astype(np.float32), GGMLQuantizationType[fmt])
+    weights.append((from_gguf_blocks(raw, fmt, n, k), torch.from_numpy(dequantize(raw, GGMLQuantizationType[fmt])).to(dtype)))
+    print("| rows | float copy ms | qlinear ms | qlinear_dense ms | dense / float copy |")
+    print("| --- | --- | --- | --- | --- |")
+    for rows in rows_list:
+        xs = {k: torch.randn(rows, k).to(dtype) for k in {w.shape[1] for _, w in weights}}
+        paths = {
+            "float": lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for _, w in weights],
+            "qlinear": lambda: [ops.qlinear(xs[w.shape[1]], q.qs, q.scales, q.mins, q.bits) for q, w in weights],
+            "dense": lambda: [ops.qlinear_dense(xs[w.shape[1]], q.qs, q.scales, q.mins, q.bits, 0) for q, w in weights],
+        }
+        times: dict[str, list[float]] = {p: [] for p in paths}
+        for i in range(repeats + 2):  # paths in turn, pass by pass; two warm-up passes
+            for name, fn in paths.items():
+                t = time.perf_counter()
+                fn()
+                if i >= 2:
+                    times[name].append(time.perf_counter() - t)
+        med = {p: statistics.median(ts) * 1e3 for p, ts in times.items()}
+        print(f"| {rows} | {med['float']:.1f} | {med['qlinear']:.1f} | {med['dense']:.1f} | "
+              f"{med['dense'] / med['float']:.2f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,2,4,8,16,24,32,48,64")
@@ -91,6 +127,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="activations and the dense weight (bfloat16: the kernel widens x, oneDNN/AMX on the weight)")
     ap.add_argument("--model-pass", action="store_true", help="SmolLM2's own blocks, one pass per step (see above)")
+    ap.add_argument("--dense", action="store_true",
+                    help="a model pass: float copy vs qlinear vs qlinear_dense (blocks only), --dtype rows")
     ap.add_argument("--paths", default="0,1", choices=["0,1", "0", "1"],
                     help="--model-pass: LEANSERVE_AVX512 values to time (one alone: for alternating processes)")
     args = ap.parse_args()
@@ -102,6 +140,9 @@ def main() -> None:
                    else [1, 2, 4], args.repeats, args.paths.split(","))
         return
     dtype = getattr(torch, args.dtype)
+    if args.dense:
+        dense_pass([int(r) for r in args.rows.split(",")], args.repeats if args.repeats != 30 else 7, dtype)
+        return
     d = {"float32": "fp32", "bfloat16": "bf16"}[args.dtype]
     print(f"| matmul | format | rows | qlinear µs | BLAS {d} µs | BLAS / qlinear | qlinear GB/s | {d} GB/s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

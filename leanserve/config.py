@@ -99,6 +99,10 @@ class EngineConfig:
         "quantize a float model's weights at load (an HF folder): int8 (GGUF Q8_0: a scale per 32 weights) or int4 "
         "(Q4_1: a scale and a min per 32; the LM head in Q8_0); the model then is the quantized one at every batch "
         "size, small steps reading the blocks with the native CPU kernels", choices=QUANTIZATIONS))
+    float_weights: bool = field(default=False, metadata=_cli(
+        "keep a float copy of quantized weights (a GGUF file's blocks, --quantization) for batches past a few "
+        "dozen rows: more memory; without it (the default on CPU) big batches dequantize tiles of the blocks "
+        "just before the dense matmul, and the blocks are the only copy"))
     kv_cache_memory: int | None = field(default=None, metadata=_cli(
         "bytes for the KV cache, e.g. 1GiB (default: 1GiB on CPU, 80% of free GPU memory)",
         type=parse_bytes, metavar="SIZE"))

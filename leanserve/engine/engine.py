@@ -106,7 +106,8 @@ class LLMEngine:
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         if loaded is None:
-            loaded = load_model(config.model, resolve_dtype(config.dtype, device), device, config.quantization)
+            loaded = load_model(config.model, resolve_dtype(config.dtype, device), device, config.quantization,
+                                config.float_weights)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         mcfg = loaded.config

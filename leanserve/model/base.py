@@ -13,7 +13,7 @@ from leanserve import env, kernels
 from leanserve.model.attention import AttentionMetadata
 from leanserve.model.config import ModelConfig
 from leanserve.model.native import NativeDecodePlan
-from leanserve.model.quant import AMX_KERNEL_ROWS, KERNEL_ROWS, QuantWeight, qlinear
+from leanserve.model.quant import AMX_KERNEL_ROWS, KERNEL_ROWS, QUANT_ONLY_ROWS, QuantWeight, qlinear, qmatmul
 
 # HF checkpoint names of the separate projections -> (fused parameter, shard index)
 STACKED = {
@@ -39,6 +39,9 @@ class CausalLM(nn.Module):
         from leanserve.model.layers import Linear
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head_q: QuantWeight | None = None  # tied LM head in quantized blocks
+        # the embedding table in quantized blocks where they are its only copy (embed_tokens.weight
+        # then is a meta tensor); lookups dequantize the rows they take
+        self.embed_q: QuantWeight | None = None
         self.lm_head_amx: torch.Tensor | None = None  # tied LM head packed for the AMX kernel
         # CPU steps in which every sequence decodes run all layers in one native call where the family
         # has native_layer_norms and the kernels apply (model/native.py; LEANSERVE_NATIVE_DECODE=0: never)
@@ -46,11 +49,15 @@ class CausalLM(nn.Module):
         self._plan: NativeDecodePlan | None | bool = False  # False: not built yet; None: does not apply
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.embed_q is not None:
+            return self.embed_q.lookup(input_ids, self.model.embed_tokens.weight.dtype)
         return self.model.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         # input_ids, positions: (num_tokens,) -> hidden states (num_tokens, hidden_size)
+        if meta.context_lens:
+            self.ensure_positions(max(meta.context_lens))
         if self.native_decode and meta.decode_rows is not None and not meta.prefills:
             from leanserve.model import layers
 
@@ -82,6 +89,17 @@ class CausalLM(nn.Module):
         view._plan = False  # its native loop runs only its layers
         return view
 
+    def ensure_positions(self, positions: int) -> None:
+        """Rotary tables for ``positions`` positions; the native loop's arguments are rebuilt when
+        they grew (a shallow prefix sharing them sees the new length too)."""
+        from leanserve.model.layers import RotaryEmbedding
+
+        for m in self.modules():
+            if isinstance(m, RotaryEmbedding):
+                m.ensure(positions)
+        if isinstance(self._plan, NativeDecodePlan) and self._plan.positions < positions:
+            self._plan = False
+
     def native_layer_norms(self, layer: nn.Module) -> tuple[nn.Module | None, ...] | None:
         """A layer's RMSNorms in the native loop's four places (input, after attention, before the MLP,
         after the MLP; None where there is none), or None: the family has no native loop."""
@@ -101,6 +119,8 @@ class CausalLM(nn.Module):
             return self.lm_head(hidden)
         if self.lm_head_q is not None and hidden.shape[0] <= self.lm_head_q.max_rows:
             return qlinear(hidden, self.lm_head_q)
+        if self.lm_head_q is not None and self.model.embed_tokens.weight.is_meta:  # blocks only
+            return qmatmul(hidden, self.lm_head_q)
         if self.lm_head_amx is not None and hidden.dtype == torch.bfloat16 and hidden.dim() == 2:
             return kernels.ops().amx_linear(hidden, self.lm_head_amx)
         return hidden @ self.model.embed_tokens.weight.t()
@@ -116,7 +136,7 @@ class CausalLM(nn.Module):
         ops = kernels.ops()
 
         def pack(w: torch.Tensor) -> torch.Tensor | None:
-            if w.dtype != torch.bfloat16 or not w.is_cpu or w.dim() != 2 or w.shape[0] % 32 or w.shape[1] % 32:
+            if w.is_meta or w.dtype != torch.bfloat16 or not w.is_cpu or w.dim() != 2 or w.shape[0] % 32 or w.shape[1] % 32:
                 return None
             return ops.amx_pack(w)
 
@@ -133,78 +153,63 @@ class CausalLM(nn.Module):
             if self.lm_head_amx is not None and self.lm_head_q is not None:
                 self.lm_head_q.max_rows = min(self.lm_head_q.max_rows, AMX_KERNEL_ROWS)
 
-    def attach_quantized(self, weights: Iterable[tuple[str, QuantWeight]]) -> None:
-        """Give Linear layers (and a tied LM head) the quantized blocks of their float weights, so
-        small batches read those; a fused layer gets them only if all its parts have them alike."""
-        modules = dict(self.named_modules())
-        parts: dict[str, dict[int, QuantWeight]] = {}
-        layer_rows, head_rows = KERNEL_ROWS[self.model.embed_tokens.weight.dtype]
-        for name, qw in weights:
-            head = name in ("model.embed_tokens.weight", "lm_head.weight")
-            qw.max_rows = head_rows if head else layer_rows
-            if head:
-                if name == "lm_head.weight" or self.lm_head is None:
-                    self._set_qweight(modules, "lm_head" if self.lm_head is not None else None, qw)
-                continue
-            path = name.removesuffix(".weight").split(".")
-            fused, shard = STACKED.get(path[-1], (path[-1], 0))
-            parts.setdefault(".".join(path[:-1] + [fused]), {})[shard] = qw
-        for module_name, shards in parts.items():
-            sizes = self._shard_sizes(module_name.split(".")[-1]) if module_name.split(".")[-1] in ("qkv_proj", "gate_up_proj") else [0]
-            if len(shards) == len(sizes):
-                qw = QuantWeight.cat([shards[i] for i in range(len(sizes))])
-                if qw is not None:
-                    self._set_qweight(modules, module_name, qw)
-
     def small_step_reads(self) -> tuple[tuple[int, int], ...]:
         """Where small steps read the weights' quantized blocks: ((rows, bytes), ...), ascending, each
         the weight bytes (layers and LM head) a step of at most ``rows`` tokens reads; () if none.
-        A matmul uses its blocks up to its own ``max_rows`` and its float (or packed) weight above."""
+        A matmul uses its blocks up to its own ``max_rows`` and its float (or packed) weight above,
+        or its blocks again where they are its only copy."""
         parts = []  # (max_rows or 0, bytes below or at it, bytes above it)
         for m in self.modules():
             if isinstance(getattr(m, "weight", None), torch.Tensor) and hasattr(m, "qweight"):
-                dense = m.weight.numel() * (m.amx.element_size() if m.amx is not None else m.weight.element_size())
                 q = m.qweight
+                dense = (m.amx.nbytes if m.amx is not None else q.nbytes if m.weight.is_meta
+                         else m.weight.numel() * m.weight.element_size())
                 parts.append((q.max_rows, q.nbytes, dense) if q is not None else (0, dense, dense))
         if self.lm_head is None:  # tied: the embedding table (an untied head is a Linear, counted above)
             emb = self.model.embed_tokens.weight
-            dense = emb.numel() * emb.element_size()
             q = self.lm_head_q
+            dense = q.nbytes if emb.is_meta else emb.numel() * emb.element_size()
             parts.append((q.max_rows, q.nbytes, dense) if q is not None else (0, dense, dense))
         rows = sorted({r for r, _, _ in parts if r > 0})
         return tuple((r, sum(b if r <= mr else d for mr, b, d in parts)) for r in rows)
 
     def quantized_summary(self) -> str:
-        """E.g. '121 of 121 matmuls also in 4/8-bit GGUF blocks (115 MB), read ... up to 4 rows; 121
-        packed for AMX (269 MB)'; '' if neither."""
+        """E.g. '121 of 121 matmuls in 4/8-bit GGUF blocks only (115 MB), the native kernel up to 16
+        rows, tiles dequantized above'; '121 of 121 matmuls also in ... blocks (115 MB), read ... up to
+        4 rows; 121 packed for AMX (269 MB)'; '' if neither."""
         linears = [m for m in self.modules() if hasattr(m, "qweight")]
         total = len(linears) + (1 if self.lm_head is None else 0)
         parts = []
         quant = [m.qweight for m in linears if m.qweight is not None] + ([self.lm_head_q] if self.lm_head_q else [])
+        only = sum(1 for m in linears if m.qweight is not None and m.weight.is_meta)
+        only += 1 if self.lm_head is None and self.lm_head_q is not None and self.model.embed_tokens.weight.is_meta else 0
         if quant:
             bits = "/".join(str(b) for b in sorted({q.bits for q in quant}))
             rows = "/".join(str(r) for r in sorted({q.max_rows for q in quant}))
-            parts.append(f"{len(quant)} of {total} matmuls also in {bits}-bit GGUF blocks "
-                         f"({sum(q.nbytes for q in quant) / 1e6:.0f} MB), read by the native kernel up to {rows} rows")
+            mb = sum(q.nbytes for q in quant) / 1e6
+            if only == len(quant):
+                parts.append(f"{len(quant)} of {total} matmuls in {bits}-bit GGUF blocks only ({mb:.0f} MB, no float "
+                             f"copy): the native kernel up to {rows} rows, tiles dequantized for the dense matmul above")
+            else:
+                parts.append(f"{len(quant)} of {total} matmuls also in {bits}-bit GGUF blocks "
+                             f"({mb:.0f} MB), read by the native kernel up to {rows} rows")
         amx = [m.amx for m in linears if m.amx is not None] + ([self.lm_head_amx] if self.lm_head_amx is not None else [])
         if amx:
             parts.append(f"{len(amx)} of {total} matmuls packed for AMX ({sum(a.nbytes for a in amx) / 1e6:.0f} MB)")
         return "; ".join(parts)
 
-    def _set_qweight(self, modules: dict[str, nn.Module], module_name: str | None, qw: QuantWeight) -> None:
-        weight = self.model.embed_tokens.weight if module_name is None else modules[module_name].weight
-        if tuple(weight.shape) != qw.shape:
-            raise ValueError(f"quantized {module_name or 'lm_head'}: shape {qw.shape} != float weight {tuple(weight.shape)}")
-        if module_name is None:
-            self.lm_head_q = qw
-        else:
-            modules[module_name].qweight = qw
-
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into the (partly fused) parameters; every parameter must be set."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantWeight]], float_weights: bool = True) -> None:
+        """Copy HF-named tensors into the (partly fused) parameters; every parameter must be set.
+
+        A matmul weight may come as a ``QuantWeight`` (GGUF blocks, CPU with the native kernels): the
+        layer (or tied LM head) then runs on the blocks, and its float parameter holds the same values
+        dequantized if ``float_weights``, else nothing (a ``meta`` tensor: the blocks are the only copy,
+        and, as the float parameter was never written, no memory was used for it). A fused layer whose
+        parts come in different block formats (a 4-bit q beside an 8-bit v) gets float weights."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+        blocks: dict[str, dict[int, QuantWeight]] = {}  # fused parameter -> its parts' blocks, by shard
         for name, tensor in weights:
             if "rotary_emb" in name or (self.lm_head is None and name.startswith("lm_head.")):
                 continue
@@ -217,6 +222,13 @@ class CausalLM(nn.Module):
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
             param = params[target]
+            if isinstance(tensor, QuantWeight):
+                rows = self._shard_sizes(parts[-2])[shard] if shard is not None else param.shape[0]
+                if tensor.shape != (rows, param.shape[1]):
+                    raise ValueError(f"{name}: checkpoint shape {tensor.shape} != model shape {(rows, param.shape[1])}")
+                blocks.setdefault(target, {})[shard or 0] = tensor
+                loaded.add(target if shard is None else f"{target}#{shard}")
+                continue
             if shard is None:
                 if param.shape != tensor.shape:
                     raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
@@ -239,6 +251,38 @@ class CausalLM(nn.Module):
         missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+        self._place_blocks(params, blocks, float_weights)
+
+    def _place_blocks(self, params: dict[str, nn.Parameter], blocks: dict[str, dict[int, QuantWeight]],
+                      float_weights: bool) -> None:
+        modules = dict(self.named_modules())
+        dtype = self.model.embed_tokens.weight.dtype
+        rows_with_copy, rows_alone = KERNEL_ROWS[dtype], QUANT_ONLY_ROWS[dtype]
+        for target, shards in blocks.items():
+            module_name = target.removesuffix(".weight")
+            parts = [shards[i] for i in range(len(shards))]
+            qw = QuantWeight.cat(parts) if len(parts) > 1 else parts[0]
+            head = target in ("model.embed_tokens.weight", "lm_head.weight")
+            embedding = target == "model.embed_tokens.weight"
+            keep_float = float_weights or qw is None
+            if keep_float:  # the float parameter holds the blocks' values
+                start = 0
+                for part in parts:
+                    params[target][start:start + part.shape[0]].copy_(part.dequantize())
+                    start += part.shape[0]
+            if qw is None or (embedding and self.lm_head is not None and keep_float):
+                continue  # mixed formats: float only; an untied embedding with a float copy: lookups only
+            qw.max_rows = (rows_with_copy if keep_float else rows_alone)[1 if head else 0]
+            if embedding:
+                if self.lm_head is None:
+                    self.lm_head_q = qw
+                if not keep_float:
+                    self.embed_q = qw
+            else:
+                modules[module_name].qweight = qw
+            if not keep_float:
+                module = modules[module_name]
+                module.weight = nn.Parameter(torch.empty_like(params[target], device="meta"), requires_grad=False)
 
     def _shard_sizes(self, fused: str) -> list[int]:
         c = self.cfg

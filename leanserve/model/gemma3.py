@@ -48,6 +48,6 @@ class Gemma3ForCausalLM(CausalLM):
                 layer.post_feedforward_layernorm)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.model.embed_tokens(input_ids)
+        h = super().embed(input_ids)
         # the reference rounds the scale to the activation dtype first
         return h * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=h.dtype)

@@ -12,15 +12,16 @@ from torch import nn
 from leanserve import kernels
 from leanserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from leanserve.model.config import ModelConfig
-from leanserve.model.quant import QuantWeight, qlinear
+from leanserve.model.quant import QuantWeight, qlinear, qmatmul
 
 
 class Linear(nn.Linear):
-    """nn.Linear that may also keep its weight in GGUF's quantized blocks (``qweight``) and, for
-    bfloat16 on a CPU with AMX, packed into AMX tiles (``amx``), both attached by the loader. Up to
+    """nn.Linear that may keep its weight in GGUF's quantized blocks (``qweight``) and, for bfloat16 on
+    a CPU with AMX, packed into AMX tiles (``amx``), both attached by the loader. Up to
     ``qweight.max_rows`` rows, which are memory-bound, run the native kernel over the 4-8x smaller
-    blocks; more rows are compute-bound and use the AMX kernel on the packed weight, else BLAS on
-    the float weight."""
+    blocks; more rows are compute-bound: the AMX kernel on the packed weight, else BLAS on the float
+    weight, or, where the blocks are the only copy (the plain weight is then a ``meta`` tensor),
+    ``qlinear_dense`` (tiles dequantized, then the dense matmul)."""
 
     qweight: QuantWeight | None = None
     # kernels/csrc/amx_linear.cpp's packed copy of the weight; once set, the only one (the plain
@@ -36,6 +37,8 @@ class Linear(nn.Linear):
             y = qlinear(rows, qw)
         elif self.amx is not None:  # bfloat16 rows (the kernel says so otherwise)
             y = kernels.ops().amx_linear(rows, self.amx)
+        elif qw is not None and self.weight.is_meta:  # blocks only
+            y = qmatmul(rows, qw)
         else:
             return F.linear(x, self.weight, self.bias)
         if rows is not x:
@@ -89,15 +92,33 @@ def _inv_freq(head_dim: int, base: float, scaling: dict[str, Any] | None) -> tup
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding in the "rotate half" layout (HF's), looked up by absolute position."""
+    """Rotary position embedding in the "rotate half" layout (HF's), looked up by absolute position.
+
+    The cos/sin tables start at ``INITIAL_POSITIONS`` rows and grow (doubling, up to the model's
+    ``max_positions``) when a step reaches past them (``ensure``): Gemma 3's two tables for 32k
+    positions would hold 67 MB, a quarter of its quantized weights, for contexts few requests reach.
+    Each row is the same whatever the table's length (an element-wise product, then cos/sin)."""
+
+    INITIAL_POSITIONS = 4096
 
     def __init__(self, head_dim: int, max_positions: int, base: float, scaling: dict[str, Any] | None = None) -> None:
         super().__init__()
         inv_freq, attn_factor = _inv_freq(head_dim, base, scaling)
-        t = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # (max_positions, head_dim / 2)
-        self.register_buffer("cos", (freqs.cos() * attn_factor), persistent=False)
-        self.register_buffer("sin", (freqs.sin() * attn_factor), persistent=False)
+        self.inv_freq, self.attn_factor, self.max_positions = inv_freq, attn_factor, max_positions
+        self.register_buffer("cos", torch.empty(0, head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(0, head_dim // 2), persistent=False)
+        self.ensure(min(max_positions, self.INITIAL_POSITIONS))
+
+    def ensure(self, positions: int) -> bool:
+        """Tables for at least ``positions`` positions (capped at the model's); True if they grew."""
+        have = self.cos.shape[0]
+        if positions <= have or have >= self.max_positions:
+            return False
+        n = min(self.max_positions, max(positions, 2 * have))
+        t = torch.arange(n, dtype=torch.float32, device=self.cos.device)
+        freqs = torch.outer(t, self.inv_freq.to(t.device))  # (n, head_dim / 2)
+        self.cos, self.sin = freqs.cos() * self.attn_factor, freqs.sin() * self.attn_factor
+        return True
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # q: (num_tokens, num_heads, head_dim), k: (num_tokens, num_kv_heads, head_dim). The native

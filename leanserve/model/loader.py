@@ -8,6 +8,8 @@ model's parameters: safetensors are memory-mapped, GGUF blocks are dequantized o
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -137,43 +139,35 @@ def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_gguf_weights(reader: Any, cfg: ModelConfig, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_weights(reader: Any, cfg: ModelConfig, arch: str, blocks: bool = False
+                      ) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
+    """Every tensor, HF-named, as float32, in HF's layout (Llama q/k rows un-permuted, Gemma norms
+    shifted); with ``blocks``, each 2-D tensor whose GGUF type the native kernel reads as is
+    (model/quant.py) comes in its quantized blocks instead (rows arranged alike), never dequantized."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
             continue
+        name = gguf_tensor_name(t.name, arch)
+        llama_qk = arch in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight"))
+        heads = cfg.num_heads if name.endswith("q_proj.weight") else cfg.num_kv_heads
+        if blocks and len(t.shape) == 2:
+            n, k = (int(d) for d in reversed(t.shape))
+            qw = from_gguf_blocks(t.data, t.tensor_type.name, n, k)
+            if qw is not None:
+                yield name, qw.rows(_unpermute_rope(np.arange(n)[:, None], heads)[:, 0]) if llama_qk else qw
+                continue
         data = t.data
         if t.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             data = dequantize(data, t.tensor_type)
         w = np.asarray(data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
-        name = gguf_tensor_name(t.name, arch)
-        if arch in ("llama", "mistral"):
-            if name.endswith("q_proj.weight"):
-                w = _unpermute_rope(w, cfg.num_heads)
-            elif name.endswith("k_proj.weight"):
-                w = _unpermute_rope(w, cfg.num_kv_heads)
+        if llama_qk:
+            w = _unpermute_rope(w, heads)
         if arch == "gemma3" and name.endswith("norm.weight"):
             w = w - 1.0  # llama.cpp stores Gemma's (1 + weight); our RMSNorm adds the 1
         yield name, torch.from_numpy(np.array(w, copy=True) if not w.flags.writeable else np.ascontiguousarray(w))
-
-
-def iter_gguf_quantized(reader: Any, cfg: ModelConfig, arch: str) -> Iterator[tuple[str, QuantWeight]]:
-    """The 2-D tensors whose GGUF type the native kernel reads as is (model/quant.py), in their
-    quantized blocks, rows arranged like ``iter_gguf_weights`` arranges the float ones."""
-    for t in reader.tensors:
-        if len(t.shape) != 2 or t.name == "rope_freqs.weight":
-            continue
-        n, k = (int(d) for d in reversed(t.shape))
-        qw = from_gguf_blocks(t.data, t.tensor_type.name, n, k)
-        if qw is None:
-            continue
-        name = gguf_tensor_name(t.name, arch)
-        if arch in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = cfg.num_heads if name.endswith("q_proj.weight") else cfg.num_kv_heads
-            qw = qw.rows(_unpermute_rope(np.arange(n)[:, None], heads)[:, 0])
-        yield name, qw
 
 
 # ---- HF folders -------------------------------------------------------------------------------
@@ -201,9 +195,11 @@ def _no_init() -> Iterator[None]:
         nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
 
 
-def build_model(cfg: ModelConfig, weights: Iterator[tuple[str, torch.Tensor]] | None, dtype: torch.dtype,
-                device: torch.device) -> nn.Module:
-    """Allocate the model once in its final dtype/device and copy the weights in (no second copy)."""
+def build_model(cfg: ModelConfig, weights: Iterator[tuple[str, torch.Tensor | QuantWeight]] | None, dtype: torch.dtype,
+                device: torch.device, float_weights: bool = True) -> nn.Module:
+    """Allocate the model once in its final dtype/device and copy the weights in (no second copy;
+    a weight that comes in quantized blocks is never written in float unless ``float_weights``:
+    see ``CausalLM.load_weights``)."""
     cls = model_class(cfg)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -213,7 +209,7 @@ def build_model(cfg: ModelConfig, weights: Iterator[tuple[str, torch.Tensor]] | 
     finally:
         torch.set_default_dtype(prev)
     if weights is not None:
-        model.load_weights(weights)
+        model.load_weights(weights, float_weights)
     return model.eval()
 
 
@@ -291,11 +287,11 @@ def load_config_and_tokenizer(source: ModelSource) -> tuple[ModelConfig, LeanTok
     return ModelConfig.from_hf_config(hf), LeanTokenizer.from_hf_folder(source.path), None
 
 
-def quantize_at_load(weights: Iterator[tuple[str, torch.Tensor]], quantization: str,
-                     blocks: list[tuple[str, QuantWeight]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """``--quantization``: each matmul weight (2-D, rows a multiple of 32 wide) replaced by its
-    quantized-then-dequantized values, so every path computes the quantized model; the blocks go
-    to ``blocks`` for the native kernel. Norms, biases and odd shapes stay as they are."""
+def quantize_at_load(weights: Iterator[tuple[str, torch.Tensor]], quantization: str
+                     ) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
+    """``--quantization``: each matmul weight (2-D, rows a multiple of 32 wide) in GGUF blocks
+    (``quant.quantize_weight``), so every path computes the quantized model; norms, biases and odd
+    shapes stay as they are."""
     layer_type, head_type = QUANTIZE_TYPES[quantization]
     for name, t in weights:
         if t.dim() != 2 or t.shape[1] % 32 or not name.endswith(".weight"):
@@ -303,35 +299,51 @@ def quantize_at_load(weights: Iterator[tuple[str, torch.Tensor]], quantization: 
             continue
         head = name.endswith(("embed_tokens.weight", "lm_head.weight"))
         qw, _ = quantize_weight(t, head_type if head else layer_type)
-        blocks.append((name, qw))
-        yield name, qw.dequantize().to(t.dtype)
+        yield name, qw
+
+
+def _dequantized(weights: Iterator[tuple[str, torch.Tensor | QuantWeight]]) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, t in weights:
+        yield name, t.dequantize() if isinstance(t, QuantWeight) else t
 
 
 def load_model(model: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               quantization: str = "none") -> LoadedModel:
+               quantization: str = "none", float_weights: bool = False) -> LoadedModel:
+    """``float_weights``: a quantized model (a GGUF file, ``quantization``) keeps a float copy of its
+    matmul weights beside the blocks for big batches (more memory); by default the blocks are the
+    only copy wherever the native CPU kernels run (elsewhere the weights are float)."""
     source = resolve(model)
     device = torch.device(device)
     if quantization != "none" and source.kind == "gguf":
         raise ValueError(f"--quantization {quantization} quantizes a float model (an HF folder); "
                          f"{source.path.name} is a GGUF file, already quantized")
     cfg, tokenizer, reader = load_config_and_tokenizer(source)
-    blocks: list[tuple[str, QuantWeight]] = []
+    native = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and kernels.ops() is not None
     if reader is not None:
-        arch = read_arch(reader)
-        weights = iter_gguf_weights(reader, cfg, arch)
+        weights = iter_gguf_weights(reader, cfg, read_arch(reader), blocks=native)
     else:
         weights = iter_safetensors(source.path)
         if quantization != "none":
-            weights = quantize_at_load(weights, quantization, blocks)
-    net = build_model(cfg, weights, dtype, device)
-    native = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and kernels.ops() is not None
-    if reader is not None and native:
-        net.attach_quantized(iter_gguf_quantized(reader, cfg, arch))
-    if blocks and native:
-        net.attach_quantized(blocks)
+            weights = quantize_at_load(weights, quantization)
+            if not native:  # no kernel reads blocks here: the quantized model's values, in float
+                weights = _dequantized(weights)
+    net = build_model(cfg, weights, dtype, device, float_weights=float_weights)
     if device.type == "cpu" and dtype == torch.bfloat16 and kernels.amx_available():
         net.attach_amx()
+    del weights, reader
+    _return_freed_memory()
     return LoadedModel(source, cfg, net, tokenizer, dtype, device)
+
+
+def _return_freed_memory() -> None:
+    """Loading leaves tens of MB freed but still resident (the GGUF reader's metadata objects, block
+    conversion temporaries): glibc keeps freed heap pages until told. Measured: SmolLM2's load 247 ->
+    176 MB resident, Gemma 3's 815 -> 605 (benchmarks/quant_memory.py). Elsewhere a no-op."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def read_arch(reader: Any) -> str:

@@ -27,8 +27,10 @@ class NativeDecodePlan:
     bfloat16, the native kernels on, an activation the kernel has, the paged attention of
     ``attention.py``, float32 rotary tables, one eps and one norm offset); else ``build`` gives None."""
 
-    def __init__(self, dtype: torch.dtype, weights: list[torch.Tensor], ints: list[int], floats: list[float]) -> None:
+    def __init__(self, dtype: torch.dtype, weights: list[torch.Tensor], ints: list[int], floats: list[float],
+                 positions: int) -> None:
         self.dtype, self.weights, self.ints, self.floats = dtype, weights, ints, floats
+        self.positions = positions  # rows of the rotary tables it holds (they grow: CausalLM.ensure_positions)
 
     def takes(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
         """The KV cache is the model's dtype on the CPU (checked on its first layer: one cache, one dtype)."""
@@ -42,7 +44,7 @@ class NativeDecodePlan:
         first = model.model.layers[0]
         act = layers._ACT_KERNEL.get(first.mlp.act)
         if (layers._fused_ops() is None or dtype not in (torch.float32, torch.bfloat16) or act is None
-                or not model.model.embed_tokens.weight.is_cpu):
+                or not model.model.norm.weight.is_cpu):
             return None
         none = torch.empty(0, dtype=dtype)
         weights: list[torch.Tensor] = []
@@ -66,7 +68,8 @@ class NativeDecodePlan:
                     return None
                 weights += lin_tensors
                 ints += [lin.qweight.bits if lin.qweight else 0, lin.qweight.max_rows if lin.qweight else -1]
-        return cls(dtype, weights, ints, [cfg.rms_norm_eps, first.self_attn.scale, model.norm_offset])
+        positions = min(layer.rope[0].cos.shape[0] for layer in model.model.layers)
+        return cls(dtype, weights, ints, [cfg.rms_norm_eps, first.self_attn.scale, model.norm_offset], positions)
 
 
 def _plain_norm(norm: RMSNorm, dtype: torch.dtype, eps: float, offset: float) -> bool:
@@ -78,8 +81,8 @@ def _linear_tensors(lin: Linear, none: torch.Tensor) -> list[torch.Tensor] | Non
     """qs, scales, mins, amx, weight, bias of a Linear for ``decode_layers`` (``none`` where absent),
     or None if it has a kind of weight the native loop does not run."""
     qw = lin.qweight
-    weight = lin.weight if lin.weight.device.type != "meta" else none  # packed for AMX: no plain weight
-    if weight.numel() == 0 and lin.amx is None:
+    weight = lin.weight if not lin.weight.is_meta else none  # packed for AMX, or blocks only: no plain weight
+    if weight.numel() == 0 and lin.amx is None and qw is None:
         return None
     return [qw.qs if qw else none, qw.scales if qw else none, qw.mins if qw else none,
             lin.amx if lin.amx is not None else none, weight, lin.bias if lin.bias is not None else none]

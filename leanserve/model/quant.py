@@ -40,19 +40,24 @@ KERNEL_ROWS = {torch.float32: (24, 256), torch.bfloat16: (8, 4)}
 # With AMX (kernels/csrc/amx_linear.cpp on the packed bfloat16 weights) the dense side is faster:
 # whole bf16 decode steps of SmolLM2, 4 rows: qlinear 23.7 ms, AMX 27-29; 8 rows: qlinear 34.4, AMX 30-31.
 AMX_KERNEL_ROWS = 4
+# Without a float copy (the default for quantized weights on the CPU): rows of x up to which qlinear
+# beats qlinear_dense (tiles of W dequantized, then the dense matmul), per dtype of x: (layers, LM head).
+# benchmarks/qlinear.py --dense over SmolLM2's weights: see docs/quantization.md.
+QUANT_ONLY_ROWS = {torch.float32: (48, 64), torch.bfloat16: (16, 16)}
 
 
 @dataclass
 class QuantWeight:
     qs: torch.Tensor  # 4 bits: (N, ceil(K / 64) * 8) int32 holding bytes, see _pack4; 8 bits: (N, K) int8
-    scales: torch.Tensor  # (N, K / 32) float32
-    mins: torch.Tensor  # (N, K / 32) float32, or (N, 0) where every min is zero (Q8_0, Q5_0): none to read
+    scales: torch.Tensor  # (N, K / block) float16 (GGUF's own scales) or float32 (K-quants' products)
+    mins: torch.Tensor  # (N, K / 32) in the scales' dtype, or (N, 0) where every min is zero (Q8_0, Q5_0, Q6_K)
     bits: int
     max_rows: int = KERNEL_ROWS[torch.float32][0]  # the Linear layer uses the kernel up to this many rows of x
+    block: int = BLOCK  # values per scale: 32, or 16 (Q6_K; 8-bit, float32 scales; mins still per 32)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.qs.shape[0], self.scales.shape[1] * BLOCK
+        return self.qs.shape[0], self.scales.shape[1] * self.block
 
     @property
     def nbytes(self) -> int:
@@ -61,45 +66,87 @@ class QuantWeight:
     def dequantize(self) -> torch.Tensor:
         n, k = self.shape
         if self.bits == 4:
-            q = torch.from_numpy(_unpack4(self.qs.numpy(), k)).view(n, k // BLOCK, BLOCK).float()
+            q = torch.from_numpy(_unpack4(self.qs.numpy(), k)).view(n, k // self.block, self.block).float()
         else:
-            q = self.qs.view(n, k // BLOCK, BLOCK).float()
-        if self.mins.numel() == 0:
-            return (q * self.scales[..., None]).reshape(n, k)
-        return torch.addcmul(self.mins[..., None], q, self.scales[..., None]).reshape(n, k)
+            q = self.qs.view(n, k // self.block, self.block).float()
+        w = q * self.scales.float()[..., None]  # exact: a float16 or K-quant scale times at most 8 bits
+        if self.mins.numel():
+            w = w.view(n, k // BLOCK, BLOCK) + self.mins.float()[..., None]
+        return w.reshape(n, k)
+
+    def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``ids`` dequantized, in ``dtype``: an embedding lookup on a quantized table (the values
+        the float table would hold: float32 dequantization, one rounding to ``dtype``)."""
+        flat = ids.reshape(-1)
+        part = QuantWeight(self.qs[flat], self.scales[flat], self.mins[flat], self.bits, block=self.block)
+        return part.dequantize().to(dtype).view(*ids.shape, self.shape[1])
 
     def rows(self, index: np.ndarray) -> "QuantWeight":
         idx = torch.from_numpy(np.asarray(index, dtype=np.int64))
-        return QuantWeight(self.qs[idx].contiguous(), self.scales[idx].contiguous(), self.mins[idx].contiguous(), self.bits)
+        return QuantWeight(self.qs[idx].contiguous(), self.scales[idx].contiguous(), self.mins[idx].contiguous(),
+                           self.bits, block=self.block)
+
+    def widened(self) -> "QuantWeight":
+        """The same values in the 8-bit layout (4-bit values as int8)."""
+        if self.bits == 8:
+            return self
+        n, k = self.shape
+        q = torch.from_numpy(_unpack4(self.qs.numpy(), k).astype(np.int8))
+        return QuantWeight(q, self.scales, self.mins, 8, self.max_rows, self.block)
+
+    def halved(self) -> "QuantWeight":
+        """The same values with a float32 scale per 16 (each block's scale twice; mins stay per 32), 8-bit."""
+        if self.block == 16:
+            return self
+        return QuantWeight(self.qs, self.scales.float().repeat_interleave(2, dim=1).contiguous(), self.mins.float(),
+                           self.bits, self.max_rows, 16)
 
     @staticmethod
     def cat(parts: list["QuantWeight"]) -> "QuantWeight | None":
-        """Row-wise concatenation (fused q/k/v, gate/up); None if the parts differ in format."""
-        if len({p.bits for p in parts}) != 1 or len({p.shape[1] for p in parts}) != 1:
+        """Row-wise concatenation (fused q/k/v, gate/up). Parts of different formats meet in the wider
+        one, exactly: 4-bit values widened to 8, a scale per 32 repeated per 16, float16 scales as
+        float32; None where the widths differ."""
+        if len({p.shape[1] for p in parts}) != 1:
             return None
+        if len({p.bits for p in parts}) > 1:
+            parts = [p.widened() for p in parts]
+        if len({p.block for p in parts}) > 1:
+            parts = [p.halved() for p in parts]
+        dtype = torch.float16 if all(p.scales.dtype == torch.float16 for p in parts) else torch.float32
         mins = [p.mins for p in parts]
         if any(m.numel() for m in mins):  # some parts have mins: the others' zeros spelled out
-            mins = [m if m.numel() else torch.zeros_like(p.scales) for m, p in zip(mins, parts)]
-        return QuantWeight(torch.cat([p.qs for p in parts]), torch.cat([p.scales for p in parts]),
-                           torch.cat(mins), parts[0].bits, parts[0].max_rows)
+            mins = [m if m.numel() else torch.zeros(p.shape[0], p.shape[1] // BLOCK, dtype=p.scales.dtype) for m, p in zip(mins, parts)]
+        return QuantWeight(torch.cat([p.qs for p in parts]), torch.cat([p.scales.to(dtype) for p in parts]),
+                           torch.cat([m.to(dtype) for m in mins]), parts[0].bits, parts[0].max_rows, parts[0].block)
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)[..., 0]
+    return np.ascontiguousarray(raw).view(np.float16)[..., 0]
+
+
+# GGUF types whose blocks the kernel reads as they are (after a change of layout at load), and bytes a block
+SIMPLE_TYPES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34}
+K_TYPES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # super-blocks of 256 values
 
 
 def from_gguf_blocks(raw: np.ndarray, type_name: str, n: int, k: int) -> QuantWeight | None:
     """Raw GGUF bytes of an (n, k) tensor -> QuantWeight, or None for a type this format can't hold."""
-    layouts = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34}
-    if type_name not in layouts or k % BLOCK:
+    if type_name in K_TYPES:
+        return _from_k_blocks(raw, type_name, n, k)
+    if type_name not in SIMPLE_TYPES or k % BLOCK:
         return None
-    b = np.asarray(raw, dtype=np.uint8).reshape(n, k // BLOCK, layouts[type_name])
+    b = np.asarray(raw, dtype=np.uint8).reshape(n, k // BLOCK, SIMPLE_TYPES[type_name])
     d = _f16(b[..., 0:2])
-    none = np.zeros((n, 0), np.float32)  # all mins zero: none stored, none read
+    none = np.zeros((n, 0), np.float16)  # all mins zero: none stored, none read
     if type_name in ("Q4_0", "Q4_1"):
         lo = b[..., 2:18] if type_name == "Q4_0" else b[..., 4:20]  # byte i: element i, i + 16
         q = np.concatenate((lo & 0x0F, lo >> 4), axis=-1).reshape(n, k)
-        mins = -8.0 * d if type_name == "Q4_0" else _f16(b[..., 2:4])
+        if type_name == "Q4_1":
+            mins = _f16(b[..., 2:4])
+        else:  # -8 d: exact in float16 unless it overflows (then float32, also exact)
+            mins32 = -8.0 * d.astype(np.float32)
+            mins = mins32.astype(np.float16) if np.isfinite(mins32.astype(np.float16)).all() else mins32
+            d = d if mins.dtype == np.float16 else d.astype(np.float32)
         return _make(_pack4(q), d, mins, 4)
     if type_name == "Q8_0":
         return _make(b[..., 2:34].view(np.int8).reshape(n, k), d, none, 8)
@@ -112,6 +159,44 @@ def from_gguf_blocks(raw: np.ndarray, type_name: str, n: int, k: int) -> QuantWe
     if type_name == "Q5_0":
         q = q.astype(np.int16) - 16
     return _make(q.astype(np.int8).reshape(n, k), d, mins, 8)
+
+
+def _from_k_blocks(raw: np.ndarray, type_name: str, n: int, k: int) -> QuantWeight | None:
+    """K-quants: super-blocks of 256 values with a float16 scale (and min scale) and 6- or 8-bit
+    sub-scales. Each sub-block's scale ``d * sc`` (and min ``-dmin * m``) is exact in float32, so
+    ``scale * q + min`` is the value gguf dequantizes to, bit for bit:
+        Q4_K  8 x 32 values of 4 bits -> 4-bit, a float32 scale and min per 32
+        Q5_K  8 x 32 values of 5 bits -> 8-bit (0..31), a float32 scale and min per 32
+        Q6_K  16 x 16 values of 6 bits -> 8-bit (q - 32), a float32 scale per 16, no mins"""
+    from gguf.quants import Q4_K
+
+    if k % 256:
+        return None
+    b = np.asarray(raw, dtype=np.uint8).reshape(n * (k // 256), K_TYPES[type_name])
+    nb = b.shape[0]
+    if type_name in ("Q4_K", "Q5_K"):
+        d = b[:, 0:2].copy().view(np.float16).astype(np.float32)  # (nb, 1)
+        dmin = b[:, 2:4].copy().view(np.float16).astype(np.float32)
+        sc, m = Q4_K.get_scale_min(b[:, 4:16])  # (nb, 8) each, 6 bits
+        scales = (d * sc.astype(np.float32)).reshape(n, k // 32)
+        mins = -(dmin * m.astype(np.float32)).reshape(n, k // 32)
+        if type_name == "Q4_K":  # 128 bytes: 4 x 32, low nibbles sub-block 2i, high ones 2i + 1
+            qs = b[:, 16:144].reshape(nb, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+            return _make(_pack4((qs & 0x0F).reshape(n, k)), scales, mins, 4)
+        qh = b[:, 16:48].reshape(nb, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)  # bit i: sub-block i
+        ql = b[:, 48:176].reshape(nb, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        q = (ql & 0x0F).reshape(nb, 8, 32) | ((qh & 1) << 4)
+        return _make(q.astype(np.int8).reshape(n, k), scales, mins, 8)
+    ql = b[:, 0:128].reshape(nb, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    ql = (ql & 0x0F).reshape(nb, 2, 2, 2, 32)  # (half, nibble, 64-chunk, 32)
+    ql = ql.reshape(nb, 2, 4, 32)
+    qh = b[:, 128:192].reshape(nb, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    q = (ql | ((qh & 3) << 4)).astype(np.int16) - 32  # (nb, 2, 4, 32)
+    d = b[:, 208:210].copy().view(np.float16).astype(np.float32)  # (nb, 1)
+    scales = (d * b[:, 192:208].view(np.int8).astype(np.float32)).reshape(n, k // 16)
+    qw = _make(q.astype(np.int8).reshape(n, k), scales, np.zeros((n, 0), np.float32), 8)
+    qw.block = 16
+    return qw
 
 
 # --quantization at load: the GGUF type each weight becomes (the LM head / tied embedding stays at 8 bits,
@@ -151,10 +236,20 @@ def _unpack4(qs: np.ndarray, k: int) -> np.ndarray:
 
 
 def _make(qs: np.ndarray, scales: np.ndarray, mins: np.ndarray, bits: int) -> QuantWeight:
-    return QuantWeight(torch.from_numpy(np.ascontiguousarray(qs)), torch.from_numpy(np.ascontiguousarray(scales, np.float32)),
-                       torch.from_numpy(np.ascontiguousarray(mins, np.float32)), bits)
+    dtype = np.float16 if scales.dtype == np.float16 and mins.dtype == np.float16 else np.float32
+    return QuantWeight(torch.from_numpy(np.ascontiguousarray(qs)), torch.from_numpy(np.ascontiguousarray(scales, dtype)),
+                       torch.from_numpy(np.ascontiguousarray(mins, dtype)), bits)
 
 
 def qlinear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """x (M, K) float32 or bfloat16 @ dequantize(w).T with the native kernel; (M, N) in x's dtype."""
     return kernels.ops().qlinear(x, w.qs, w.scales, w.mins, w.bits)
+
+
+def qmatmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """x @ dequantize(w).T for a weight kept only in blocks: ``qlinear`` up to ``w.max_rows`` rows of x
+    (bound by reading W), else ``qlinear_dense`` (tiles of W dequantized into x's dtype, then the dense
+    matmul: bound by FLOPs)."""
+    if x.shape[0] <= w.max_rows:
+        return qlinear(x, w)
+    return kernels.ops().qlinear_dense(x, w.qs, w.scales, w.mins, w.bits)

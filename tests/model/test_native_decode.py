@@ -124,8 +124,9 @@ def test_smollm2_bf16_quantized_and_amx_rows_decode_the_same_bits():
 
     loaded = load_model("smollm2-135m", torch.bfloat16)
     model = loaded.model
-    # 1 sequence: every matmul on the quantized blocks; 6: past their row limit (AMX or oneDNN)
-    for prompts in ([7], [3, 9, 17, 4, 12, 30]):
+    # 1 sequence: every matmul's kernel on the blocks; 6: still the kernel without AMX (up to 16 rows),
+    # AMX with it; 20: past the kernel's rows: the blocks dequantized in tiles for the dense matmul
+    for prompts in ([7], [3, 9, 17, 4, 12, 30], [3, 9, 5, 4, 7, 2, 8, 6] * 2 + [1, 9, 3, 5]):
         native = _decode_hidden(model, True, torch.bfloat16, prompts, steps=3)
         python = _decode_hidden(model, False, torch.bfloat16, prompts, steps=3)
         _assert_same_bits(native, python)
@@ -148,3 +149,17 @@ def test_start_up_line_says_whether_decode_steps_run_natively(monkeypatch):
     assert "one native call" in LLM("smollm2-135m", kv_cache_memory=1 << 24).engine.describe_runtime()
     monkeypatch.setenv("LEANSERVE_NATIVE_DECODE", "0")
     assert "one native call" not in LLM("smollm2-135m", kv_cache_memory=1 << 24).engine.describe_runtime()
+
+
+def test_rotary_tables_grow_past_their_first_length_and_the_plan_follows(tmp_path, monkeypatch):
+    """Tables start short and grow when a step reaches past them; the native loop's plan (which holds
+    them) is rebuilt; every step is the same bits as a model whose tables were full length from the start."""
+    full = _tiny("gemma3-sliding-window", torch.float32, tmp_path / "full")  # two rotary tables
+    monkeypatch.setattr(layers.RotaryEmbedding, "INITIAL_POSITIONS", 8)
+    short = _tiny("gemma3-sliding-window", torch.float32, tmp_path / "short")
+    assert short.rope_global.cos.shape[0] == 8 and full.rope_global.cos.shape[0] == SMALL["max_position_embeddings"]
+    grown = _decode_hidden(short, True, torch.float32, [5, 7], steps=12)  # positions up to 18
+    assert short.rope_global.cos.shape[0] == short.rope_local.cos.shape[0] == 32  # 8 -> 16 -> 32
+    assert short.native_plan().positions == 32
+    _assert_same_bits(grown, _decode_hidden(full, True, torch.float32, [5, 7], steps=12))
+    assert torch.equal(short.rope_local.sin, full.rope_local.sin[:32])

@@ -102,7 +102,7 @@ def _require_quantized(loaded) -> None:
 
 def test_smollm2_native_quantized_path_matches_transformers(smollm):
     """At most 3 sequences in a batch: every decode matmul runs the native kernel over the GGUF's
-    Q4_1 / Q8_0 blocks (prefill, with more rows, runs BLAS on the float weights)."""
+    Q4_1 / Q8_0 blocks (prefill, with more rows, dequantizes tiles of them for BLAS)."""
     loaded, hf, prompts, refs = smollm
     _require_quantized(loaded)
     assert loaded.model.lm_head_q is not None and loaded.model.lm_head_q.bits == 8
@@ -156,9 +156,50 @@ def test_gemma3_matches_transformers(gemma3_f32):
     greedy = SamplingParams(temperature=0.0, max_tokens=GEMMA_NEW_TOKENS, ignore_eos=True)
     llm = LLM("gemma3-270m", loaded=loaded)
     assert_same_greedy(_generate(llm, prompts, greedy), refs, prompts, hf, "gemma3 gguf, one batch")
-    _require_quantized(loaded)  # Q5_0 / Q8_0 layers in 8-bit blocks; Q4_K / Q6_K stay float only
+    _require_quantized(loaded)  # Q5_0 / Q8_0 / Q5_K layers in 8-bit blocks, Q4_K in 4-bit, Q6_K with scales per 16
     small = LLM("gemma3-270m", loaded=loaded, max_num_seqs=4)
     assert_same_greedy(_generate(small, prompts[:8], greedy), refs[:8], prompts[:8], hf, "gemma3 gguf, native kernels")
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_gguf_weights_are_kept_only_in_their_blocks(name, request):
+    """No float copy: every matmul weight (the tied embedding too) is a meta tensor beside its
+    blocks, K-quants included (Gemma 3's Q4_K_M file: Q8_0, Q5_0, Q4_K, Q6_K)."""
+    from leanserve import kernels
+    from leanserve.model.layers import Linear
+
+    if kernels.ops() is None:
+        pytest.skip(kernels.status())
+    model = request.getfixturevalue("smollm2_f32" if name == "smollm2-135m" else "gemma3_f32").model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.weight.is_meta and m.qweight is not None for m in linears)
+    assert model.model.embed_tokens.weight.is_meta and model.embed_q is model.lm_head_q is not None
+    assert "blocks only" in model.quantized_summary()
+    if name == "gemma3-270m":
+        formats = {(m.qweight.bits, m.qweight.block, m.qweight.scales.dtype) for m in linears}
+        assert (4, 32, torch.float32) in formats and (8, 16, torch.float32) in formats  # Q4_K; Q6_K (down_proj)
+
+
+def test_float_copy_option_computes_the_same_model():
+    """--float-weights keeps the dequantized float copy for big batches: logits of a 96-token prefill
+    (the dense path on both sides: BLAS on the copy, or tiles dequantized from the blocks) agree up to
+    float32 summation order."""
+    require_model("smollm2-135m")
+    from leanserve import kernels
+    from leanserve.model.attention import AttentionMetadata
+    from tests.model.helpers import new_kv_caches
+
+    if kernels.ops() is None:
+        pytest.skip(kernels.status())
+    only, copy = (load_model("smollm2-135m", torch.float32, float_weights=f).model for f in (False, True))
+    assert not copy.model.embed_tokens.weight.is_meta and copy.model.layers[0].mlp.down_proj.qweight is not None
+    ids = torch.randint(0, 49152, (96,), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for model in (only, copy):
+        meta = AttentionMetadata.build([96], [96], [list(range(6))], 16, set(model.cfg.layer_windows))
+        with torch.no_grad():
+            logits.append(model.compute_logits(model(ids, torch.arange(96), meta, new_kv_caches(model, 8, 16))))
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
 
 
 def test_bf16_decode_stays_close_to_float32_teacher_forced():

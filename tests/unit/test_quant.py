@@ -28,15 +28,17 @@ def test_blocks_dequantize_exactly_like_gguf(name):
     assert qw.bits == (4 if name in ("Q4_0", "Q4_1") else 8)
     assert qw.shape == tuple(ref.shape)
     assert torch.equal(qw.dequantize(), ref)  # bit for bit, not approximately
-    # float32 scales, and mins only where the format has nonzero ones
+    # GGUF's float16 scales kept as they are, and mins only where the format has nonzero ones
     with_mins = name in ("Q4_0", "Q4_1", "Q5_1")
+    assert qw.scales.dtype == qw.mins.dtype == torch.float16
     assert qw.mins.numel() == (ref.numel() // 32 if with_mins else 0)
-    assert qw.nbytes == ref.numel() * qw.bits // 8 + (2 if with_mins else 1) * 4 * ref.numel() // 32
+    assert qw.nbytes == ref.numel() * qw.bits // 8 + (2 if with_mins else 1) * 2 * ref.numel() // 32
 
 
 def test_unsupported_types_and_shapes_stay_float():
     raw, ref = _gguf("Q4_1")
-    assert from_gguf_blocks(raw, "Q4_K", *ref.shape) is None
+    assert from_gguf_blocks(raw, "Q2_K", *ref.shape) is None
+    assert from_gguf_blocks(raw, "IQ4_XS", *ref.shape) is None
     assert from_gguf_blocks(np.zeros((4, 20), np.uint8), "Q4_1", 4, 40) is None  # not whole blocks
 
 
@@ -61,7 +63,8 @@ def test_rows_and_cat():
     both = QuantWeight.cat([qw, qw.rows(perm)])
     assert torch.equal(both.dequantize(), torch.cat([ref, ref[perm]]))
     raw8, ref8 = _gguf("Q8_0", n=8)
-    assert QuantWeight.cat([qw, from_gguf_blocks(raw8, "Q8_0", *ref8.shape)]) is None  # 4-bit + 8-bit
+    wide = QuantWeight.cat([qw, from_gguf_blocks(raw8, "Q8_0", *ref8.shape)])  # 4-bit + 8-bit: 8-bit
+    assert wide.bits == 8 and torch.equal(wide.dequantize(), torch.cat([ref, ref8]))
     # 8-bit with and without mins (Q5_1, Q5_0): the missing mins become zeros
     raw51, ref51 = _gguf("Q5_1", n=8, seed=1)
     raw50, ref50 = _gguf("Q5_0", n=8, seed=2)
@@ -177,3 +180,145 @@ def test_status_names_the_avx512_paths_when_they_run(monkeypatch):
     assert ("AVX512-BF16" in kernels.status()) == on
     if torch.backends.cpu.get_cpu_capability() != "AVX512":  # no AVX-512 at all: never claimed
         assert not on
+
+
+# ---- K-quants, mixed formats, and the blocks-only dense path ------------------------------------
+
+K_TYPES = ["Q4_K", "Q5_K", "Q6_K"]
+
+
+def _kquant(name: str, n: int = 24, k: int = 512, seed: int = 0) -> tuple[np.ndarray, torch.Tensor]:
+    """Random K-quant super-blocks (every bit pattern is valid but the float16 scales, set to sane
+    values) and gguf's dequantization of them (gguf cannot quantize to K-quants)."""
+    rng = np.random.default_rng(seed)
+    size = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}[name]
+    raw = rng.integers(0, 256, (n * k // 256, size), dtype=np.uint8)
+    for at in ([0, 2] if name != "Q6_K" else [208]):  # d and dmin (Q4_K, Q5_K), d (Q6_K, at the end)
+        raw[:, at:at + 2] = rng.uniform(0.001, 0.05, (raw.shape[0], 1)).astype(np.float16).view(np.uint8)
+    raw = raw.reshape(n, -1)
+    return raw, torch.from_numpy(dequantize(raw, GGMLQuantizationType[name])).reshape(n, k)
+
+
+def _any(name: str, n: int = 24, k: int = 512, seed: int = 0) -> tuple[np.ndarray, torch.Tensor]:
+    return _kquant(name, n, k, seed) if name in K_TYPES else _gguf(name, n, k, seed)
+
+
+@pytest.mark.parametrize("name,bits,block,mins", [("Q4_K", 4, 32, True), ("Q5_K", 8, 32, True), ("Q6_K", 8, 16, False)])
+def test_k_quants_dequantize_exactly_like_gguf(name, bits, block, mins):
+    raw, ref = _kquant(name)
+    qw = from_gguf_blocks(raw, name, *ref.shape)
+    assert (qw.bits, qw.block, qw.scales.dtype) == (bits, block, torch.float32)  # d * sub-scale: exact in float32 only
+    assert qw.mins.numel() == (ref.numel() // 32 if mins else 0)
+    assert torch.equal(qw.dequantize(), ref)
+    assert from_gguf_blocks(raw[:, :-1], name, ref.shape[0], ref.shape[1] - 1) is None  # not whole super-blocks
+
+
+MIXES = [("Q5_0", "Q5_0", "Q6_K"), ("Q4_K", "Q4_K", "Q6_K"), ("Q4_K", "Q5_K"), ("Q4_1", "Q8_0"), ("Q5_1", "Q6_K")]
+
+
+@pytest.mark.parametrize("mix", MIXES, ids="+".join)
+def test_fused_parts_of_different_formats_meet_exactly(mix):
+    parts = [_any(name, n=8 * (i + 1), seed=i) for i, name in enumerate(mix)]
+    qw = QuantWeight.cat([from_gguf_blocks(raw, name, *ref.shape) for (raw, ref), name in zip(parts, mix)])
+    assert qw is not None and qw.bits == (4 if set(mix) <= {"Q4_0", "Q4_1", "Q4_K"} else 8)
+    assert qw.block == (16 if "Q6_K" in mix else 32)
+    assert torch.equal(qw.dequantize(), torch.cat([ref for _, ref in parts]))
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", K_TYPES + ["mix"])
+@pytest.mark.parametrize("rows", [1, 3, 9])
+@pytest.mark.parametrize("avx512", ["1", "0"])
+def test_qlinear_on_k_quants_is_the_exact_product_up_to_summation(name, rows, avx512, monkeypatch):
+    monkeypatch.setenv("LEANSERVE_AVX512", avx512)
+    if name == "mix":  # Q4_K + Q6_K: 8-bit values, scales per 16, mins per 32
+        (ra, a), (rb, b) = _kquant("Q4_K", seed=1), _kquant("Q6_K", seed=2)
+        qw, ref = QuantWeight.cat([from_gguf_blocks(ra, "Q4_K", *a.shape), from_gguf_blocks(rb, "Q6_K", *b.shape)]), torch.cat([a, b])
+    else:
+        raw, ref = _kquant(name, n=40, seed=rows)
+        qw = from_gguf_blocks(raw, name, *ref.shape)
+    x = torch.randn(rows, ref.shape[1], generator=torch.Generator().manual_seed(rows))
+    for xd, rounding in ((x, 0.0), (x.bfloat16(), 2.0 ** -8)):  # float32 rows; bfloat16 rows, rounded once
+        want = xd.double() @ ref.double().t()
+        scale = xd.double().abs() @ ref.double().abs().t()  # float32 summation's error grows with sum |x w|
+        err = (qlinear(xd, qw).double() - want).abs()
+        assert (err <= rounding * want.abs() + 2e-5 * scale).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", TYPES + K_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("avx512", ["1", "0"])
+def test_qlinear_dense_dequantizes_each_tile_exactly(name, dtype, avx512, monkeypatch):
+    """x = I: each output is one weight times 1 plus zeros, so y.T is the dequantized tile's values
+    bit for bit: gguf's float32 value, rounded once to x's dtype. Tiles of 16 rows over 40 rows
+    (a partial last tile)."""
+    monkeypatch.setenv("LEANSERVE_AVX512", avx512)
+    raw, ref = _any(name, n=40, k=512, seed=3)
+    qw = from_gguf_blocks(raw, name, *ref.shape)
+    eye = torch.eye(512, dtype=dtype)
+    for tile in (16, 0):
+        got = kernels.ops().qlinear_dense(eye, qw.qs, qw.scales, qw.mins, qw.bits, tile)
+        assert got.dtype == dtype and torch.equal(got.t(), ref.to(dtype))
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["Q4_1", "Q8_0", "Q6_K"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qlinear_dense_is_the_dense_matmul_on_the_dequantized_weight(name, dtype):
+    raw, ref = _any(name, n=200, k=512, seed=4)
+    qw = from_gguf_blocks(raw, name, *ref.shape)
+    x = torch.randn(37, 512, generator=torch.Generator().manual_seed(5)).to(dtype)
+    got = kernels.ops().qlinear_dense(x, qw.qs, qw.scales, qw.mins, qw.bits, 64).double()
+    w = ref.to(dtype).double()  # the values the dense matmul multiplies
+    want, scale = x.double() @ w.t(), x.double().abs() @ w.abs().t()
+    rounding = 0.0 if dtype == torch.float32 else 2.0 ** -8
+    assert ((got - want).abs() <= rounding * want.abs() + 2e-5 * scale).all()
+
+
+@needs_kernels
+def test_qlinear_rejects_bad_scales():
+    raw, ref = _gguf("Q4_1", n=16, k=64)
+    qw = from_gguf_blocks(raw, "Q4_1", *ref.shape)
+    ops = kernels.ops()
+    x = torch.randn(2, 64)
+    for op in (ops.qlinear, ops.qlinear_dense):
+        with pytest.raises(RuntimeError, match="scales must be contiguous float32 or float16"):
+            op(x, qw.qs, qw.scales.double(), qw.mins.double(), 4)
+        with pytest.raises(RuntimeError, match="mins must be contiguous of the scales' dtype"):
+            op(x, qw.qs, qw.scales, qw.mins.float(), 4)
+        with pytest.raises(RuntimeError, match="8-bit only"):  # a scale per 16 is an 8-bit layout
+            op(x, qw.qs, qw.scales.float().repeat_interleave(2, 1), qw.mins.float(), 4)
+
+
+@needs_kernels
+def test_linear_with_blocks_only_runs_the_kernel_then_dense_tiles(monkeypatch):
+    raw, ref = _gguf("Q8_0", n=32, k=64)
+    layer = Linear(64, 32, bias=True)
+    with torch.no_grad():
+        layer.bias.copy_(torch.arange(32.0))
+    layer.weight = torch.nn.Parameter(torch.empty(32, 64, device="meta"), requires_grad=False)  # no float copy
+    layer.qweight = from_gguf_blocks(raw, "Q8_0", *ref.shape)
+    layer.qweight.max_rows = 4
+    calls = []
+    import leanserve.model.quant as quant
+
+    from types import SimpleNamespace
+
+    ops = kernels.ops()
+    counted = SimpleNamespace(
+        qlinear=lambda *a: calls.append(("qlinear", a[0].shape[0])) or ops.qlinear(*a),
+        qlinear_dense=lambda *a: calls.append(("dense", a[0].shape[0])) or ops.qlinear_dense(*a))
+    monkeypatch.setattr(quant.kernels, "ops", lambda: counted)
+    for rows in (1, 4, 5, 32):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(layer(x), x @ ref.t() + torch.arange(32.0), rtol=1e-5, atol=1e-4)
+    assert calls == [("qlinear", 1), ("qlinear", 4), ("dense", 5), ("dense", 32)]
+
+
+def test_lookup_is_the_float_tables_rows():
+    raw, ref = _gguf("Q8_0", n=50, k=64)
+    qw = from_gguf_blocks(raw, "Q8_0", *ref.shape)
+    ids = torch.tensor([[3, 49], [0, 3]])
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(qw.lookup(ids, dtype), ref.to(dtype)[ids])

@@ -41,6 +41,8 @@ c10::TypedOperatorHandle<Sig> find(const char* name) {
 struct Ops {
   c10::TypedOperatorHandle<at::Tensor(T, T, double, double)> rms_norm = find<at::Tensor(T, T, double, double)>("leanserve::rms_norm");
   c10::TypedOperatorHandle<at::Tensor(T, T, T, T, int64_t)> qlinear = find<at::Tensor(T, T, T, T, int64_t)>("leanserve::qlinear");
+  c10::TypedOperatorHandle<at::Tensor(T, T, T, T, int64_t, int64_t)> qlinear_dense =
+      find<at::Tensor(T, T, T, T, int64_t, int64_t)>("leanserve::qlinear_dense");
   c10::TypedOperatorHandle<at::Tensor(T, T)> amx_linear = find<at::Tensor(T, T)>("leanserve::amx_linear");
   c10::TypedOperatorHandle<void(T, T, T, T, T)> rotary = find<void(T, T, T, T, T)>("leanserve::rotary_");
   c10::TypedOperatorHandle<void(T, T, T, T, T)> write_kv = find<void(T, T, T, T, T)>("leanserve::write_kv_");
@@ -54,12 +56,14 @@ const Ops& ops() {
   return o;
 }
 
-// model/layers.py Linear.forward: qlinear up to max_rows rows, else the AMX kernel, else ATen.
+// model/layers.py Linear.forward: qlinear up to max_rows rows, else the AMX kernel, else ATen on the
+// float weight, or qlinear_dense where the blocks are the only copy (no weight).
 at::Tensor linear(const at::Tensor& x, const at::Tensor* t, const int64_t* cfg) {
   const at::Tensor &qs = t[0], &scales = t[1], &mins = t[2], &amx = t[3], &weight = t[4], &bias = t[5];
   at::Tensor y;
   if (qs.numel() && x.size(0) <= cfg[1]) y = ops().qlinear.call(x, qs, scales, mins, cfg[0]);
   else if (amx.numel()) y = ops().amx_linear.call(x, amx);
+  else if (qs.numel() && !weight.numel()) y = ops().qlinear_dense.call(x, qs, scales, mins, cfg[0], 0);
   else return at::linear(x, weight, bias.numel() ? std::optional<at::Tensor>(bias) : std::nullopt);
   return bias.numel() ? y + bias : y;
 }

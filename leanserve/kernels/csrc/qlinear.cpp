@@ -11,8 +11,11 @@
 //            second in its high one, so one widening load feeds both blocks (a mask or a shift
 //            apart). An odd last block leaves the high nibbles zero.
 //            8-bit: (N, K) int8, in order.
-//   scales : (N, K / 32) float32
-//   mins   : (N, K / 32) float32, or (N, 0) where every min is zero (Q8_0, Q5_0): nothing to read
+//   scales : (N, K / 32) float32 or float16 (GGUF's own scales are float16; K-quants' scale times
+//            sub-scale is exact only in float32). 8-bit only: (N, K / 16) float32, a scale per half
+//            block (Q6_K's blocks of 16).
+//   mins   : (N, K / 32) in the scales' dtype (one per 32 values in either case), or (N, 0) where
+//            every min is zero (Q8_0, Q5_0, Q6_K): nothing to read
 //   y      : (M, N) in x's dtype (float32 accumulation)
 //
 // Output rows are split over threads (at::parallel_for); each thread walks its rows of W once per
@@ -29,6 +32,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -53,21 +57,27 @@ inline void fma_rows(const float* x, int64_t ldx, __m256 w, int j, __m256 (&acc)
 // left a cold 1-row call at a quarter of the machine's read bandwidth (three streams per row).
 constexpr int64_t kPrefetchRows = 12;
 
-// W's per-block scales and mins; mins null where they are all zero
+// W's per-block scales and mins (S: float or c10::Half); mins null where they are all zero
+template <typename S>
 struct BlockParams {
-  const float* scales;
-  const float* mins;
+  const S* scales;
+  const S* mins;
 };
 
+inline float sval(const float* p, int64_t i) { return p[i]; }
+inline float sval(const c10::Half* p, int64_t i) { return _cvtsh_ss(p[i].x); }
+
 // a row's bytes kPrefetchRows rows ahead: q, sc and mn point at the current row's blocks, scales
-// and mins (mn null where there are none)
-inline void prefetch_row(const uint8_t* q, const float* sc, const float* mn, int64_t row_bytes, int64_t groups) {
+// and mins (mn null where there are none); a row has sc_count scales and groups mins
+template <typename S>
+inline void prefetch_row(const uint8_t* q, const S* sc, const S* mn, int64_t row_bytes, int64_t sc_count, int64_t groups) {
   const uint8_t* ahead = q + kPrefetchRows * row_bytes;
   for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + b), _MM_HINT_T0);
-  for (int64_t b = 0; b < groups; b += 16) {  // 16 floats a cache line
-    _mm_prefetch(reinterpret_cast<const char*>(sc + kPrefetchRows * groups + b), _MM_HINT_T0);
-    if (mn) _mm_prefetch(reinterpret_cast<const char*>(mn + kPrefetchRows * groups + b), _MM_HINT_T0);
-  }
+  const int64_t per_line = 64 / sizeof(S);
+  for (int64_t b = 0; b < sc_count; b += per_line)
+    _mm_prefetch(reinterpret_cast<const char*>(sc + kPrefetchRows * sc_count + b), _MM_HINT_T0);
+  for (int64_t b = 0; mn && b < groups; b += per_line)
+    _mm_prefetch(reinterpret_cast<const char*>(mn + kPrefetchRows * groups + b), _MM_HINT_T0);
 }
 
 // Calls f(std::integral_constant<int, MR>{}, m) for the rows of x in groups of 8, then the rest,
@@ -90,27 +100,27 @@ inline void for_row_groups(int64_t M, F&& f) {
   }
 }
 
-template <bool Q4, int MR, typename Out, int A = (MR == 1 ? 4 : MR <= 3 ? 2 : 1)>
-void rows_kernel(const float* x, int64_t ldx, const uint8_t* qs, const BlockParams& P, int64_t K, Out* y, int64_t ldy,
+// H (8-bit only): a scale per half block of 16 (Q6_K), the mins still per 32
+template <bool Q4, bool H, int MR, typename Out, typename S, int A = (MR == 1 ? 4 : MR <= 3 ? 2 : 1)>
+void rows_kernel(const float* x, int64_t ldx, const uint8_t* qs, const BlockParams<S>& P, int64_t K, Out* y, int64_t ldy,
                  int64_t n0, int64_t n1) {
-  const int64_t groups = K / 32;
+  const int64_t groups = K / 32, per_row = H ? 2 * groups : groups;
   const int64_t row_bytes = Q4 ? (groups + 1) / 2 * 32 : K;
   const __m256i nibble = _mm256_set1_epi32(0xF);
-  std::vector<float> zeros(P.mins ? 0 : groups);  // the mins of a format without them
   for (int64_t n = n0; n < n1; ++n) {
     __m256 acc[MR][A];
     for (int r = 0; r < MR; ++r)
       for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
     const uint8_t* q = qs + n * row_bytes;
-    const float* sc = P.scales + n * groups;
-    const float* mn = P.mins ? P.mins + n * groups : zeros.data();
-    if (n + kPrefetchRows < n1) prefetch_row(q, sc, P.mins ? mn : nullptr, row_bytes, groups);
+    const S* sc = P.scales + n * per_row;
+    const S* mn = P.mins ? P.mins + n * groups : nullptr;
+    if (n + kPrefetchRows < n1) prefetch_row(q, sc, mn, row_bytes, per_row, groups);
     if constexpr (Q4) {
       // a pair of blocks per 32 bytes: the low nibbles are block g, the high ones block g + 1
       for (int64_t g = 0; g < groups; g += 2) {
-        const __m256 d0 = _mm256_set1_ps(sc[g]), m0 = _mm256_set1_ps(mn[g]);
+        const __m256 d0 = _mm256_set1_ps(sval(sc, g)), m0 = _mm256_set1_ps(mn ? sval(mn, g) : 0.f);
         const bool second = g + 1 < groups;
-        const __m256 d1 = _mm256_set1_ps(second ? sc[g + 1] : 0.f), m1 = _mm256_set1_ps(second ? mn[g + 1] : 0.f);
+        const __m256 d1 = _mm256_set1_ps(second ? sval(sc, g + 1) : 0.f), m1 = _mm256_set1_ps(second && mn ? sval(mn, g + 1) : 0.f);
         for (int j = 0; j < 4; ++j) {
           const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + g * 16 + 8 * j)));
           fma_rows<MR, A>(x + g * 32, ldx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, nibble)), d0, m0), j, acc);
@@ -120,10 +130,11 @@ void rows_kernel(const float* x, int64_t ldx, const uint8_t* qs, const BlockPara
       }
     } else {
       for (int64_t g = 0; g < groups; ++g) {
-        const __m256 d = _mm256_set1_ps(sc[g]), m = _mm256_set1_ps(mn[g]);
+        const __m256 d = _mm256_set1_ps(sval(sc, H ? 2 * g : g)), m = _mm256_set1_ps(mn ? sval(mn, g) : 0.f);
+        const __m256 d1 = H ? _mm256_set1_ps(sval(sc, 2 * g + 1)) : d;
         for (int j = 0; j < 4; ++j) {
           const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + g * 32 + 8 * j));
-          fma_rows<MR, A>(x + g * 32, ldx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), d, m), j, acc);
+          fma_rows<MR, A>(x + g * 32, ldx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), j < 2 ? d : d1, m), j, acc);
         }
       }
     }
@@ -138,12 +149,12 @@ void rows_kernel(const float* x, int64_t ldx, const uint8_t* qs, const BlockPara
 // ~16 KB of 4-bit weights per task: small enough to balance, large enough to amortize the spawn
 inline int64_t grain_rows(int64_t K) { return std::max<int64_t>(8, 16384 / std::max<int64_t>(1, K / 2)); }
 
-template <bool Q4, typename Out>
-void qlinear_impl(const float* x, int64_t M, int64_t K, const uint8_t* qs, const BlockParams& P, Out* y, int64_t N) {
+template <bool Q4, bool H, typename Out, typename S>
+void qlinear_impl(const float* x, int64_t M, int64_t K, const uint8_t* qs, const BlockParams<S>& P, Out* y, int64_t N) {
   const int64_t grain = grain_rows(K);
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     for_row_groups(M, [&](auto mr, int64_t m) {
-      rows_kernel<Q4, decltype(mr)::value, Out>(x + m * K, K, qs, P, K, y + m * N, N, n0, n1);
+      rows_kernel<Q4, H, decltype(mr)::value, Out, S>(x + m * K, K, qs, P, K, y + m * N, N, n0, n1);
     });
   });
 }
@@ -183,10 +194,13 @@ LS_AVX512 inline void block(const c10::BFloat16* x, int64_t ldx, int64_t g, __m5
   }
 }
 
-template <bool Q4, int MR, int A = (MR == 1 ? 2 : 1)>
+LS_AVX512 inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+LS_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p)); }
+
+template <bool Q4, bool H, int MR, typename S, int A = (MR == 1 ? 2 : 1)>
 LS_AVX512 void rows_bf16_avx512(const c10::BFloat16* x, const float* xf, int64_t ldx, const float* xsum, const uint8_t* qs,
-                                const BlockParams& P, int64_t K, c10::BFloat16* y, int64_t ldy, int64_t n0, int64_t n1) {
-  const int64_t groups = K / 32;
+                                const BlockParams<S>& P, int64_t K, c10::BFloat16* y, int64_t ldy, int64_t n0, int64_t n1) {
+  const int64_t groups = K / 32, per_row = H ? 2 * groups : groups;
   const int64_t row_bytes = Q4 ? (groups + 1) / 2 * 32 : K;
   const __m512i low = _mm512_load_si512(nibble_bf16());
   for (int64_t n = n0; n < n1; ++n) {
@@ -194,31 +208,41 @@ LS_AVX512 void rows_bf16_avx512(const c10::BFloat16* x, const float* xf, int64_t
     for (int r = 0; r < MR; ++r)
       for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
     const uint8_t* q = qs + n * row_bytes;
-    const float* sc = P.scales + n * groups;
-    const float* mn = P.mins ? P.mins + n * groups : nullptr;  // read only where there are mins
-    if (n + kPrefetchRows < n1) prefetch_row(q, sc, mn, row_bytes, groups);
+    const S* sc = P.scales + n * per_row;
+    const S* mn = P.mins ? P.mins + n * groups : nullptr;  // read only where there are mins
+    if (n + kPrefetchRows < n1) prefetch_row(q, sc, mn, row_bytes, per_row, groups);
     if constexpr (Q4) {  // 32 bytes: block g in the low nibbles, block g + 1 in the high ones
       for (int64_t g = 0; g < groups; g += 2) {
         const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * 16)));
-        block<MR, A>(x, ldx, g, (__m512bh)_mm512_permutexvar_epi16(v, low), sc[g], acc[0] + 0);
+        block<MR, A>(x, ldx, g, (__m512bh)_mm512_permutexvar_epi16(v, low), sval(sc, g), acc[0] + 0);
         if (g + 1 < groups)
-          block<MR, A>(x, ldx, g + 1, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), low), sc[g + 1], acc[0] + (1 % A));  // the second accumulator, where there are two
+          block<MR, A>(x, ldx, g + 1, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), low), sval(sc, g + 1), acc[0] + (1 % A));  // the second accumulator, where there are two
       }
     } else {  // int8: widened to float32 (one conversion per 16, against two lookups and dot products)
       for (int64_t g = 0; g < groups; ++g) {
-        const __m512 d = _mm512_set1_ps(sc[g]);
         const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 32))));
         const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 32 + 16))));
-        for (int r = 0; r < MR; ++r) {
-          const float* xr = xf + r * ldx + 32 * g;
-          const __m512 dot = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), _mm512_mul_ps(w0, _mm512_loadu_ps(xr)));
-          acc[r][g % A] = _mm512_fmadd_ps(dot, d, acc[r][g % A]);
+        if constexpr (H) {  // a scale per half block
+          const __m512 d0 = _mm512_set1_ps(sval(sc, 2 * g)), d1 = _mm512_set1_ps(sval(sc, 2 * g + 1));
+          for (int r = 0; r < MR; ++r) {
+            const float* xr = xf + r * ldx + 32 * g;
+            __m512& a = acc[r][g % A];
+            a = _mm512_fmadd_ps(_mm512_mul_ps(w0, _mm512_loadu_ps(xr)), d0, a);
+            a = _mm512_fmadd_ps(_mm512_mul_ps(w1, _mm512_loadu_ps(xr + 16)), d1, a);
+          }
+        } else {
+          const __m512 d = _mm512_set1_ps(sval(sc, g));
+          for (int r = 0; r < MR; ++r) {
+            const float* xr = xf + r * ldx + 32 * g;
+            const __m512 dot = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), _mm512_mul_ps(w0, _mm512_loadu_ps(xr)));
+            acc[r][g % A] = _mm512_fmadd_ps(dot, d, acc[r][g % A]);
+          }
         }
       }
     }
-    for (int64_t g = 0; P.mins && g < groups; g += 16) {  // + m_g * sum(x_g), 16 blocks per FMA
+    for (int64_t g = 0; mn && g < groups; g += 16) {  // + m_g * sum(x_g), 16 blocks per FMA
       const __mmask16 k = groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (groups - g)) - 1);
-      const __m512 m = _mm512_maskz_loadu_ps(k, mn + g);
+      const __m512 m = load16(mn + g, k);
       for (int r = 0; r < MR; ++r)
         acc[r][0] = _mm512_fmadd_ps(m, _mm512_maskz_loadu_ps(k, xsum + r * groups + g), acc[r][0]);
     }
@@ -230,8 +254,8 @@ LS_AVX512 void rows_bf16_avx512(const c10::BFloat16* x, const float* xf, int64_t
   }
 }
 
-template <bool Q4>
-LS_AVX512 void qlinear_bf16_avx512(const c10::BFloat16* x, int64_t M, int64_t K, const uint8_t* qs, const BlockParams& P,
+template <bool Q4, bool H, typename S>
+LS_AVX512 void qlinear_bf16_avx512(const c10::BFloat16* x, int64_t M, int64_t K, const uint8_t* qs, const BlockParams<S>& P,
                                    c10::BFloat16* y, int64_t N) {
   const int64_t groups = K / 32;
   static thread_local std::vector<float> xsum;  // (M, groups): sum of each block of each row, for the mins
@@ -248,52 +272,193 @@ LS_AVX512 void qlinear_bf16_avx512(const c10::BFloat16* x, int64_t M, int64_t K,
   const float* xf = xw.data();  // thread-local: the pointer, not the name, goes to the workers
   at::parallel_for(0, N, grain_rows(K), [&](int64_t n0, int64_t n1) {
     for_row_groups(M, [&](auto mr, int64_t m) {
-      rows_bf16_avx512<Q4, decltype(mr)::value>(x + m * K, Q4 ? nullptr : xf + m * K, K, xs + m * groups, qs, P, K, y + m * N, N, n0, n1);
+      rows_bf16_avx512<Q4, H, decltype(mr)::value, S>(x + m * K, Q4 ? nullptr : xf + m * K, K, xs + m * groups, qs, P, K, y + m * N, N, n0, n1);
     });
   });
 }
 
-at::Tensor qlinear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales, const at::Tensor& mins,
-                   int64_t bits) {
-  TORCH_CHECK(bits == 4 || bits == 8, "qlinear: bits must be 4 or 8, got ", bits);
+// The arguments' shapes, checked once for both ops; returns (M, K, N).
+std::tuple<int64_t, int64_t, int64_t> check_args(const char* op, const at::Tensor& x, const at::Tensor& qs,
+                                                 const at::Tensor& scales, const at::Tensor& mins, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8, got ", bits);
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "qlinear: x must be a 2-D float32 or bfloat16 tensor");
-  TORCH_CHECK(x.device().is_cpu() && qs.device().is_cpu(), "qlinear: CPU tensors only");
+              op, ": x must be a 2-D float32 or bfloat16 tensor");
+  TORCH_CHECK(x.device().is_cpu() && qs.device().is_cpu(), op, ": CPU tensors only");
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
-  TORCH_CHECK(K % 32 == 0, "qlinear: in_features must be a multiple of 32, got ", K);
+  TORCH_CHECK(K % 32 == 0, op, ": in_features must be a multiple of 32, got ", K);
   const int64_t row_bytes = bits == 4 ? (K / 32 + 1) / 2 * 32 : K;
   TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && qs.size(1) * qs.element_size() == row_bytes &&
                   qs.element_size() == (bits == 4 ? 4 : 1),
-              "qlinear: qs must be contiguous ", bits == 4 ? "int32" : "int8", " rows of ", row_bytes, " bytes");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N * (K / 32),
-              "qlinear: scales must be contiguous float32 of shape (N, K / 32)");
-  TORCH_CHECK(mins.scalar_type() == at::kFloat && mins.is_contiguous() && (mins.numel() == N * (K / 32) || mins.numel() == 0),
-              "qlinear: mins must be contiguous float32 of shape (N, K / 32), or empty for all-zero mins");
+              op, ": qs must be contiguous ", bits == 4 ? "int32" : "int8", " rows of ", row_bytes, " bytes");
+  const bool half_blocks = bits == 8 && scales.numel() == N * (K / 16);
+  TORCH_CHECK((scales.scalar_type() == at::kFloat || (scales.scalar_type() == at::kHalf && !half_blocks)) &&
+                  scales.is_contiguous() && (scales.numel() == N * (K / 32) || half_blocks),
+              op, ": scales must be contiguous float32 or float16 of shape (N, K / 32), or 8-bit only float32 (N, K / 16)");
+  TORCH_CHECK(mins.scalar_type() == scales.scalar_type() && mins.is_contiguous() &&
+                  (mins.numel() == N * (K / 32) || mins.numel() == 0),
+              op, ": mins must be contiguous of the scales' dtype and shape (N, K / 32), or empty for all-zero mins");
+  return {M, K, N};
+}
+
+// Calls f(std::bool_constant<Q4>{}, std::bool_constant<H>{}, BlockParams<S>) for the weight's format
+// (K: x's columns; a scale per 16 values where there are K / 16 a row)
+template <typename F>
+void with_format(const at::Tensor& scales, const at::Tensor& mins, int64_t bits, int64_t K, F&& f) {
+  if (scales.scalar_type() == at::kHalf) {
+    const BlockParams<c10::Half> P{scales.data_ptr<c10::Half>(), mins.numel() ? mins.data_ptr<c10::Half>() : nullptr};
+    if (bits == 4) f(std::true_type{}, std::false_type{}, P);
+    else f(std::false_type{}, std::false_type{}, P);
+    return;
+  }
+  const BlockParams<float> P{scales.data_ptr<float>(), mins.numel() ? mins.data_ptr<float>() : nullptr};
+  if (bits == 4) f(std::true_type{}, std::false_type{}, P);
+  else if (scales.numel() == scales.size(0) * (K / 16)) f(std::false_type{}, std::true_type{}, P);
+  else f(std::false_type{}, std::false_type{}, P);
+}
+
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales, const at::Tensor& mins,
+                   int64_t bits) {
+  const auto [M, K, N] = check_args("qlinear", x, qs, scales, mins, bits);
   const auto* q = reinterpret_cast<const uint8_t*>(qs.data_ptr());
-  const BlockParams P{scales.data_ptr<float>(), mins.numel() ? mins.data_ptr<float>() : nullptr};
   at::Tensor y = at::empty({M, N}, x.options());
   const at::Tensor xc = x.contiguous();
-  if (x.scalar_type() == at::kFloat) {
-    if (bits == 4) qlinear_impl<true>(xc.data_ptr<float>(), M, K, q, P, y.data_ptr<float>(), N);
-    else qlinear_impl<false>(xc.data_ptr<float>(), M, K, q, P, y.data_ptr<float>(), N);
-    return y;
-  }
-  if (leanserve_cpu::use_avx512_bf16()) {
-    const auto* xb = xc.data_ptr<c10::BFloat16>();
-    auto* yb = y.data_ptr<c10::BFloat16>();
-    if (bits == 4) qlinear_bf16_avx512<true>(xb, M, K, q, P, yb, N);
-    else qlinear_bf16_avx512<false>(xb, M, K, q, P, yb, N);
-    return y;
-  }
+  const bool avx512 = x.scalar_type() == at::kBFloat16 && leanserve_cpu::use_avx512_bf16();
   // bfloat16 without AVX512-BF16: the rows (at most a few dozen) are widened into a reused buffer and the outputs
   // rounded as they are stored; no ATen conversions (two more dispatches per matmul at batch 1)
-  static thread_local std::vector<float> xf;
-  xf.resize(M * K);
-  const c10::BFloat16* xb = xc.data_ptr<c10::BFloat16>();
-  for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(xb[i]);
-  auto* yb = y.data_ptr<c10::BFloat16>();
-  if (bits == 4) qlinear_impl<true>(xf.data(), M, K, q, P, yb, N);
-  else qlinear_impl<false>(xf.data(), M, K, q, P, yb, N);
+  static thread_local std::vector<float> xw;
+  const float* xf = nullptr;
+  if (x.scalar_type() == at::kFloat) {
+    xf = xc.data_ptr<float>();
+  } else if (!avx512) {
+    xw.resize(M * K);
+    const c10::BFloat16* xb = xc.data_ptr<c10::BFloat16>();
+    for (int64_t i = 0; i < M * K; ++i) xw[i] = static_cast<float>(xb[i]);
+    xf = xw.data();
+  }
+  const int64_t m = M, k = K, n = N;  // (structured bindings are not captured by lambdas before C++20)
+  with_format(scales, mins, bits, K, [&](auto q4, auto h, const auto& P) {
+    constexpr bool Q4 = decltype(q4)::value, H = decltype(h)::value;
+    using S = std::remove_const_t<std::remove_pointer_t<decltype(P.scales)>>;
+    if (x.scalar_type() == at::kFloat) qlinear_impl<Q4, H, float, S>(xf, m, k, q, P, y.data_ptr<float>(), n);
+    else if (avx512) qlinear_bf16_avx512<Q4, H, S>(xc.data_ptr<c10::BFloat16>(), m, k, q, P, y.data_ptr<c10::BFloat16>(), n);
+    else qlinear_impl<Q4, H, c10::BFloat16, S>(xf, m, k, q, P, y.data_ptr<c10::BFloat16>(), n);
+  });
+  return y;
+}
+
+// ---- many rows: dequantize a tile of W, then the dense matmul ----------------------------------------
+// Past a few dozen rows of x a matmul is bound by FLOPs, not by reading W, and BLAS (float32) or
+// oneDNN (bfloat16) multiply faster than a kernel that dequantizes in its inner loop. So W is
+// dequantized a tile of rows at a time into a buffer that stays in cache (about kTileBytes), in x's
+// dtype, and the tile's columns of y come from one at::mm_out. The model keeps no float copy of W.
+// A dequantized value is fma(q, scale, min) in float32, rounded once to bfloat16 for bfloat16 rows
+// (round to nearest even, as torch's .to()): the values a float copy made at load would hold, so
+// this is F.linear(x, dequantize(W).to(x.dtype)) up to the matmul's summation order.
+
+constexpr int64_t kTileBytes = 1 << 20;
+
+// 8 floats -> 8 bfloat16, round to nearest even (finite values: dequantized weights are)
+inline __m128i to_bf16(__m256 v) {
+  __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+}
+
+inline void store8(float* out, __m256 v) { _mm256_storeu_ps(out, v); }
+inline void store8(c10::BFloat16* out, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(out), to_bf16(v)); }
+
+// Row n of W, dequantized into out (K values of Out)
+template <bool Q4, bool H, typename Out, typename S>
+void dequant_row(const uint8_t* qs, const BlockParams<S>& P, int64_t K, int64_t n, Out* out) {
+  const int64_t groups = K / 32, per_row = H ? 2 * groups : groups;
+  const int64_t row_bytes = Q4 ? (groups + 1) / 2 * 32 : K;
+  const uint8_t* q = qs + n * row_bytes;
+  const S* sc = P.scales + n * per_row;
+  const S* mn = P.mins ? P.mins + n * groups : nullptr;
+  const __m256i nibble = _mm256_set1_epi32(0xF);
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256 d = _mm256_set1_ps(sval(sc, H ? 2 * g : g)), m = _mm256_set1_ps(mn ? sval(mn, g) : 0.f);
+    const __m256 d1 = H ? _mm256_set1_ps(sval(sc, 2 * g + 1)) : d;
+    for (int j = 0; j < 4; ++j) {
+      __m256i v;
+      if constexpr (Q4) {  // block g: the low nibbles of its pair's 32 bytes if g is even, else the high ones
+        v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + (g / 2) * 32 + 8 * j)));
+        v = _mm256_and_si256(g % 2 ? _mm256_srli_epi32(v, 4) : v, nibble);
+      } else {
+        v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + g * 32 + 8 * j)));
+      }
+      store8(out + g * 32 + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), j < 2 ? d : d1, m));
+    }
+  }
+}
+
+// The same with AVX-512: 32 weights (a block) per step, two 16-lane FMAs, and for bfloat16 one
+// VCVTNE2PS2BF16 (round to nearest even, like the AVX2 code's integer rounding for finite values)
+template <bool Q4, bool H, typename Out, typename S>
+LS_AVX512 void dequant_row_avx512(const uint8_t* qs, const BlockParams<S>& P, int64_t K, int64_t n, Out* out) {
+  const int64_t groups = K / 32, per_row = H ? 2 * groups : groups;
+  const int64_t row_bytes = Q4 ? (groups + 1) / 2 * 32 : K;
+  const uint8_t* q = qs + n * row_bytes;
+  const S* sc = P.scales + n * per_row;
+  const S* mn = P.mins ? P.mins + n * groups : nullptr;
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512 d = _mm512_set1_ps(sval(sc, H ? 2 * g : g)), m = _mm512_set1_ps(mn ? sval(mn, g) : 0.f);
+    const __m512 d1 = H ? _mm512_set1_ps(sval(sc, 2 * g + 1)) : d;
+    __m512i lo, hi;  // the block's 32 values as 2 x 16 int32
+    if constexpr (Q4) {
+      const uint8_t* pair = q + (g / 2) * 32;
+      lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair)));
+      hi = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + 16)));
+      const __m512i nib = _mm512_set1_epi32(0xF);
+      lo = _mm512_and_si512(g % 2 ? _mm512_srli_epi32(lo, 4) : lo, nib);
+      hi = _mm512_and_si512(g % 2 ? _mm512_srli_epi32(hi, 4) : hi, nib);
+    } else {
+      lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 32)));
+      hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 32 + 16)));
+    }
+    const __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), d, m), b = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), d1, m);
+    if constexpr (std::is_same_v<Out, float>) {
+      _mm512_storeu_ps(out + g * 32, a);
+      _mm512_storeu_ps(out + g * 32 + 16, b);
+    } else {
+      _mm512_storeu_si512(out + g * 32, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+    }
+  }
+}
+
+template <bool Q4, bool H, typename Out, typename S>
+void dequant_rows(const uint8_t* qs, const BlockParams<S>& P, int64_t K, int64_t n0, int64_t n1, Out* out) {
+  const bool wide = leanserve_cpu::use_avx512_bf16();
+  at::parallel_for(n0, n1, std::max<int64_t>(1, grain_rows(K) / 2), [&](int64_t a, int64_t b) {
+    for (int64_t n = a; n < b; ++n) {
+      if (wide) dequant_row_avx512<Q4, H, Out, S>(qs, P, K, n, out + (n - n0) * K);
+      else dequant_row<Q4, H, Out, S>(qs, P, K, n, out + (n - n0) * K);
+    }
+  });
+}
+
+at::Tensor qlinear_dense(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales, const at::Tensor& mins,
+                         int64_t bits, int64_t tile_rows) {
+  const auto [M, K, N] = check_args("qlinear_dense", x, qs, scales, mins, bits);
+  const auto* q = reinterpret_cast<const uint8_t*>(qs.data_ptr());
+  const at::Tensor xc = x.contiguous();
+  if (tile_rows <= 0) tile_rows = std::max<int64_t>(16, kTileBytes / (K * static_cast<int64_t>(x.element_size())) / 16 * 16);
+  tile_rows = std::min(tile_rows, N);
+  at::Tensor w = at::empty({tile_rows, K}, x.options());
+  at::Tensor y = at::empty({M, N}, x.options());
+  const int64_t k = K;
+  for (int64_t n0 = 0; n0 < N; n0 += tile_rows) {
+    const int64_t n1 = std::min(N, n0 + tile_rows);
+    with_format(scales, mins, bits, K, [&](auto q4, auto h, const auto& P) {
+      constexpr bool Q4 = decltype(q4)::value, H = decltype(h)::value;
+      using S = std::remove_const_t<std::remove_pointer_t<decltype(P.scales)>>;
+      if (x.scalar_type() == at::kFloat) dequant_rows<Q4, H, float, S>(q, P, k, n0, n1, w.data_ptr<float>());
+      else dequant_rows<Q4, H, c10::BFloat16, S>(q, P, k, n0, n1, w.data_ptr<c10::BFloat16>());
+    });
+    at::Tensor out = y.narrow(1, n0, n1 - n0);  // (M, tile) with row stride N: BLAS writes it in place
+    at::mm_out(out, xc, w.narrow(0, 0, n1 - n0).t());
+  }
   return y;
 }
 
@@ -301,10 +466,13 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
 
 TORCH_LIBRARY_FRAGMENT(leanserve, m) {
   m.def("qlinear(Tensor x, Tensor qs, Tensor scales, Tensor mins, int bits) -> Tensor");
+  // the same product for many rows: tiles of W dequantized, then at::mm (tile_rows <= 0: about 1 MB a tile)
+  m.def("qlinear_dense(Tensor x, Tensor qs, Tensor scales, Tensor mins, int bits, int tile_rows=0) -> Tensor");
   // whether the AVX512-BF16 paths (here, in paged_attention.cpp and fused.cpp) run; for start-up logs
   m.def("avx512_bf16_available() -> bool", [] { return leanserve_cpu::use_avx512_bf16(); });
 }
 
 TORCH_LIBRARY_IMPL(leanserve, CPU, m) {
   m.impl("qlinear", &qlinear);
+  m.impl("qlinear_dense", &qlinear_dense);
 }

@@ -1,0 +1,132 @@
+"""Speed of quantized weights kept only in their blocks, side by side in one run.
+
+``throughput``: the chat workload (MT-Bench first turns through the model's chat template, 128
+output tokens, EOS ignored, greedy), N prompts as one offline batch (the engine saturated as by N
+clients), the blocks-only engine and one with ``--float-weights`` (the float copy beside the blocks,
+as every quantized model was served before) alternating rounds in one process: output tokens/s.
+
+``step``: the median decode step at batch B, this checkout against another one (``--against PATH``,
+e.g. a ``git worktree`` of an older commit), each in its own child process, rounds alternating.
+
+    .venv/bin/python benchmarks/quant_speed.py throughput --model smollm2-135m --prompts 80 --rounds 3
+    .venv/bin/python benchmarks/quant_speed.py step --model gemma3-270m --batch 1,8 --against /tmp/base
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+STEP_CHILD = r"""
+import json, random, statistics, sys, time
+sys.path.insert(0, sys.argv[1])
+from leanserve.config import EngineConfig
+from leanserve.engine.engine import LLMEngine
+from leanserve.types import SamplingParams
+
+model, dtype, batches, steps = sys.argv[2], sys.argv[3], [int(b) for b in sys.argv[4].split(",")], 16
+engine = LLMEngine(EngineConfig(model=model, dtype=dtype, kv_cache_memory=256 << 20))
+vocab = engine.info.vocab_size
+out = {}
+for batch in batches:
+    rng = random.Random(batch)
+    ids = []
+    for _ in range(batch):
+        rid = engine.new_request_id()
+        engine.add_request(rid, [rng.randrange(100, vocab - 100) for _ in range(64)],
+                           SamplingParams(max_tokens=steps + 40, temperature=0.0, ignore_eos=True))
+        ids.append(rid)
+    started = set()
+    while len(started) < batch:
+        for o in engine.step().outputs:
+            if o.outputs[0].token_ids:
+                started.add(o.request_id)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t)
+    for rid in ids:
+        engine.abort_request(rid)
+    out[batch] = 1e3 * statistics.median(times)
+print(json.dumps(out))
+"""
+
+
+def step(args: argparse.Namespace) -> None:
+    trees = {"this": str(ROOT), "against": str(Path(args.against).resolve())}
+    results: dict[str, dict[int, list[float]]] = {k: {} for k in trees}
+    for _ in range(args.rounds):
+        for name, tree in trees.items():
+            out = subprocess.run([sys.executable, "-c", STEP_CHILD, tree, args.model, args.dtype, args.batch],
+                                 capture_output=True, text=True, cwd=tree, check=True)
+            for b, ms in json.loads(out.stdout.strip().splitlines()[-1]).items():
+                results[name].setdefault(int(b), []).append(ms)
+    print(f"{args.model}, dtype {args.dtype}; median decode step ms of {args.rounds} rounds (each a median of 16 steps); "
+          f"this = {trees['this']}, against = {trees['against']}\n")
+    print("| batch | against ms | this ms | speed-up |")
+    print("| --- | --- | --- | --- |")
+    for b in sorted(results["this"]):
+        a, t = statistics.median(results["against"][b]), statistics.median(results["this"][b])
+        print(f"| {b} | {a:.2f} | {t:.2f} | {a / t:.2f}x |")
+
+
+def throughput(args: argparse.Namespace) -> None:
+    from benchmarks.throughput import chat_prompts
+    from leanserve.engine.engine import LLM
+    from leanserve.types import SamplingParams
+
+    prompts = chat_prompts(args.model, args.prompts)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    engines = {name: LLM(args.model, dtype=args.dtype, float_weights=fw, max_num_seqs=max(args.prompts, 1))
+               for name, fw in (("blocks only", False), ("float copy", True))}
+    for llm in engines.values():
+        print(llm.engine.loaded.model.quantized_summary())
+        llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
+    rates: dict[str, list[float]] = {k: [] for k in engines}
+    for _ in range(args.rounds):
+        for name, llm in engines.items():
+            start = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            rates[name].append(sum(o.num_generated_tokens for o in outs) / (time.perf_counter() - start))
+    print(f"\n{args.model}, dtype {args.dtype}, {args.prompts} prompts x {args.max_tokens} tokens, {args.rounds} rounds alternating\n")
+    print("| weights | output tok/s (median) | each round |")
+    print("| --- | --- | --- |")
+    for name, r in rates.items():
+        print(f"| {name} | {statistics.median(r):.1f} | {', '.join(f'{x:.1f}' for x in r)} |")
+    a, b = statistics.median(rates["blocks only"]), statistics.median(rates["float copy"])
+    print(f"\nblocks only / float copy: {a / b:.3f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("throughput")
+    t.add_argument("--model", default="smollm2-135m")
+    t.add_argument("--dtype", default="auto")
+    t.add_argument("--prompts", type=int, default=80)
+    t.add_argument("--max-tokens", type=int, default=128)
+    t.add_argument("--rounds", type=int, default=3)
+    s = sub.add_parser("step")
+    s.add_argument("--model", default="gemma3-270m")
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--batch", default="1,8")
+    s.add_argument("--rounds", type=int, default=3)
+    s.add_argument("--against", required=True, help="another checkout of leanserve (its own kernels and code)")
+    args = ap.parse_args()
+    from leanserve.plan.calibrate import cpu_name
+
+    print(f"CPU: {cpu_name()}")
+    (throughput if args.cmd == "throughput" else step)(args)
+
+
+if __name__ == "__main__":
+    main()
