@@ -3,7 +3,8 @@
 ``throughput``: the chat workload (MT-Bench first turns through the model's chat template, 128
 output tokens, EOS ignored, greedy), N prompts as one offline batch (the engine saturated as by N
 clients), the blocks-only engine and one with ``--float-weights`` (the float copy beside the blocks,
-as every quantized model was served before) alternating rounds in one process: output tokens/s.
+as every quantized model was served before) alternating rounds, each run in a fresh process (two
+engines in one process disturbed each other's timings): output tokens/s.
 
 ``step``: the median decode step at batch B, this checkout against another one (``--against PATH``,
 e.g. a ``git worktree`` of an older commit), each in its own child process, rounds alternating.
@@ -19,7 +20,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,25 +79,54 @@ def step(args: argparse.Namespace) -> None:
         print(f"| {b} | {a:.2f} | {t:.2f} | {a / t:.2f}x |")
 
 
-def throughput(args: argparse.Namespace) -> None:
-    from benchmarks.throughput import chat_prompts
-    from leanserve.engine.engine import LLM
-    from leanserve.types import SamplingParams
+THROUGHPUT_CHILD = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from benchmarks.quant_speed import workload
+from leanserve.engine.engine import LLM
+from leanserve.types import SamplingParams
 
-    prompts = chat_prompts(args.model, args.prompts)
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    engines = {name: LLM(args.model, dtype=args.dtype, float_weights=fw, max_num_seqs=max(args.prompts, 1))
-               for name, fw in (("blocks only", False), ("float copy", True))}
-    for llm in engines.values():
-        print(llm.engine.loaded.model.quantized_summary())
-        llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
-    rates: dict[str, list[float]] = {k: [] for k in engines}
+model, dtype, float_weights, n, max_tokens = sys.argv[2], sys.argv[3], sys.argv[4] == "1", int(sys.argv[5]), int(sys.argv[6])
+prompts = workload(model, n)
+llm = LLM(model, dtype=dtype, float_weights=float_weights, max_num_seqs=max(n, 1))
+llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
+start = time.perf_counter()
+outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+rate = sum(o.num_generated_tokens for o in outs) / (time.perf_counter() - start)
+print(json.dumps({"rate": rate, "summary": llm.engine.loaded.model.quantized_summary()}))
+"""
+
+
+def workload(model: str, n: int) -> list[list[int]]:
+    """The chat workload's first n prompts; a model without a chat template (Gemma 3's GGUF) gets the
+    questions as plain text."""
+    from benchmarks.throughput import chat_prompts
+
+    try:
+        return chat_prompts(model, n)
+    except ValueError:
+        from leanserve.bench.workloads import load_mt_bench
+        from leanserve.model.loader import load_config_and_tokenizer, resolve
+
+        tokenizer = load_config_and_tokenizer(resolve(model))[1]
+        return [tokenizer.encode(q["turns"][0]) for q in load_mt_bench(None)][:n]
+
+
+def throughput(args: argparse.Namespace) -> None:
+    rates: dict[str, list[float]] = {"blocks only": [], "float copy": []}
+    summaries = {}
     for _ in range(args.rounds):
-        for name, llm in engines.items():
-            start = time.perf_counter()
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            rates[name].append(sum(o.num_generated_tokens for o in outs) / (time.perf_counter() - start))
-    print(f"\n{args.model}, dtype {args.dtype}, {args.prompts} prompts x {args.max_tokens} tokens, {args.rounds} rounds alternating\n")
+        for name in rates:
+            out = subprocess.run([sys.executable, "-c", THROUGHPUT_CHILD, str(ROOT), args.model, args.dtype,
+                                  "1" if name == "float copy" else "0", str(args.prompts), str(args.max_tokens)],
+                                 capture_output=True, text=True, cwd=ROOT, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            rates[name].append(r["rate"])
+            summaries[name] = r["summary"]
+    for name, summary in summaries.items():
+        print(f"{name}: {summary}")
+    print(f"\n{args.model}, dtype {args.dtype}, {args.prompts} prompts x {args.max_tokens} tokens, {args.rounds} rounds "
+          "alternating, each run in its own process\n")
     print("| weights | output tok/s (median) | each round |")
     print("| --- | --- | --- |")
     for name, r in rates.items():

@@ -257,7 +257,7 @@ class CausalLM(nn.Module):
                       float_weights: bool) -> None:
         modules = dict(self.named_modules())
         dtype = self.model.embed_tokens.weight.dtype
-        rows_with_copy, rows_alone = KERNEL_ROWS[dtype], QUANT_ONLY_ROWS[dtype]
+        rows_with_copy, rows_alone = KERNEL_ROWS[dtype], QUANT_ONLY_ROWS[dtype]  # (layers, LM head); by bits
         for target, shards in blocks.items():
             module_name = target.removesuffix(".weight")
             parts = [shards[i] for i in range(len(shards))]
@@ -272,7 +272,7 @@ class CausalLM(nn.Module):
                     start += part.shape[0]
             if qw is None or (embedding and self.lm_head is not None and keep_float):
                 continue  # mixed formats: float only; an untied embedding with a float copy: lookups only
-            qw.max_rows = (rows_with_copy if keep_float else rows_alone)[1 if head else 0]
+            qw.max_rows = rows_with_copy[1 if head else 0] if keep_float else rows_alone[qw.bits]
             if embedding:
                 if self.lm_head is None:
                     self.lm_head_q = qw

@@ -1,9 +1,10 @@
-"""`leanserve quantize SRC DST`: a float HF Llama model written as a GGUF file in Q8_0 or
-Q4_1 blocks, the same blocks `--quantization int8|int4` makes at load.
+"""`leanserve quantize SRC DST`: a float HF Llama, Qwen2 or Qwen3 model written as a GGUF file in
+Q8_0 or Q4_1 blocks, the same blocks `--quantization int8|int4` makes at load.
 
-The file holds what llama.cpp reads: the `llama` architecture's metadata, its tensor names, q/k
-rows interleaved per head the way llama.cpp's rope wants them (the loader's `_unpermute_rope`
-undoes it), norms in float32, and the BPE tokenizer's tokens, types and merges. Beside it,
+The file holds what llama.cpp reads: the architecture's metadata (`llama`, `qwen2`, `qwen3`), its
+tensor names (biases and q/k norms too), for Llama the q/k rows interleaved per head the way
+llama.cpp's rope wants them (the loader's `_unpermute_rope` undoes it; llama.cpp's Qwen models use
+HF's order), norms and biases in float32, and the BPE tokenizer's tokens, types and merges. Beside it,
 ``DST.tokenizer.json`` is the source's own tokenizer, which leanserve's loader prefers, so the
 round trip tokenizes exactly as the source does.
 """
@@ -21,11 +22,13 @@ import torch
 from leanserve.model.config import ModelConfig
 from leanserve.model.quant import QUANTIZE_TYPES, quantize_weight
 
-WRITABLE = ("LlamaForCausalLM",)
+WRITABLE = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}  # -> GGUF arch
+PRE_TOKENIZERS = {"llama": "default", "qwen2": "qwen2", "qwen3": "qwen2"}  # llama.cpp's pre-tokenizer names
 FILE_TYPES = {"int8": 7, "int4": 3}  # llama.cpp's LLAMA_FTYPE: MOSTLY_Q8_0, MOSTLY_Q4_1
 _NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-          "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+          "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+          "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 
 
 def gguf_name(hf: str) -> str:
@@ -36,7 +39,7 @@ def gguf_name(hf: str) -> str:
     parts = hf.split(".")
     module = ".".join(parts[3:-1])
     if parts[:2] != ["model", "layers"] or len(parts) < 5 or module not in _NAMES:
-        raise ValueError(f"unexpected tensor {hf!r} for a Llama model")
+        raise ValueError(f"unexpected tensor {hf!r} for a Llama or Qwen model")
     return f"blk.{parts[2]}.{_NAMES[module]}.{parts[-1]}"
 
 
@@ -92,11 +95,14 @@ def write_gguf(src: Path, dst: Path, quantization: str, log: Callable[[str], Non
     cfg = ModelConfig.from_hf_config(raw_cfg)
     if cfg.architecture not in WRITABLE:
         raise ValueError(f"leanserve quantize writes {', '.join(WRITABLE)} models; {src} is {cfg.architecture}")
+    arch = WRITABLE[cfg.architecture]
+    if any(w is not None for w in cfg.layer_windows):
+        raise ValueError(f"leanserve quantize does not write sliding-window attention yet ({src})")
     if cfg.rope_scaling and (cfg.rope_scaling.get("rope_type") or cfg.rope_scaling.get("type")) != "linear":
         raise ValueError(f"leanserve quantize does not write rope scaling {cfg.rope_scaling!r} yet")
     tok = tokenizer_metadata(src)
     layer_type, head_type = QUANTIZE_TYPES[quantization]
-    w = GGUFWriter(str(dst), "llama")
+    w = GGUFWriter(str(dst), arch)
     w.add_name(src.name)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -119,7 +125,7 @@ def write_gguf(src: Path, dst: Path, quantization: str, log: Callable[[str], Non
     tokens = tok["tokens"] + [f"[PAD{i}]" for i in range(len(tok["tokens"]), cfg.vocab_size)]
     types = tok["types"] + [5] * (len(tokens) - len(tok["types"]))
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre(PRE_TOKENIZERS[arch])
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(tok["merges"])
@@ -138,7 +144,7 @@ def write_gguf(src: Path, dst: Path, quantization: str, log: Callable[[str], Non
             continue
         name = gguf_name(hf)
         a = t.float().numpy()
-        if name.endswith(("attn_q.weight", "attn_k.weight")):
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             a = permute_rope(a, cfg.num_heads if "attn_q" in name else cfg.num_kv_heads)
         if a.ndim == 2 and a.shape[1] % 32 == 0:
             kind = head_type if name in ("token_embd.weight", "output.weight") else layer_type

@@ -43,7 +43,7 @@ def test_odd_width_is_refused():
         quantize_weight(torch.zeros(4, 40), "Q8_0")
 
 
-def _hf_folder(tmp_path):
+def _hf_folder(tmp_path, config_class=transformers.LlamaConfig, **extra):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # one token per byte: 256
@@ -51,7 +51,11 @@ def _hf_folder(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.save(str(tmp_path / "tokenizer.json"))
     torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**CFG)).float().eval()
+    hf = transformers.AutoModelForCausalLM.from_config(config_class(**CFG, **extra)).float().eval()
+    with torch.no_grad():  # biases and norms away from their zero/one initialization, so they count
+        for name, p in hf.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.add_(torch.randn_like(p) * 0.1)
     hf.save_pretrained(tmp_path)
     return hf
 

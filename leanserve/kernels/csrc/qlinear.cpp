@@ -349,13 +349,13 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
 // ---- many rows: dequantize a tile of W, then the dense matmul ----------------------------------------
 // Past a few dozen rows of x a matmul is bound by FLOPs, not by reading W, and BLAS (float32) or
 // oneDNN (bfloat16) multiply faster than a kernel that dequantizes in its inner loop. So W is
-// dequantized a tile of rows at a time into a buffer that stays in cache (about kTileBytes), in x's
+// dequantized a tile of rows at a time into a buffer that stays in cache (at most kTileBytes), in x's
 // dtype, and the tile's columns of y come from one at::mm_out. The model keeps no float copy of W.
 // A dequantized value is fma(q, scale, min) in float32, rounded once to bfloat16 for bfloat16 rows
 // (round to nearest even, as torch's .to()): the values a float copy made at load would hold, so
 // this is F.linear(x, dequantize(W).to(x.dtype)) up to the matmul's summation order.
 
-constexpr int64_t kTileBytes = 1 << 20;
+constexpr int64_t kTileBytes = 8 << 20;
 
 // 8 floats -> 8 bfloat16, round to nearest even (finite values: dequantized weights are)
 inline __m128i to_bf16(__m256 v) {
@@ -443,9 +443,17 @@ at::Tensor qlinear_dense(const at::Tensor& x, const at::Tensor& qs, const at::Te
   const auto [M, K, N] = check_args("qlinear_dense", x, qs, scales, mins, bits);
   const auto* q = reinterpret_cast<const uint8_t*>(qs.data_ptr());
   const at::Tensor xc = x.contiguous();
-  if (tile_rows <= 0) tile_rows = std::max<int64_t>(16, kTileBytes / (K * static_cast<int64_t>(x.element_size())) / 16 * 16);
+  if (tile_rows <= 0) {  // a power of two: oneDNN ran a 3,632-row tile of SmolLM2's LM head at half the speed of 2,048 or 4,096
+    tile_rows = 16;
+    while (tile_rows * 2 * K * static_cast<int64_t>(x.element_size()) <= kTileBytes) tile_rows *= 2;
+  }
   tile_rows = std::min(tile_rows, N);
-  at::Tensor w = at::empty({tile_rows, K}, x.options());
+  // the tile buffer is the calling thread's, kept between calls: a fresh 4 MB buffer a call came from
+  // the OS each time (freed, then faulted in again page by page), which cost more than the dequantization
+  static thread_local at::Tensor scratch;
+  const int64_t need = tile_rows * K * static_cast<int64_t>(x.element_size());
+  if (!scratch.defined() || scratch.numel() < need) scratch = at::empty({need}, at::kByte);
+  at::Tensor w = scratch.narrow(0, 0, need).view(x.scalar_type()).view({tile_rows, K});
   at::Tensor y = at::empty({M, N}, x.options());
   const int64_t k = K;
   for (int64_t n0 = 0; n0 < N; n0 += tile_rows) {
@@ -466,7 +474,7 @@ at::Tensor qlinear_dense(const at::Tensor& x, const at::Tensor& qs, const at::Te
 
 TORCH_LIBRARY_FRAGMENT(leanserve, m) {
   m.def("qlinear(Tensor x, Tensor qs, Tensor scales, Tensor mins, int bits) -> Tensor");
-  // the same product for many rows: tiles of W dequantized, then at::mm (tile_rows <= 0: about 1 MB a tile)
+  // the same product for many rows: tiles of W dequantized, then at::mm (tile_rows <= 0: the most rows, a power of two, within 8 MB)
   m.def("qlinear_dense(Tensor x, Tensor qs, Tensor scales, Tensor mins, int bits, int tile_rows=0) -> Tensor");
   // whether the AVX512-BF16 paths (here, in paged_attention.cpp and fused.cpp) run; for start-up logs
   m.def("avx512_bf16_available() -> bool", [] { return leanserve_cpu::use_avx512_bf16(); });
