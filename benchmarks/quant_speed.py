@@ -26,38 +26,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 STEP_CHILD = r"""
-import json, random, statistics, sys, time
+import importlib.util, json, sys
 sys.path.insert(0, sys.argv[1])
+import leanserve  # the measured checkout's package, imported before the helper below puts this one on the path
 from leanserve.config import EngineConfig
 from leanserve.engine.engine import LLMEngine
-from leanserve.types import SamplingParams
 
-model, dtype, batches, steps = sys.argv[2], sys.argv[3], [int(b) for b in sys.argv[4].split(",")], 16
+spec = importlib.util.spec_from_file_location("quantize_at_load", sys.argv[5])  # this checkout's decode_step_ms
+helper = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(helper)
+model, dtype, batches = sys.argv[2], sys.argv[3], [int(b) for b in sys.argv[4].split(",")]
 engine = LLMEngine(EngineConfig(model=model, dtype=dtype, kv_cache_memory=256 << 20))
-vocab = engine.info.vocab_size
-out = {}
-for batch in batches:
-    rng = random.Random(batch)
-    ids = []
-    for _ in range(batch):
-        rid = engine.new_request_id()
-        engine.add_request(rid, [rng.randrange(100, vocab - 100) for _ in range(64)],
-                           SamplingParams(max_tokens=steps + 40, temperature=0.0, ignore_eos=True))
-        ids.append(rid)
-    started = set()
-    while len(started) < batch:
-        for o in engine.step().outputs:
-            if o.outputs[0].token_ids:
-                started.add(o.request_id)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t)
-    for rid in ids:
-        engine.abort_request(rid)
-    out[batch] = 1e3 * statistics.median(times)
-print(json.dumps(out))
+assert engine.__class__.__module__ == "leanserve.engine.engine" and leanserve.__file__.startswith(sys.argv[1])
+print(json.dumps({b: helper.decode_step_ms(engine, b, engine.info.vocab_size) for b in batches}))
 """
 
 
@@ -66,7 +47,8 @@ def step(args: argparse.Namespace) -> None:
     results: dict[str, dict[int, list[float]]] = {k: {} for k in trees}
     for _ in range(args.rounds):
         for name, tree in trees.items():
-            out = subprocess.run([sys.executable, "-c", STEP_CHILD, tree, args.model, args.dtype, args.batch],
+            out = subprocess.run([sys.executable, "-c", STEP_CHILD, tree, args.model, args.dtype, args.batch,
+                                  str(ROOT / "benchmarks" / "quantize_at_load.py")],
                                  capture_output=True, text=True, cwd=tree, check=True)
             for b, ms in json.loads(out.stdout.strip().splitlines()[-1]).items():
                 results[name].setdefault(int(b), []).append(ms)

@@ -67,6 +67,19 @@ struct BlockParams {
 inline float sval(const float* p, int64_t i) { return p[i]; }
 inline float sval(const c10::Half* p, int64_t i) { return _cvtsh_ss(p[i].x); }
 
+// A row's count scales (or mins) as float32: float32 ones as they are, float16 ones converted 8 at a
+// time into buf, which holds kRowScales (a per-block scalar conversion in the inner loops cost 10-20%
+// of an in-cache call; a std::vector per row cost more than that)
+constexpr int64_t kRowScales = 4096;  // K up to 65,536 (131,072 for 8-bit values with a scale per 16)
+inline const float* as_float(const float* p, int64_t, float*) { return p; }
+inline const float* as_float(const c10::Half* p, int64_t count, float* buf) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8)
+    _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))));
+  for (; i < count; ++i) buf[i] = _cvtsh_ss(p[i].x);
+  return buf;
+}
+
 // a row's bytes kPrefetchRows rows ahead: q, sc and mn point at the current row's blocks, scales
 // and mins (mn null where there are none); a row has sc_count scales and groups mins
 template <typename S>
@@ -107,14 +120,16 @@ void rows_kernel(const float* x, int64_t ldx, const uint8_t* qs, const BlockPara
   const int64_t groups = K / 32, per_row = H ? 2 * groups : groups;
   const int64_t row_bytes = Q4 ? (groups + 1) / 2 * 32 : K;
   const __m256i nibble = _mm256_set1_epi32(0xF);
+  alignas(64) float sbuf[kRowScales], mbuf[kRowScales];
   for (int64_t n = n0; n < n1; ++n) {
     __m256 acc[MR][A];
     for (int r = 0; r < MR; ++r)
       for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
     const uint8_t* q = qs + n * row_bytes;
-    const S* sc = P.scales + n * per_row;
-    const S* mn = P.mins ? P.mins + n * groups : nullptr;
-    if (n + kPrefetchRows < n1) prefetch_row(q, sc, mn, row_bytes, per_row, groups);
+    if (n + kPrefetchRows < n1)
+      prefetch_row(q, P.scales + n * per_row, P.mins ? P.mins + n * groups : nullptr, row_bytes, per_row, groups);
+    const float* sc = as_float(P.scales + n * per_row, per_row, sbuf);
+    const float* mn = P.mins ? as_float(P.mins + n * groups, groups, mbuf) : nullptr;
     if constexpr (Q4) {
       // a pair of blocks per 32 bytes: the low nibbles are block g, the high ones block g + 1
       for (int64_t g = 0; g < groups; g += 2) {
@@ -203,14 +218,16 @@ LS_AVX512 void rows_bf16_avx512(const c10::BFloat16* x, const float* xf, int64_t
   const int64_t groups = K / 32, per_row = H ? 2 * groups : groups;
   const int64_t row_bytes = Q4 ? (groups + 1) / 2 * 32 : K;
   const __m512i low = _mm512_load_si512(nibble_bf16());
+  alignas(64) float sbuf[kRowScales], mbuf[kRowScales];
   for (int64_t n = n0; n < n1; ++n) {
     __m512 acc[MR][A];
     for (int r = 0; r < MR; ++r)
       for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
     const uint8_t* q = qs + n * row_bytes;
-    const S* sc = P.scales + n * per_row;
-    const S* mn = P.mins ? P.mins + n * groups : nullptr;  // read only where there are mins
-    if (n + kPrefetchRows < n1) prefetch_row(q, sc, mn, row_bytes, per_row, groups);
+    if (n + kPrefetchRows < n1)
+      prefetch_row(q, P.scales + n * per_row, P.mins ? P.mins + n * groups : nullptr, row_bytes, per_row, groups);
+    const float* sc = as_float(P.scales + n * per_row, per_row, sbuf);
+    const float* mn = P.mins ? as_float(P.mins + n * groups, groups, mbuf) : nullptr;  // only where there are mins
     if constexpr (Q4) {  // 32 bytes: block g in the low nibbles, block g + 1 in the high ones
       for (int64_t g = 0; g < groups; g += 2) {
         const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * 16)));
@@ -285,7 +302,8 @@ std::tuple<int64_t, int64_t, int64_t> check_args(const char* op, const at::Tenso
               op, ": x must be a 2-D float32 or bfloat16 tensor");
   TORCH_CHECK(x.device().is_cpu() && qs.device().is_cpu(), op, ": CPU tensors only");
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
-  TORCH_CHECK(K % 32 == 0, op, ": in_features must be a multiple of 32, got ", K);
+  TORCH_CHECK(K % 32 == 0 && K / 16 <= kRowScales, op, ": in_features must be a multiple of 32 and at most ", kRowScales * 16,
+              ", got ", K);
   const int64_t row_bytes = bits == 4 ? (K / 32 + 1) / 2 * 32 : K;
   TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && qs.size(1) * qs.element_size() == row_bytes &&
                   qs.element_size() == (bits == 4 ? 4 : 1),
