@@ -1,23 +1,26 @@
-"""Weights kept in GGUF's quantized blocks, for the native ``qlinear`` kernel (kernels/csrc/qlinear.cpp).
+"""Weights kept in GGUF's quantized blocks, for the native kernels (kernels/csrc/qlinear.cpp).
 
 Decoding one sequence on a CPU reads every weight once per token, so its speed is memory
-bandwidth over weight bytes. GGUF files already hold the weights in blocks of 32 with a float16
-scale (and a min): Q4_1 is 0.625 bytes a weight against 4 for float32. leanserve keeps those blocks
-next to the float32 weights and small batches read them instead; big batches are compute-bound and
-use the float32 weights with BLAS.
+bandwidth over weight bytes. GGUF files hold the weights in blocks of 32 with a float16 scale (and a
+min): Q4_1 is 0.625 bytes a weight against 2 for bfloat16. On a CPU with the native kernels the
+blocks are a quantized weight's only copy: small batches read them (``qlinear``), big ones, bound by
+FLOPs, dequantize tiles of them for the dense matmul (``qlinear_dense``; ``qmatmul`` picks).
 
-One format covers the simple GGUF types exactly: per block of 32, ``w = scale * q + min`` with q
-of 4 bits (packed two to a byte, GGUF's order) or 8 bits (int8):
+One format covers the GGUF types the kernels read, exactly: per block of 32, ``w = scale * q + min``
+with q of 4 bits (packed two to a byte, see ``_pack4``) or 8 bits (int8):
 
     Q4_0  w = d * (q - 8)        -> 4-bit, scale d, min -8d
     Q4_1  w = d * q + m          -> 4-bit, scale d, min m
     Q5_0  w = d * (q - 16)       -> 8-bit, q - 16, scale d, min 0
     Q5_1  w = d * q + m          -> 8-bit, scale d, min m
     Q8_0  w = d * q              -> 8-bit, scale d, min 0
+    Q4_K  w = (d sc) q - dmin m  -> 4-bit, float32 scale d*sc and min -dmin*m per 32 (sc, m: 6 bits)
+    Q5_K  the same, 5-bit q      -> 8-bit
+    Q6_K  w = (d sc) (q - 32)    -> 8-bit, float32 scale per 16 (``block`` 16), min 0
 
-Where every min is zero (Q8_0, Q5_0) none is stored, and the kernel reads none. Every ``scale * q`` is exact in float32 (a float16 scale times at most 8 bits), so
-``dequantize`` equals gguf's own dequantization bit for bit (tests check it). K-quants (Q4_K, Q6_K, ...) have other
-block layouts; their tensors stay float32 only.
+GGUF's own float16 scales stay float16; a K-quant's products are exact in float32 only. Where every
+min is zero none is stored, and the kernel reads none. Every ``scale * q`` is exact in float32, so
+``dequantize`` equals gguf's own dequantization bit for bit (tests check it).
 """
 
 from __future__ import annotations
