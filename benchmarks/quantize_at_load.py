@@ -1,7 +1,7 @@
 """Decode step time of a float HF model as loaded (none) and quantized at load (int8, int4), side by
 side in one run: the median of 16 decode steps at each batch size (prompts of 64 random tokens),
-rounds alternating between the three, each engine in its own process (two engines in one process
-disturbed each other: a blocks-only engine's big steps ran ~1.8x slower after a float engine's).
+rounds alternating between the three, each engine in its own process (a blocks-only engine's big
+steps are bimodal between processes: docs/quantization.md).
 
     .venv/bin/python benchmarks/quantize_at_load.py /path/to/hf-folder --batch 1,4,8,16,64
 """
