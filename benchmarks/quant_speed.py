@@ -3,7 +3,7 @@
 ``throughput``: the chat workload (MT-Bench first turns through the model's chat template, 128
 output tokens, EOS ignored, greedy), N prompts as one offline batch (the engine saturated as by N
 clients), the blocks-only engine and one with ``--float-weights`` (the float copy beside the blocks,
-as every quantized model was served before) alternating rounds, each run in a fresh process (big
+as a GGUF's simple types were served before) alternating rounds, each run in a fresh process (big
 steps' timings are bimodal between processes, docs/quantization.md): output tokens/s.
 
 ``step``: the median decode step at batch B, this checkout against another one (``--against PATH``,

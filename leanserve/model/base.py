@@ -13,7 +13,7 @@ from leanserve import env, kernels
 from leanserve.model.attention import AttentionMetadata
 from leanserve.model.config import ModelConfig
 from leanserve.model.native import NativeDecodePlan
-from leanserve.model.quant import AMX_KERNEL_ROWS, KERNEL_ROWS, QUANT_ONLY_ROWS, QuantWeight, qlinear, qmatmul
+from leanserve.model.quant import AMX_KERNEL_ROWS, KERNEL_ROWS, QUANT_ONLY_ROWS, QuantWeight, qmatmul
 
 # HF checkpoint names of the separate projections -> (fused parameter, shard index)
 STACKED = {
@@ -120,10 +120,8 @@ class CausalLM(nn.Module):
         # (num_rows, hidden_size) -> (num_rows, vocab_size)
         if self.lm_head is not None:
             return self.lm_head(hidden)
-        if self.lm_head_q is not None and hidden.shape[0] <= self.lm_head_q.max_rows:
-            return qlinear(hidden, self.lm_head_q)
-        if self.lm_head_q is not None and self.model.embed_tokens.weight.is_meta:  # blocks only
-            return qmatmul(hidden, self.lm_head_q)
+        if self.lm_head_q is not None and (hidden.shape[0] <= self.lm_head_q.max_rows or self.embed_q is not None):
+            return qmatmul(hidden, self.lm_head_q)  # the kernel up to max_rows; above, blocks only: tiles
         if self.lm_head_amx is not None and hidden.dtype == torch.bfloat16 and hidden.dim() == 2:
             return kernels.ops().amx_linear(hidden, self.lm_head_amx)
         return hidden @ self.model.embed_tokens.weight.t()
@@ -208,8 +206,9 @@ class CausalLM(nn.Module):
         A matmul weight may come as a ``QuantWeight`` (GGUF blocks, CPU with the native kernels): the
         layer (or tied LM head) then runs on the blocks, and its float parameter holds the same values
         dequantized if ``float_weights``, else nothing (a ``meta`` tensor: the blocks are the only copy,
-        and, as the float parameter was never written, no memory was used for it). A fused layer whose
-        parts come in different block formats (a 4-bit q beside an 8-bit v) gets float weights."""
+        and, as the float parameter was never written, no memory was used for it). A fused layer's
+        parts in different formats meet in the wider one (``QuantWeight.cat``); parts that cannot meet
+        (different widths) leave the layer with float weights."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         blocks: dict[str, dict[int, QuantWeight]] = {}  # fused parameter -> its parts' blocks, by shard
@@ -274,7 +273,7 @@ class CausalLM(nn.Module):
                     params[target][start:start + part.shape[0]].copy_(part.dequantize())
                     start += part.shape[0]
             if qw is None or (embedding and self.lm_head is not None and keep_float):
-                continue  # mixed formats: float only; an untied embedding with a float copy: lookups only
+                continue  # parts that cannot meet: float only; an untied embedding with a float copy: lookups only
             qw.max_rows = rows_with_copy[1 if head else 0] if keep_float else rows_alone[qw.bits]
             if embedding:
                 if self.lm_head is None:
