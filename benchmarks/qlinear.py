@@ -11,6 +11,7 @@ the other, per shape and row count.
     .venv/bin/python benchmarks/qlinear.py --dtype bfloat16     # against bfloat16 weights (AMX where present)
     .venv/bin/python benchmarks/qlinear.py --model-pass         # SmolLM2's own blocks, bf16 rows: AVX512-BF16 vs AVX2
     .venv/bin/python benchmarks/qlinear.py --dense --dtype bfloat16 --rows 1,8,16,32,64,128,256   # blocks only
+    .venv/bin/python benchmarks/qlinear.py --dense --layers-only --layer-format Q8_0 --dtype bfloat16 --rows 8,12,16
     for p in 0 1 0 1; do .venv/bin/python benchmarks/qlinear.py --model-pass --rows 1 --paths $p; done   # one path per process
 
 --model-pass times what one decode step of SmolLM2 asks of the kernel: every quantized matmul of
@@ -85,20 +86,24 @@ def model_pass(rows_list: list[int], repeats: int, paths: list[str]) -> None:
     os.environ.pop("LEANSERVE_AVX512")
 
 
-def dense_pass(rows_list: list[int], repeats: int, dtype: torch.dtype) -> None:
-    """SmolLM2's matmuls (30 layers x 4 in Q4_1, the Q8_0 LM head; random values), one pass per
-    step as a decode step asks them: the float copy (dense matmul), qlinear (the kernel reading the
-    blocks) and qlinear_dense (tiles of the blocks dequantized, then the dense matmul), in turn."""
+def dense_pass(rows_list: list[int], repeats: int, dtype: torch.dtype, layer_format: str = "Q4_1",
+               head: bool = True) -> None:
+    """SmolLM2's matmuls (30 layers x 4 in ``layer_format``, then, with ``head``, the Q8_0 LM head;
+    random values), one pass per step as a decode step asks them: the float copy (dense matmul),
+    qlinear (the kernel reading the blocks) and qlinear_dense (tiles of the blocks dequantized, then
+    the dense matmul), in turn."""
     ops = kernels.ops()
     rng = np.random.default_rng(0)
-    weights = []
-    for _ in range(30):
-        for _, fmt, n, k in SHAPES[:-1]:
-            raw = quantize(rng.standard_normal((n, k)).astype(np.float32), GGMLQuantizationType[fmt])
-            weights.append((from_gguf_blocks(raw, fmt, n, k), torch.from_numpy(dequantize(raw, GGMLQuantizationType[fmt])).to(dtype)))
-    _, fmt, n, k = SHAPES[-1]
-    raw = quantize(rng.standard_normal((n, k)).astype(np.float32), GGMLQuantizationType[fmt])
-    weights.append((from_gguf_blocks(raw, fmt, n, k), torch.from_numpy(dequantize(raw, GGMLQuantizationType[fmt])).to(dtype)))
+
+    def weight(fmt: str, n: int, k: int) -> tuple:
+        raw = quantize(rng.standard_normal((n, k)).astype(np.float32), GGMLQuantizationType[fmt])
+        return from_gguf_blocks(raw, fmt, n, k), torch.from_numpy(dequantize(raw, GGMLQuantizationType[fmt])).to(dtype)
+
+    weights = [weight(layer_format, n, k) for _ in range(30) for _, _, n, k in SHAPES[:-1]]
+    if head:
+        _, fmt, n, k = SHAPES[-1]
+        weights.append(weight(fmt, n, k))
+    print(f"{layer_format} layers{', Q8_0 LM head' if head else ''}; {dtype}\n")
     print("| rows | float copy ms | qlinear ms | qlinear_dense ms | dense / float copy |")
     print("| --- | --- | --- | --- | --- |")
     for rows in rows_list:
@@ -129,6 +134,8 @@ def main() -> None:
     ap.add_argument("--model-pass", action="store_true", help="SmolLM2's own blocks, one pass per step (see above)")
     ap.add_argument("--dense", action="store_true",
                     help="a model pass: float copy vs qlinear vs qlinear_dense (blocks only), --dtype rows")
+    ap.add_argument("--layer-format", default="Q4_1", choices=["Q4_1", "Q8_0"], help="--dense: the layers' format")
+    ap.add_argument("--layers-only", action="store_true", help="--dense: without the LM head")
     ap.add_argument("--paths", default="0,1", choices=["0,1", "0", "1"],
                     help="--model-pass: LEANSERVE_AVX512 values to time (one alone: for alternating processes)")
     args = ap.parse_args()
@@ -141,7 +148,8 @@ def main() -> None:
         return
     dtype = getattr(torch, args.dtype)
     if args.dense:
-        dense_pass([int(r) for r in args.rows.split(",")], args.repeats if args.repeats != 30 else 7, dtype)
+        dense_pass([int(r) for r in args.rows.split(",")], args.repeats if args.repeats != 30 else 7, dtype,
+                   args.layer_format, not args.layers_only)
         return
     d = {"float32": "fp32", "bfloat16": "bf16"}[args.dtype]
     print(f"| matmul | format | rows | qlinear µs | BLAS {d} µs | BLAS / qlinear | qlinear GB/s | {d} GB/s |")

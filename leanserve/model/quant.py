@@ -45,9 +45,10 @@ KERNEL_ROWS = {torch.float32: (24, 256), torch.bfloat16: (8, 4)}
 AMX_KERNEL_ROWS = 4
 # Without a float copy (the default for quantized weights on the CPU): rows of x up to which qlinear
 # beats qlinear_dense (tiles of W dequantized, then the dense matmul), per dtype of x and bits of the
-# values. benchmarks/qlinear.py --dense, passes over SmolLM2's matmul shapes on the 2-vCPU AVX-512 EPYC
-# (ms, qlinear vs dense): bfloat16 Q4_1 19.8 vs 22.0 at 16 rows, 29.5 vs 27.2 at 24; Q8_0 (widened to
-# float32 per row group) 18.4 vs 17.9 at 8, 29.0 vs 22.1 at 12; float32, either, even near 96.
+# values. benchmarks/qlinear.py --dense --layers-only over SmolLM2's layer shapes on the 2-vCPU AVX-512
+# EPYC (ms, qlinear vs tiles, in processes where the tiles run at full speed: docs/quantization.md):
+# bfloat16 Q4_1 20.1 vs 22.3 at 16 rows, 29.1 vs 26.1 at 24; Q8_0 (widened to float32 per row group)
+# 16.5 vs 17.6 at 8; float32 the kernel ahead up to ~96 rows.
 QUANT_ONLY_ROWS = {torch.float32: {4: 96, 8: 96}, torch.bfloat16: {4: 20, 8: 8}}
 
 
