@@ -4,12 +4,15 @@
 output tokens, EOS ignored, greedy), N prompts as one offline batch (the engine saturated as by N
 clients), the blocks-only engine and one with ``--float-weights`` (the float copy beside the blocks,
 as a GGUF's simple types were served before) alternating rounds, each run in a fresh process (big
-steps' timings are bimodal between processes, docs/quantization.md): output tokens/s.
+steps' timings are bimodal between processes, docs/quantization.md): output tokens/s. With
+``--kv``, the same workload with the model's 16-bit (or float32) KV cache against
+``--kv-cache-dtype int8`` instead, both with the blocks as the only copy of the weights.
 
 ``step``: the median decode step at batch B, this checkout against another one (``--against PATH``,
 e.g. a ``git worktree`` of an older commit), each in its own child process, rounds alternating.
 
     .venv/bin/python benchmarks/quant_speed.py throughput --model smollm2-135m --prompts 80 --rounds 3
+    .venv/bin/python benchmarks/quant_speed.py throughput --kv --model smollm2-135m --prompts 80 --rounds 3
     .venv/bin/python benchmarks/quant_speed.py step --model gemma3-270m --batch 1,8 --against /tmp/base
 """
 
@@ -70,12 +73,13 @@ from leanserve.types import SamplingParams
 
 model, dtype, float_weights, n, max_tokens = sys.argv[2], sys.argv[3], sys.argv[4] == "1", int(sys.argv[5]), int(sys.argv[6])
 prompts = workload(model, n)
-llm = LLM(model, dtype=dtype, float_weights=float_weights, max_num_seqs=max(n, 1))
+llm = LLM(model, dtype=dtype, float_weights=float_weights, max_num_seqs=max(n, 1), kv_cache_dtype=sys.argv[7])
 llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
 start = time.perf_counter()
 outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
 rate = sum(o.num_generated_tokens for o in outs) / (time.perf_counter() - start)
-print(json.dumps({"rate": rate, "summary": llm.engine.loaded.model.quantized_summary()}))
+info = llm.engine.info
+print(json.dumps({"rate": rate, "summary": f"{llm.engine.loaded.model.quantized_summary()}; KV cache {info.kv_cache_summary()}"}))
 """
 
 
@@ -95,12 +99,15 @@ def workload(model: str, n: int) -> list[list[int]]:
 
 
 def throughput(args: argparse.Namespace) -> None:
-    rates: dict[str, list[float]] = {"blocks only": [], "float copy": []}
+    # name -> (float copy, KV cache dtype); the first is the one compared against the second
+    runs = {"KV int8": ("0", "int8"), "KV model dtype": ("0", "auto")} if args.kv else \
+        {"blocks only": ("0", "auto"), "float copy": ("1", "auto")}
+    rates: dict[str, list[float]] = {name: [] for name in runs}
     summaries = {}
     for _ in range(args.rounds):
-        for name in rates:
+        for name, (float_copy, kv) in runs.items():
             out = subprocess.run([sys.executable, "-c", THROUGHPUT_CHILD, str(ROOT), args.model, args.dtype,
-                                  "1" if name == "float copy" else "0", str(args.prompts), str(args.max_tokens)],
+                                  float_copy, str(args.prompts), str(args.max_tokens), kv],
                                  capture_output=True, text=True, cwd=ROOT, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             rates[name].append(r["rate"])
@@ -109,12 +116,12 @@ def throughput(args: argparse.Namespace) -> None:
         print(f"{name}: {summary}")
     print(f"\n{args.model}, dtype {args.dtype}, {args.prompts} prompts x {args.max_tokens} tokens, {args.rounds} rounds "
           "alternating, each run in its own process\n")
-    print("| weights | output tok/s (median) | each round |")
+    print("| engine | output tok/s (median) | each round |")
     print("| --- | --- | --- |")
     for name, r in rates.items():
         print(f"| {name} | {statistics.median(r):.1f} | {', '.join(f'{x:.1f}' for x in r)} |")
-    a, b = statistics.median(rates["blocks only"]), statistics.median(rates["float copy"])
-    print(f"\nblocks only / float copy: {a / b:.3f}x")
+    first, second = runs
+    print(f"\n{first} / {second}: {statistics.median(rates[first]) / statistics.median(rates[second]):.3f}x")
 
 
 def main() -> None:
@@ -126,6 +133,7 @@ def main() -> None:
     t.add_argument("--prompts", type=int, default=80)
     t.add_argument("--max-tokens", type=int, default=128)
     t.add_argument("--rounds", type=int, default=3)
+    t.add_argument("--kv", action="store_true", help="compare the KV cache's dtypes (int8 / the model's), not the weights")
     s = sub.add_parser("step")
     s.add_argument("--model", default="gemma3-270m")
     s.add_argument("--dtype", default="auto")

@@ -13,6 +13,7 @@ from typing import Any
 SPECULATIVE_METHODS = ("off", "ngram", "suffix", "draft", "auto")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8", "int4")
+KV_CACHE_DTYPES = ("auto", "int8")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -51,8 +52,11 @@ class CacheConfig:
     num_blocks: int
     block_size: int = 16
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; int8: 8-bit values and a scale per token and KV head
 
     def __post_init__(self) -> None:
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES,
+                 f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         _require(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
         _require(self.num_blocks >= 1, f"num_blocks must be >= 1, got {self.num_blocks}")
 
@@ -106,6 +110,10 @@ class EngineConfig:
     kv_cache_memory: int | None = field(default=None, metadata=_cli(
         "bytes for the KV cache, e.g. 1GiB (default: 1GiB on CPU, 80% of free GPU memory)",
         type=parse_bytes, metavar="SIZE"))
+    kv_cache_dtype: str = field(default="auto", metadata=_cli(
+        "the KV cache's element type: auto (the model's dtype) or int8 (8-bit values and a float32 scale per token "
+        "and KV head, quantized as they are written: about 1.9x the tokens of a 16-bit cache in the same memory, "
+        "3.8x of float32; the CPU kernels read it in place)", choices=KV_CACHE_DTYPES))
     block_size: int = field(default=16, metadata=_cli("tokens per KV cache block"))
     enable_prefix_caching: bool = field(default=True, metadata=_cli(
         "do not reuse the KV cache of prompt prefixes already computed", flag="--no-prefix-caching"))
@@ -142,6 +150,8 @@ class EngineConfig:
                  f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                  f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES,
+                 f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         _require(self.kv_cache_memory is None or self.kv_cache_memory > 0,
                  f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
         _require(self.block_size in (8, 16, 32, 64, 128), f"block_size must be 8, 16, 32, 64 or 128, got {self.block_size}")

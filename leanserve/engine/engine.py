@@ -24,7 +24,7 @@ from leanserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from leanserve.cost.meter import CostMeter
 from leanserve.engine.interface import ModelInfo, StepError, StepResult
 from leanserve.engine.kv_cache import KVCacheManager
-from leanserve.engine.runner import ModelRunner, kv_cache_block_bytes
+from leanserve.engine.runner import ModelRunner, kv_cache_block_bytes, kv_cache_torch_dtype
 from leanserve.engine.scheduler import Scheduler
 from leanserve.model.loader import LoadedModel, load_model, model_size
 from leanserve.spec import make_proposer
@@ -111,7 +111,7 @@ class LLMEngine:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         mcfg = loaded.config
-        block_bytes = kv_cache_block_bytes(loaded, config.block_size)
+        block_bytes = kv_cache_block_bytes(loaded, config.block_size, config.kv_cache_dtype)
         kv_bytes = config.kv_cache_memory or self._default_kv_bytes(device)
         num_blocks = kv_bytes // block_bytes
         capacity = num_blocks * config.block_size
@@ -124,7 +124,7 @@ class LLMEngine:
                 f"bytes/token) cannot hold one request of max_model_len={max_len} tokens: raise --kv-cache-memory "
                 f"to at least {-(-max_len // config.block_size) * block_bytes / 2**20:.0f} MiB or lower --max-model-len")
         self.max_model_len = max_len
-        self.cache_config = CacheConfig(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.cache_config = CacheConfig(num_blocks, config.block_size, config.enable_prefix_caching, config.kv_cache_dtype)
         self.scheduler_config = SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, max_len,
                                                 max_batch_seqs_beside_interactive=config.batch_seqs_beside_interactive)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -136,7 +136,10 @@ class LLMEngine:
                               max_num_seqs=config.max_num_seqs, dtype=str(loaded.dtype).removeprefix("torch."),
                               device=str(loaded.device), num_params=n_params, weight_bytes=n_bytes,
                               hidden_size=int(mcfg.hidden_size),
-                              small_step_reads=loaded.model.small_step_reads())
+                              small_step_reads=loaded.model.small_step_reads(),
+                              kv_cache_dtype=str(kv_cache_torch_dtype(loaded, config.kv_cache_dtype)).removeprefix("torch."),
+                              kv_cache_tokens_unquantized=kv_bytes // kv_cache_block_bytes(loaded, config.block_size)
+                              * config.block_size)
         self._groups: dict[str, _Group] = {}
         self._seqs: dict[str, _Sequence] = {}
         self._ids = itertools.count()

@@ -50,6 +50,16 @@ class ModelInfo:
     # small steps read the weights' quantized blocks (CPU, GGUF): ((rows, bytes), ...), each the weight
     # bytes a step of at most that many tokens reads (CausalLM.small_step_reads); () where none
     small_step_reads: tuple[tuple[int, int], ...] = ()
+    kv_cache_dtype: str = ""  # the KV cache's element type: dtype's, or "int8" (the 8-bit cache)
+    kv_cache_tokens_unquantized: int = 0  # tokens the same memory would hold in dtype (the 8-bit cache's gain)
+
+    def kv_cache_summary(self) -> str:
+        """'65,536 tokens' or, for the 8-bit cache, '123,360 tokens in int8 (1.88x the 65,536 of bfloat16)'."""
+        text = f"{self.kv_cache_tokens:,} tokens"
+        if self.kv_cache_dtype and self.kv_cache_dtype != self.dtype and self.kv_cache_tokens_unquantized:
+            text += (f" in {self.kv_cache_dtype} ({self.kv_cache_tokens / self.kv_cache_tokens_unquantized:.2f}x the "
+                     f"{self.kv_cache_tokens_unquantized:,} of {self.dtype})")
+        return text
 
 
 @dataclass

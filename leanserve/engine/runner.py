@@ -13,16 +13,23 @@ from __future__ import annotations
 import torch
 
 from leanserve.config import CacheConfig
-from leanserve.model.attention import AttentionMetadata, GatherWorkspace
+from leanserve.model.attention import AttentionMetadata, GatherWorkspace, kv_row_width
 from leanserve.model.loader import LoadedModel
 from leanserve.sampling.rejection import rejection_sample
 from leanserve.sampling.sampler import Sampler, SamplingRow, advance_generator, token_logprobs
 from leanserve.types import Request, SchedulerOutput, StepOutput
 
 
-def kv_cache_block_bytes(loaded: LoadedModel, block_size: int) -> int:
-    itemsize = torch.empty(0, dtype=loaded.dtype).element_size()
-    return loaded.config.kv_bytes_per_token * itemsize * block_size
+def kv_cache_torch_dtype(loaded: LoadedModel, kv_cache_dtype: str = "auto") -> torch.dtype:
+    """The caches' element type: the model's dtype, or int8 for the 8-bit cache (model/attention.py)."""
+    return torch.int8 if kv_cache_dtype == "int8" else loaded.dtype
+
+
+def kv_cache_block_bytes(loaded: LoadedModel, block_size: int, kv_cache_dtype: str = "auto") -> int:
+    """Bytes of one block of every layer's K and V (the 8-bit cache: each row's scale included)."""
+    cfg, dtype = loaded.config, kv_cache_torch_dtype(loaded, kv_cache_dtype)
+    row = kv_row_width(cfg.head_dim, dtype) * torch.empty(0, dtype=dtype).element_size()
+    return 2 * cfg.num_layers * cfg.num_kv_heads * row * block_size
 
 
 LOGIT_ROWS = 128  # rows whose logits are computed at once (128 x 49k float32: 25 MB)
@@ -35,9 +42,10 @@ class ModelRunner:
         self.device = loaded.device
         self.block_size = cache_config.block_size
         cfg = loaded.config
-        shape = (cache_config.num_blocks, cache_config.block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=loaded.dtype, device=self.device),
-                           torch.zeros(shape, dtype=loaded.dtype, device=self.device)) for _ in range(cfg.num_layers)]
+        dtype = kv_cache_torch_dtype(loaded, cache_config.kv_cache_dtype)
+        shape = (cache_config.num_blocks, cache_config.block_size, cfg.num_kv_heads, kv_row_width(cfg.head_dim, dtype))
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
+                           torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(cfg.num_layers)]
         self.windows = set(cfg.layer_windows)
         self.sampler = Sampler(cfg.vocab_size, loaded.eos_token_ids)
         self.generators: dict[str, torch.Generator] = {}

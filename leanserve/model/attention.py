@@ -7,6 +7,12 @@ KV cache of one layer, K and V alike::
 
 A sequence's token at position p lives in slot block_table[p // block_size] * block_size + p % block_size.
 
+The 8-bit cache (``--kv-cache-dtype int8``) is int8 of shape (num_blocks, block_size, num_kv_heads,
+head_dim + 4): each (token, KV head) row is head_dim values and then its float32 scale's 4 bytes
+(``quantize_kv``: scale = max |x| / 127, values rounded to nearest), so K and V stay one tensor each
+per layer and a row is read with its scale in one place. Writes quantize, reads dequantize: the
+native kernels in place, the other paths through ``dequantize_kv`` after the gather.
+
 The flat batch holds, for each scheduled sequence, its new tokens (positions
 ``context_len - query_len .. context_len - 1``) back to back. Each layer first writes the new
 tokens' K and V into their slots (``slot_mapping``) and then attends, so a sequence can read K/V that
@@ -170,13 +176,42 @@ def _prefill_mask(q_len: int, ctx_len: int, window: int | None) -> torch.Tensor 
     return mask
 
 
+KV_SCALE_BYTES = 4  # the float32 scale at the end of each row of the 8-bit cache
+
+
+def kv_row_width(head_dim: int, dtype: torch.dtype) -> int:
+    """Elements per (token, KV head) row of a cache of ``dtype``: head_dim, plus the scale in int8."""
+    return head_dim + KV_SCALE_BYTES if dtype == torch.int8 else head_dim
+
+
+def quantize_kv(x: torch.Tensor) -> torch.Tensor:
+    """(..., head_dim) float -> (..., head_dim + 4) int8 rows of the 8-bit cache: per row, scale =
+    max |x| / 127 in float32, values x / scale rounded to nearest even (0 where the scale is 0), then
+    the scale's bytes. The reference of the native write_kv_, bit for bit."""
+    x = x.float()
+    scale = x.abs().amax(-1, keepdim=True) / 127
+    values = torch.where(scale > 0, torch.round(x / scale), 0.0).nan_to_num(0.0).clamp(-127, 127).to(torch.int8)
+    return torch.cat([values, scale.view(torch.int8)], -1)
+
+
+def dequantize_kv(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of a cache as ``dtype``: the 8-bit cache's (..., head_dim + 4) -> values * scale; a float
+    cache's rows just converted."""
+    if rows.dtype != torch.int8:
+        return rows.to(dtype)
+    scale = rows[..., -KV_SCALE_BYTES:].contiguous().view(torch.float32)  # (..., 1)
+    return (rows[..., :-KV_SCALE_BYTES].float() * scale).to(dtype)
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    # k, v: (num_tokens, num_kv_heads, head_dim) -> their slots in the flat cache
-    if (k_cache.is_cpu and k.dtype == v.dtype == k_cache.dtype == v_cache.dtype
+    # k, v: (num_tokens, num_kv_heads, head_dim) -> their slots in the flat cache (quantized into the 8-bit one)
+    if (k_cache.is_cpu and k.dtype == v.dtype and k_cache.dtype in (k.dtype, torch.int8) and v_cache.dtype == k_cache.dtype
             and k.dtype in (torch.float32, torch.bfloat16) and k.stride(-1) == 1 and v.stride(-1) == 1
             and k.stride(1) == k.shape[2] and v.stride(1) == v.shape[2] and (ops := kernels.ops()) is not None):
         ops.write_kv_(k_cache, v_cache, k, v, slot_mapping)  # one native call for both (kernels/csrc/paged_attention.cpp)
         return
+    if k_cache.dtype == torch.int8:
+        k, v = quantize_kv(k), quantize_kv(v)
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
@@ -189,7 +224,8 @@ def paged_attention(
     scale: float,
     window: int | None,
 ) -> torch.Tensor:  # (num_tokens, num_heads, head_dim)
-    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    _, block_size, num_kv_heads, width = k_cache.shape
+    head_dim = q.shape[-1]
     group = q.shape[1] // num_kv_heads
     ops = _decode_kernel(q, k_cache, v_cache) if meta.decode_rows is not None else None
     kernel_args = (k_cache, v_cache, meta.decode_tables, meta.decode_lens, scale, window or 0)  # window 0: full
@@ -205,15 +241,16 @@ def paged_attention(
         ws = meta.workspace
         kd = _gather_blocks(k_cache, meta.decode_tables, ws and ws.get(0, k_cache, meta.decode_tables.numel()))
         vd = _gather_blocks(v_cache, meta.decode_tables, ws and ws.get(1, v_cache, meta.decode_tables.numel()))
-        kd = kd.view(n, -1, num_kv_heads, head_dim).transpose(1, 2)  # (n, num_kv_heads, max_blocks * block_size, head_dim)
-        vd = vd.view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd.to(q.dtype), vd.to(q.dtype), attn_mask=meta.decode_masks[window],
-                                            scale=scale)
+        # (n, num_kv_heads, max_blocks * block_size, head_dim)
+        kd = dequantize_kv(kd.view(n, -1, num_kv_heads, width), q.dtype).transpose(1, 2)
+        vd = dequantize_kv(vd.view(n, -1, num_kv_heads, width), q.dtype).transpose(1, 2)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_masks[window], scale=scale)
         out[meta.decode_rows] = od.reshape(n, -1, head_dim)
     for p in meta.prefills:
         qp = q[p.query_start:p.query_start + p.query_len].transpose(0, 1)  # (num_heads, query_len, head_dim)
-        kp = _gather_blocks(k_cache, p.blocks).view(-1, num_kv_heads, head_dim)[:p.context_len].transpose(0, 1).to(q.dtype)
-        vp = _gather_blocks(v_cache, p.blocks).view(-1, num_kv_heads, head_dim)[:p.context_len].transpose(0, 1).to(q.dtype)
+        kp = dequantize_kv(_gather_blocks(k_cache, p.blocks).view(-1, num_kv_heads, width)[:p.context_len], q.dtype)
+        vp = dequantize_kv(_gather_blocks(v_cache, p.blocks).view(-1, num_kv_heads, width)[:p.context_len], q.dtype)
+        kp, vp = kp.transpose(0, 1), vp.transpose(0, 1)
         mask = p.masks[window]
         # 4-D (a batch of one): on CPU only 4-D inputs take the flash kernel; 3-D ones fall back to
         # the math path, 2.6x (float32) to 4.4x (bfloat16) slower for a 100-token prompt
@@ -224,9 +261,10 @@ def paged_attention(
 
 
 def _decode_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
-    """``torch.ops.leanserve`` when the native decode kernel applies (q and the caches all float32 or
-    all bfloat16, on CPU, head_dim a multiple of 8), else None."""
-    if (q.dtype == k_cache.dtype == v_cache.dtype and q.dtype in (torch.float32, torch.bfloat16) and q.is_cpu
+    """``torch.ops.leanserve`` when the native decode kernel applies (q float32 or bfloat16, the caches
+    of q's dtype or both 8-bit, on CPU, head_dim a multiple of 8), else None."""
+    if (k_cache.dtype in (q.dtype, torch.int8) and v_cache.dtype == k_cache.dtype
+            and q.dtype in (torch.float32, torch.bfloat16) and q.is_cpu
             and k_cache.is_cpu and q.shape[-1] % 8 == 0):
         return kernels.ops()
     return None
@@ -270,8 +308,8 @@ def reference_attention(
     row = 0
     for q_len, ctx_len, table in zip(meta.query_lens, meta.context_lens, meta.block_tables):
         slots = _slots(table, ctx_len, meta.block_size).to(q.device)
-        k = k_cache.view(-1, *k_cache.shape[2:])[slots].float()  # (ctx_len, num_kv_heads, head_dim)
-        v = v_cache.view(-1, *v_cache.shape[2:])[slots].float()
+        k = dequantize_kv(k_cache.view(-1, *k_cache.shape[2:])[slots], torch.float32)  # (ctx_len, num_kv_heads, head_dim)
+        v = dequantize_kv(v_cache.view(-1, *v_cache.shape[2:])[slots], torch.float32)
         k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)  # (ctx_len, num_heads, head_dim)
         v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
         for i in range(q_len):

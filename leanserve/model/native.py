@@ -33,9 +33,10 @@ class NativeDecodePlan:
         self.positions = positions  # rows of the rotary tables it holds (they grow: CausalLM.ensure_positions)
 
     def takes(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
-        """The KV cache is the model's dtype on the CPU (checked on its first layer: one cache, one dtype)."""
+        """The KV cache is the model's dtype or the 8-bit one, on the CPU (checked on its first layer: one
+        cache, one dtype): the native write_kv_ and paged_attention_decode take either."""
         k = kv_caches[0][0]
-        return k.dtype == self.dtype and k.is_cpu
+        return k.dtype in (self.dtype, torch.int8) and k.is_cpu
 
     @classmethod
     def build(cls, model: CausalLM) -> NativeDecodePlan | None:

@@ -369,7 +369,7 @@ def _serve(args: argparse.Namespace, config: EngineConfig, models: list[str], se
         auth = f", API keys: {len(digests)}" if digests else ", no API key required"
         for n, e in engines.items():
             print(f"leanserve: serving {n} at http://{shown}:{port}/v1 ({e.dtype} on {e.device}, "
-                  f"KV cache {e.kv_cache_tokens:,} tokens, max_model_len {e.max_model_len:,}, "
+                  f"KV cache {e.engine.info.kv_cache_summary()}, max_model_len {e.max_model_len:,}, "
                   f"max_num_seqs {e.max_num_seqs}, max_queue {e.max_queue}{auth}); "
                   f"ready in {time.perf_counter() - t0:.1f} s", flush=True)
             print(f"leanserve: {n}: {e.engine.describe_runtime()}", flush=True)

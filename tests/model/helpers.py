@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from leanserve.model.attention import AttentionMetadata
+from leanserve.model.attention import AttentionMetadata, kv_row_width
 
 
 def new_kv_caches(model, num_blocks: int, block_size: int, dtype=torch.float32):
+    """Zeroed caches of every layer; dtype torch.int8: the 8-bit cache (rows of head_dim + 4 bytes)."""
     c = model.cfg
-    shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
+    shape = (num_blocks, block_size, c.num_kv_heads, kv_row_width(c.head_dim, dtype))
     return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(c.num_layers)]
 
 

@@ -56,11 +56,13 @@ def _tiny(case: str, dtype: torch.dtype, tmp_path) -> CausalLM:
 
 
 @torch.inference_mode()
-def _decode_hidden(model, native: bool, dtype: torch.dtype, prompt_lens: list[int], steps: int) -> list[torch.Tensor]:
+def _decode_hidden(model, native: bool, dtype: torch.dtype, prompt_lens: list[int], steps: int,
+                   kv_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """Prefill each sequence (Python layers), then `steps` decode steps of all of them together; the
-    hidden states of every decode step, with the model's native loop on or off."""
+    hidden states of every decode step, with the model's native loop on or off (the KV cache in
+    ``kv_dtype``, default the model's)."""
     model.native_decode = native
-    kv = new_kv_caches(model, 64, BLOCK, dtype)
+    kv = new_kv_caches(model, 64, BLOCK, kv_dtype or dtype)
     windows = set(model.cfg.layer_windows)
     per = -(-(max(prompt_lens) + steps) // BLOCK)
     ids = list(range(64))[::-1]  # scattered blocks
@@ -94,6 +96,21 @@ def test_tiny_models_decode_the_same_bits(case, dtype, tmp_path):
     assert model.native_plan() is not None  # the native loop ran
     python = _decode_hidden(model, False, dtype, [5, 13, 9], steps=12)
     _assert_same_bits(native, python)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("case", ["llama-gqa-tied", "gemma3-sliding-window"])
+def test_tiny_models_decode_the_same_bits_over_the_8bit_cache(case, dtype, tmp_path):
+    # the native loop writes and reads the 8-bit cache with the same operators as the Python layers
+    model = _tiny(case, dtype, tmp_path)
+    native = _decode_hidden(model, True, dtype, [5, 13, 9], steps=12, kv_dtype=torch.int8)
+    assert model.native_plan() is not None and model.native_plan().takes(new_kv_caches(model, 8, BLOCK, torch.int8))
+    python = _decode_hidden(model, False, dtype, [5, 13, 9], steps=12, kv_dtype=torch.int8)
+    _assert_same_bits(native, python)
+    # and the 8-bit cache is a small change, not a different model: within a few percent of the float cache's
+    exact = _decode_hidden(model, False, dtype, [5, 13, 9], steps=12)
+    for got, want in zip(python, exact):
+        assert (got.float() - want.float()).norm() < 0.05 * want.float().norm()
 
 
 def test_plan_falls_back_where_the_native_loop_does_not_apply(tmp_path, monkeypatch):

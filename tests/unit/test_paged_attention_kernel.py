@@ -205,6 +205,7 @@ def test_nan_in_v_reaches_only_the_rows_that_see_it(dtype):
     (torch.float32, torch.float32, True), (torch.bfloat16, torch.bfloat16, True),
     (torch.bfloat16, torch.float32, False), (torch.float32, torch.bfloat16, False),
     (torch.float16, torch.float16, False), (torch.float64, torch.float64, False),
+    (torch.float32, torch.int8, True), (torch.bfloat16, torch.int8, True), (torch.float16, torch.int8, False),
 ])
 def test_decode_kernel_dtypes(q_dtype, cache_dtype, ok):
     q, cache = torch.zeros(2, 4, 64, dtype=q_dtype), torch.zeros(3, 16, 2, 64, dtype=cache_dtype)
@@ -233,10 +234,10 @@ def _good():
     (lambda a: a.update(q=a["q"][0]), "q must be a (num_seqs, num_heads, head_dim) float32 or bfloat16"),
     (lambda a: a.update({n: a[n].half() for n in a if n.endswith(("q", "cache"))}),
      "float32 or bfloat16 CPU tensor, got [2, 9, 64] Half"),
-    (lambda a: a.update(q=a["q"].bfloat16()), "same dtype, got q BFloat16, k_cache Float, v_cache Float"),
-    (lambda a: a.update(k_cache=a["k_cache"].bfloat16()), "same dtype, got q Float, k_cache BFloat16, v_cache Float"),
-    (lambda a: a.update(v_cache=a["v_cache"].bfloat16()), "same dtype, got q Float, k_cache Float, v_cache BFloat16"),
-    (lambda a: a.update(k_cache=a["k_cache"].half()), "same dtype, got q Float, k_cache Half, v_cache Float"),
+    (lambda a: a.update(q=a["q"].bfloat16()), "(the 8-bit cache), got q BFloat16, k_cache Float, v_cache Float"),
+    (lambda a: a.update(k_cache=a["k_cache"].bfloat16()), "(the 8-bit cache), got q Float, k_cache BFloat16, v_cache Float"),
+    (lambda a: a.update(v_cache=a["v_cache"].bfloat16()), "(the 8-bit cache), got q Float, k_cache Float, v_cache BFloat16"),
+    (lambda a: a.update(k_cache=a["k_cache"].half()), "(the 8-bit cache), got q Float, k_cache Half, v_cache Float"),
     (lambda a: a.update(k_cache=a["k_cache"].transpose(1, 2)), "k_cache must be a contiguous"),
     (lambda a: a.update({n: a[n].bfloat16() for n in a if n.endswith(("q", "cache"))},
                         k_cache=a["k_cache"].bfloat16().transpose(1, 2)), "k_cache must be a contiguous"),

@@ -3,7 +3,8 @@
 // so nothing is gathered into a padded copy and no masked-out padding is computed.
 //
 //   q            : (S, H, D) float32 or bfloat16, D % 8 == 0
-//   k/v_cache    : (num_blocks, block_size, KVH, D) of q's dtype, contiguous
+//   k/v_cache    : (num_blocks, block_size, KVH, D) of q's dtype, contiguous; or the 8-bit cache:
+//                  (num_blocks, block_size, KVH, D + 4) int8, each row D values and a float32 scale
 //   block_tables : (S, max_blocks) int64; row s uses its first ceil(len_s / block_size) entries
 //   context_lens : (S,) int64, 1 <= len_s <= max_blocks * block_size
 //   window       : 0 = full attention, else position p sees positions p - window + 1 .. p
@@ -16,7 +17,9 @@
 // a time: four independent FMA chains per dot product, and one load/store of the output
 // accumulator per four V rows instead of per row. bfloat16 runs the same code (a template over the
 // element type): each K/V load widens to float32 exactly, all the math is float32, and the output is
-// rounded to bfloat16 once at the end, to nearest even like torch's .to(torch.bfloat16).
+// rounded to bfloat16 once at the end, to nearest even like torch's .to(torch.bfloat16). The 8-bit
+// cache too (a second template type): values widen exactly, a score is the dot product times the K
+// row's scale, and a probability is multiplied by the V row's scale before it weights the row.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -78,6 +81,11 @@ inline __m256 exp256(__m256 x) {
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 
+// int8 (the 8-bit cache's values): sign-extend to 32 bits, convert (exact)
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
 // bfloat16 is the high half of a float32: zero-extend to 32 bits and shift up (exact)
 inline __m256 load8(const c10::BFloat16* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -88,33 +96,51 @@ inline __m256 load8(const c10::BFloat16* p) {
 // scattered, which the hardware prefetcher follows poorly: each loop asks for the four rows PF ahead
 // (on one core of the dev machine: 5 -> 7.5 GB/s of K/V from DRAM).
 constexpr int64_t PF = 24;
-template <typename T>
-inline void prefetch_rows(const T* base, const int64_t* offs, int64_t D) {
-  for (int r = 0; r < 4; ++r)  // one prefetch per 64-byte cache line
-    for (int64_t d = 0; d < D; d += 64 / sizeof(T))
-      _mm_prefetch(reinterpret_cast<const char*>(base + offs[r] + d), _MM_HINT_T0);
+template <typename C>
+inline void prefetch_rows(const C* base, const int64_t* offs, int64_t W) {
+  for (int r = 0; r < 4; ++r) {  // one prefetch per 64-byte cache line the row touches
+    const uintptr_t first = reinterpret_cast<uintptr_t>(base + offs[r]) & ~uintptr_t{63};
+    const uintptr_t last = reinterpret_cast<uintptr_t>(base + offs[r] + W) - 1;
+    for (uintptr_t line = first; line <= last; line += 64) _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
+  }
 }
 
-// T: the element type of q, the caches and out (float or c10::BFloat16).
-template <typename T>
+// The 8-bit cache (kv_cache_dtype int8): a row of one token and KV head is D int8 values and then
+// the float32 scale (4 bytes), W = D + 4 bytes; the row's values are value[d] * scale. In a float
+// cache a row is D elements of q's type, W = D, and its scale is 1.
+template <typename C>
+inline float row_scale(const C* row, int64_t D) {
+  if constexpr (std::is_same_v<C, int8_t>) {
+    float s;
+    std::memcpy(&s, row + D, sizeof s);
+    return s;
+  } else {
+    return 1.0f;
+  }
+}
+
+// T: the element type of q and out (float or c10::BFloat16); C: the caches' (T, or int8_t).
+template <typename T, typename C = T>
 struct Problem {
-  const T *q, *k, *v;
+  const T* q;
+  const C *k, *v;
   const int64_t *tables, *lens;
   T* out;
   int64_t H, KVH, D, block_size, max_blocks, window;
   float scale;
+  int64_t W;  // elements of C per cache row: D, or D + 4 in the 8-bit cache
 };
 
 // Offset in the cache of each visible row of sequence s, KV head h (positions lo .. len-1); the
 // padding up to np repeats the last row so the four-row loops need no tail (its scores are
 // replaced by -inf, its probabilities are 0).
-template <typename T>
-void row_offsets(const Problem<T>& P, int64_t s, int64_t h, int64_t lo, int64_t np, std::vector<int64_t>& offs) {
+template <typename T, typename C>
+void row_offsets(const Problem<T, C>& P, int64_t s, int64_t h, int64_t lo, int64_t np, std::vector<int64_t>& offs) {
   const int64_t bs = P.block_size, len = P.lens[s], n = len - lo;
   offs.resize(np);
   const int64_t* table = P.tables + s * P.max_blocks;
   for (int64_t b = lo / bs, t = lo; t < len; ++b)  // block by block: no division per row
-    for (int64_t j = t - b * bs; j < bs && t < len; ++j, ++t) offs[t - lo] = ((table[b] * bs + j) * P.KVH + h) * P.D;
+    for (int64_t j = t - b * bs; j < bs && t < len; ++j, ++t) offs[t - lo] = ((table[b] * bs + j) * P.KVH + h) * P.W;
   for (int64_t t = n; t < np; ++t) offs[t] = offs[n - 1];
 }
 
@@ -148,8 +174,8 @@ inline void softmax_numerators(float* scores, int64_t G, int64_t n, int64_t np, 
 // maximum, sums and accumulation are the same operations in the same order as alone: the extra
 // columns only add exact zeros.
 // offs and buf are the calling thread's scratch, reused across its tasks.
-template <typename T>
-void attend(const Problem<T>& P, int64_t s, int64_t R, int64_t h, std::vector<int64_t>& offs, std::vector<float>& buf) {
+template <typename T, typename C>
+void attend(const Problem<T, C>& P, int64_t s, int64_t R, int64_t h, std::vector<int64_t>& offs, std::vector<float>& buf) {
   const int64_t G = P.H / P.KVH, D = P.D, len = P.lens[s + R - 1], GR = G * R;
   const int64_t lo = P.window > 0 ? std::max<int64_t>(0, P.lens[s] - P.window) : 0;
   const int64_t n = len - lo, np = (n + 7) / 8 * 8;  // visible rows of the group; padded to whole vectors
@@ -173,8 +199,10 @@ void attend(const Problem<T>& P, int64_t s, int64_t R, int64_t h, std::vector<in
   }
 
   for (int64_t t = 0; t < np; t += 4) {  // pass 1: scores
-    const T *k0 = P.k + offs[t], *k1 = P.k + offs[t + 1], *k2 = P.k + offs[t + 2], *k3 = P.k + offs[t + 3];
-    if (t + PF + 4 <= np) prefetch_rows(P.k, offs.data() + t + PF, D);
+    const C *k0 = P.k + offs[t], *k1 = P.k + offs[t + 1], *k2 = P.k + offs[t + 2], *k3 = P.k + offs[t + 3];
+    if (t + PF + 4 <= np) prefetch_rows(P.k, offs.data() + t + PF, P.W);
+    // the 8-bit cache: each row's dot product times the row's scale
+    const __m128 ks = _mm_setr_ps(row_scale(k0, D), row_scale(k1, D), row_scale(k2, D), row_scale(k3, D));
     for (int64_t g = 0; g < GR; ++g) {
       const float* qg = qs + g * D;
       __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
@@ -185,7 +213,10 @@ void attend(const Problem<T>& P, int64_t s, int64_t R, int64_t h, std::vector<in
         c2 = _mm256_fmadd_ps(x, load8(k2 + d), c2);
         c3 = _mm256_fmadd_ps(x, load8(k3 + d), c3);
       }
-      _mm_storeu_ps(scores + g * np + t, hsum4(c0, c1, c2, c3));
+      if constexpr (std::is_same_v<C, int8_t>)
+        _mm_storeu_ps(scores + g * np + t, _mm_mul_ps(hsum4(c0, c1, c2, c3), ks));
+      else
+        _mm_storeu_ps(scores + g * np + t, hsum4(c0, c1, c2, c3));
     }
   }
 
@@ -193,12 +224,13 @@ void attend(const Problem<T>& P, int64_t s, int64_t R, int64_t h, std::vector<in
 
   std::fill(acc, acc + GR * D, 0.0f);
   for (int64_t t = 0; t < np; t += 4) {  // pass 2: sum of p * v, four rows per accumulator update
-    const T *v0 = P.v + offs[t], *v1 = P.v + offs[t + 1], *v2 = P.v + offs[t + 2], *v3 = P.v + offs[t + 3];
-    if (t + PF + 4 <= np) prefetch_rows(P.v, offs.data() + t + PF, D);
+    const C *v0 = P.v + offs[t], *v1 = P.v + offs[t + 1], *v2 = P.v + offs[t + 2], *v3 = P.v + offs[t + 3];
+    if (t + PF + 4 <= np) prefetch_rows(P.v, offs.data() + t + PF, P.W);
+    const float vs0 = row_scale(v0, D), vs1 = row_scale(v1, D), vs2 = row_scale(v2, D), vs3 = row_scale(v3, D);
     for (int64_t g = 0; g < GR; ++g) {
-      const float* pg = scores + g * np + t;
-      const __m256 p0 = _mm256_set1_ps(pg[0]), p1 = _mm256_set1_ps(pg[1]), p2 = _mm256_set1_ps(pg[2]),
-                   p3 = _mm256_set1_ps(pg[3]);
+      const float* pg = scores + g * np + t;  // the 8-bit cache: each probability times its row's scale
+      const __m256 p0 = _mm256_set1_ps(pg[0] * vs0), p1 = _mm256_set1_ps(pg[1] * vs1),
+                   p2 = _mm256_set1_ps(pg[2] * vs2), p3 = _mm256_set1_ps(pg[3] * vs3);
       float* ag = acc + g * D;
       for (int64_t d = 0; d < D; d += 8) {
         __m256 a = _mm256_loadu_ps(ag + d);
@@ -306,15 +338,15 @@ LS_AVX512 void attend_bf16_avx512(const Problem<c10::BFloat16>& P, int64_t s, in
   const T* q = P.q + (s * P.H + h * G) * D;
   const __m128 scale = _mm_set1_ps(P.scale);
   for (int64_t t = 0; t + 4 <= std::min(PF, np); t += 4) {  // the rows before the loop's prefetches reach
-    prefetch_rows(P.k, offs.data() + t, D);
-    prefetch_rows(P.v, offs.data() + t, D);
+    prefetch_rows(P.k, offs.data() + t, P.W);
+    prefetch_rows(P.v, offs.data() + t, P.W);
   }
 
   for (int64_t t = 0; t < np; t += 4) {  // pass 1: scores, four rows at a time; K and V rows PF ahead
     const T *k0 = P.k + offs[t], *k1 = P.k + offs[t + 1], *k2 = P.k + offs[t + 2], *k3 = P.k + offs[t + 3];
     if (t + PF + 4 <= np) {  // V too: pass 2 then reads it from cache
-      prefetch_rows(P.k, offs.data() + t + PF, D);
-      prefetch_rows(P.v, offs.data() + t + PF, D);
+      prefetch_rows(P.k, offs.data() + t + PF, P.W);
+      prefetch_rows(P.v, offs.data() + t + PF, P.W);
     }
     for (int64_t g = 0; g < G; ++g) {
       const T* qg = q + g * D;
@@ -342,14 +374,15 @@ LS_AVX512 void attend_bf16_avx512(const Problem<c10::BFloat16>& P, int64_t s, in
     for (int64_t d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(acc[g * D + d] * inv[g]);
 }
 
-template <typename T>
+template <typename T, typename C = T>
 void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* tables,
          const int64_t* lens, at::Tensor& out, int64_t max_blocks, int64_t window, float scale, int64_t grain) {
   const int64_t KVH = k_cache.size(2);
-  const Problem<T> P{q.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), tables, lens, out.data_ptr<T>(),
-                     q.size(1), KVH, q.size(2), k_cache.size(1), max_blocks, window, scale};
+  const Problem<T, C> P{q.data_ptr<T>(), k_cache.data_ptr<C>(), v_cache.data_ptr<C>(), tables, lens, out.data_ptr<T>(),
+                        q.size(1), KVH, q.size(2), k_cache.size(1), max_blocks, window, scale, k_cache.size(3)};
   bool wide = false;
-  if constexpr (std::is_same_v<T, c10::BFloat16>) wide = P.D % 32 == 0 && leanserve_cpu::use_avx512_bf16();
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, T>)
+    wide = P.D % 32 == 0 && leanserve_cpu::use_avx512_bf16();
   // the AVX512-BF16 path takes one row at a time
   const auto groups = row_groups(tables, lens, q.size(0), max_blocks, P.block_size, !wide);
   const int64_t NG = static_cast<int64_t>(groups.size());
@@ -359,7 +392,7 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
     std::vector<float> buf;
     for (int64_t i = t0; i < t1; ++i) {
       const auto [s, R] = groups[i / KVH];
-      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, T>) {
         if (wide) {
           attend_bf16_avx512(P, s, i % KVH, offs, buf);
           continue;
@@ -379,8 +412,9 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
   PA_CHECK(q.dim() == 3 && (q.scalar_type() == at::kFloat || bf16) && q.is_cpu(),
            "q must be a (num_seqs, num_heads, head_dim) float32 or bfloat16 CPU tensor, got ", q.sizes(), " ",
            q.scalar_type());
-  PA_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-           "q, k_cache and v_cache must have the same dtype, got q ", q.scalar_type(), ", k_cache ",
+  const bool int8 = k_cache.scalar_type() == at::kChar;  // the 8-bit cache: rows of D values and a float32 scale
+  PA_CHECK((k_cache.scalar_type() == q.scalar_type() || int8) && v_cache.scalar_type() == k_cache.scalar_type(),
+           "k_cache and v_cache must both have q's dtype or both be int8 (the 8-bit cache), got q ", q.scalar_type(), ", k_cache ",
            k_cache.scalar_type(), ", v_cache ", v_cache.scalar_type());
   PA_CHECK(k_cache.dim() == 4 && k_cache.is_cpu() && k_cache.is_contiguous(),
            "k_cache must be a contiguous (num_blocks, block_size, num_kv_heads, head_dim) CPU tensor, got ",
@@ -389,7 +423,8 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
            "v_cache must be contiguous of k_cache's shape ", k_cache.sizes(), ", got ", v_cache.sizes());
   const int64_t S = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t num_blocks = k_cache.size(0), bs = k_cache.size(1), KVH = k_cache.size(2);
-  PA_CHECK(k_cache.size(3) == D, "head_dim of q (", D, ") and cache (", k_cache.size(3), ") differ");
+  PA_CHECK(k_cache.size(3) == D + (int8 ? 4 : 0), "head_dim of q (", D, ") and cache (", k_cache.size(3),
+           int8 ? " bytes: head_dim + 4 for its scale" : "", ") differ");
   PA_CHECK(D > 0 && D % 8 == 0, "head_dim must be a multiple of 8, got ", D);
   PA_CHECK(KVH > 0 && H % KVH == 0, "num_heads (", H, ") must be a multiple of num_kv_heads (", KVH, ")");
   PA_CHECK(block_tables.dim() == 2 && block_tables.size(0) == S && block_tables.scalar_type() == at::kLong,
@@ -417,27 +452,53 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
   at::Tensor out = at::empty({S, H, D}, q.options());
   // Waking a thread should pay: each one gets tasks of about 2048 K/V rows at the least.
   const int64_t grain = std::max<int64_t>(1, 2048 * S / std::max<int64_t>(1, total_rows));
-  if (bf16)
-    run<c10::BFloat16>(qc, k_cache, v_cache, tp, lp, out, max_blocks, window, static_cast<float>(scale), grain);
+  const float sc = static_cast<float>(scale);
+  if (bf16 && int8)
+    run<c10::BFloat16, int8_t>(qc, k_cache, v_cache, tp, lp, out, max_blocks, window, sc, grain);
+  else if (bf16)
+    run<c10::BFloat16>(qc, k_cache, v_cache, tp, lp, out, max_blocks, window, sc, grain);
+  else if (int8)
+    run<float, int8_t>(qc, k_cache, v_cache, tp, lp, out, max_blocks, window, sc, grain);
   else
-    run<float>(qc, k_cache, v_cache, tp, lp, out, max_blocks, window, static_cast<float>(scale), grain);
+    run<float>(qc, k_cache, v_cache, tp, lp, out, max_blocks, window, sc, grain);
   return out;
 }
 
+// The 8-bit cache's row of one token and KV head: scale = max |x| / 127 (float32), value[d] =
+// x[d] / scale rounded to nearest even (0 where the scale is 0 or the quotient is not a number),
+// then the scale's 4 bytes. model/attention.py quantize_kv is the reference, bit for bit.
+template <typename S>
+void quantize_row(const S* x, int64_t D, int8_t* out) {
+  float amax = 0.0f;
+  for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(static_cast<float>(x[d])));
+  const float scale = amax / 127.0f;
+  for (int64_t d = 0; d < D; ++d) {
+    float v = scale > 0.0f ? std::nearbyint(static_cast<float>(x[d]) / scale) : 0.0f;
+    v = v == v ? std::min(127.0f, std::max(-127.0f, v)) : 0.0f;
+    out[d] = static_cast<int8_t>(v);
+  }
+  std::memcpy(out + D, &scale, sizeof scale);
+}
+
 // The new tokens' K and V rows into their cache slots: one call per layer for both, a memcpy of
-// KVH * D elements per token, where two index_copy_ calls cost ~36 us each at 80 tokens.
+// KVH * D elements per token, where two index_copy_ calls cost ~36 us each at 80 tokens; into the
+// 8-bit cache, each (token, KV head) row quantized on the way.
 void write_kv_(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
                const at::Tensor& slot_mapping) {
   PA_CHECK(k_cache.dim() == 4 && k_cache.is_cpu() && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
                v_cache.is_contiguous() && v_cache.scalar_type() == k_cache.scalar_type(),
            "write_kv_: k_cache and v_cache must be contiguous CPU tensors of one shape and dtype, got ",
            k_cache.sizes(), " and ", v_cache.sizes());
-  const int64_t T = slot_mapping.numel(), KVH = k_cache.size(2), D = k_cache.size(3);
+  const bool int8 = k_cache.scalar_type() == at::kChar;
+  const int64_t T = slot_mapping.numel(), KVH = k_cache.size(2), W = k_cache.size(3), D = int8 ? W - 4 : W;
   const int64_t slots = k_cache.size(0) * k_cache.size(1), row = KVH * D;
   for (const at::Tensor* t : {&k, &v})
-    PA_CHECK(t->dim() == 3 && t->size(0) == T && t->size(1) == KVH && t->size(2) == D &&
-                 t->scalar_type() == k_cache.scalar_type() && t->stride(2) == 1 && t->stride(1) == D,
-             "write_kv_: k and v must be (", T, ", ", KVH, ", ", D, ") ", k_cache.scalar_type(),
+    PA_CHECK(t->dim() == 3 && t->size(0) == T && t->size(1) == KVH && t->size(2) == D && D > 0 &&
+                 (int8 ? t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16
+                       : t->scalar_type() == k_cache.scalar_type()) &&
+                 t->scalar_type() == k.scalar_type() && t->stride(2) == 1 && t->stride(1) == D,
+             "write_kv_: k and v must be (", T, ", ", KVH, ", ", D, ") ",
+             int8 ? "float32 or bfloat16" : std::string(c10::toString(k_cache.scalar_type())),
              " with each token's heads contiguous, got ", t->sizes(), " ", t->scalar_type(), " strides ", t->strides());
   PA_CHECK(slot_mapping.dim() == 1 && slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
            "write_kv_: slot_mapping must be a contiguous 1-D int64 tensor");
@@ -445,6 +506,21 @@ void write_kv_(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::T
   for (int64_t i = 0; i < T; ++i)
     PA_CHECK(sp[i] >= 0 && sp[i] < slots, "write_kv_: slot_mapping[", i, "] = ", sp[i], " is outside the cache (",
              slots, " slots)");
+  if (int8) {
+    int8_t *kc = k_cache.data_ptr<int8_t>(), *vc = v_cache.data_ptr<int8_t>();
+    auto quantize = [&](auto* kp, auto* vp) {
+      for (int64_t i = 0; i < T; ++i)
+        for (int64_t h = 0; h < KVH; ++h) {
+          quantize_row(kp + i * k.stride(0) + h * D, D, kc + (sp[i] * KVH + h) * W);
+          quantize_row(vp + i * v.stride(0) + h * D, D, vc + (sp[i] * KVH + h) * W);
+        }
+    };
+    if (k.scalar_type() == at::kFloat)
+      quantize(k.data_ptr<float>(), v.data_ptr<float>());
+    else
+      quantize(k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>());
+    return;
+  }
   const int64_t es = k_cache.element_size();
   char *kc = static_cast<char*>(k_cache.data_ptr()), *vc = static_cast<char*>(v_cache.data_ptr());
   const char *kp = static_cast<const char*>(k.data_ptr()), *vp = static_cast<const char*>(v.data_ptr());

@@ -1,0 +1,179 @@
+"""The 8-bit KV cache (``--kv-cache-dtype int8``): its row format pinned byte for byte, the native
+write (kernels/csrc/paged_attention.cpp write_kv_) against ``quantize_kv`` bit for bit, the native
+decode kernel reading it in place against ``reference_attention`` over the same cache, the gather +
+SDPA paths that dequantize it, its input checks, and the engine's sizing and capacity line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leanserve import kernels
+from leanserve.config import CacheConfig, EngineConfig
+from leanserve.engine.interface import ModelInfo
+from leanserve.model import attention
+from leanserve.model.attention import (AttentionMetadata, dequantize_kv, kv_row_width, paged_attention, quantize_kv,
+                                       reference_attention)
+
+OPS = kernels.ops()
+needs_kernels = pytest.mark.skipif(OPS is None, reason=f"native CPU kernels unavailable: {kernels.status()}")
+SCALE = 0.125
+
+
+def test_row_format_is_values_then_the_float32_scale():
+    x = torch.zeros(1, 8)
+    x[0, :6] = torch.tensor([127.0, -63.5, 0.5, 1.5, -2.5, 300.0 / 127 * 0])
+    x[0, 6] = 100.25  # 100.25 / 1 -> 100
+    row = quantize_kv(x)
+    assert row.dtype == torch.int8 and row.shape == (1, 12)
+    # scale = 127 / 127 = 1.0; values rounded to nearest even: -63.5 -> -64, 0.5 -> 0, 1.5 -> 2, -2.5 -> -2
+    assert row[0, :8].tolist() == [127, -64, 0, 2, -2, 0, 100, 0]
+    assert row[0, 8:].tolist() == [0, 0, -128, 63]  # 1.0f little-endian: 00 00 80 3f
+    assert kv_row_width(64, torch.int8) == 68 and kv_row_width(64, torch.bfloat16) == 64
+
+
+def test_zero_row_has_scale_zero_and_dequantizes_to_zero():
+    row = quantize_kv(torch.zeros(2, 3, 16))
+    assert not row.any()
+    assert torch.equal(dequantize_kv(row, torch.float32), torch.zeros(2, 3, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_round_trip_error_is_at_most_half_a_step(dtype):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(50, 3, 64, generator=g) * torch.logspace(-3, 2, 50)[:, None, None]).to(dtype)
+    rows = quantize_kv(x)
+    back = dequantize_kv(rows, torch.float32)
+    step = x.float().abs().amax(-1, keepdim=True) / 127
+    # half a step, and the float32 roundings of x / scale and value * scale (each half an ulp of |x|)
+    assert ((back - x.float()).abs() <= step / 2 + x.float().abs() * 2**-23).all()
+    assert dequantize_kv(rows, dtype).dtype == dtype
+    assert (rows[..., :64] == 127).logical_or(rows[..., :64] == -127).any(-1).all()  # each row's max hits 127
+
+
+def _strided_kv(dtype, tokens=5, kv_heads=3, dim=64, heads=9, seed=5):
+    # k and v as the model passes them: strided views of the fused qkv output (heads contiguous)
+    g = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(tokens, heads * dim + 2 * kv_heads * dim, generator=g) * 3).to(dtype)
+    _, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    return k.view(tokens, kv_heads, dim), v.view(tokens, kv_heads, dim)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_write_quantizes_exactly_like_the_reference(dtype, monkeypatch):
+    k, v = _strided_kv(dtype)
+    k[1, 2] = 0.0  # a zero row: scale 0
+    kc = torch.full((6, 16, 3, 68), 7, dtype=torch.int8)
+    vc = kc.clone()
+    slots = torch.tensor([0, 17, 95, 40, 3])
+    OPS.write_kv_(kc, vc, k, v, slots)
+    assert torch.equal(kc.view(-1, 3, 68)[slots], quantize_kv(k)) and torch.equal(vc.view(-1, 3, 68)[slots], quantize_kv(v))
+    untouched = torch.ones(96, dtype=torch.bool)
+    untouched[slots] = False
+    assert (kc.view(-1, 3, 68)[untouched] == 7).all()  # nothing else written
+    # attention.write_kv takes the native call, and without kernels writes the same bytes
+    kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(vc)
+    attention.write_kv(kc2, vc2, k, v, slots)
+    monkeypatch.setattr(kernels, "ops", lambda: None)
+    kc3, vc3 = torch.zeros_like(kc), torch.zeros_like(vc)
+    attention.write_kv(kc3, vc3, k, v, slots)
+    assert torch.equal(kc2, kc3) and torch.equal(vc2, vc3)
+    assert torch.equal(kc2.view(-1, 3, 68)[slots], quantize_kv(k))
+
+
+def _caches(context_lens, block_size, kv_heads, dim, seed=0, spare=7):
+    g = torch.Generator().manual_seed(seed)
+    need = sum(-(-c // block_size) for c in context_lens)
+    k = torch.randn(need + spare, block_size, kv_heads, dim, generator=g) * 2
+    v = torch.randn(need + spare, block_size, kv_heads, dim, generator=g)
+    perm = torch.randperm(need + spare, generator=g).tolist()
+    tables, used = [], 0
+    for c in context_lens:
+        n = -(-c // block_size)
+        tables.append(perm[used:used + n])
+        used += n
+    return quantize_kv(k), quantize_kv(v), tables
+
+
+@needs_kernels
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (8, 2, 256), (4, 4, 32), (6, 1, 8)])
+@pytest.mark.parametrize("window", [None, 5, 33])
+def test_kernel_reads_the_8bit_cache_like_the_reference(monkeypatch, q_dtype, heads, kv_heads, dim, window):
+    clens = [1, 15, 16, 17, 70]
+    kc, vc, tables = _caches(clens, 16, kv_heads, dim)
+    q = (torch.randn(len(clens), heads, dim, generator=torch.Generator().manual_seed(2)) * 3).to(q_dtype)
+    meta = AttentionMetadata.build([1] * len(clens), clens, tables, 16, {window})
+    assert attention._decode_kernel(q, kc, vc) is not None
+    got = paged_attention(q, kc, vc, meta, SCALE, window)
+    assert got.dtype == q_dtype
+    want = reference_attention(q.float(), kc, vc, meta, SCALE, window)  # float32 over the dequantized rows
+    if q_dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:  # the float32 result rounded once to bfloat16
+        torch.testing.assert_close(got.float(), want, atol=1e-5, rtol=2**-8)
+    # the gather + SDPA path (CUDA, or no kernels) dequantizes the same rows
+    monkeypatch.setattr(attention, "_decode_kernel", lambda *a: None)
+    sdpa = paged_attention(q.float(), kc, vc, meta, SCALE, window)
+    torch.testing.assert_close(sdpa, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fold_upto", [0, attention.FOLD_PREFILL_UPTO], ids=["sdpa-prefill", "folded"])
+def test_mixed_batch_over_the_8bit_cache(fold_upto):
+    # a prefill chunk (dequantized and gathered for SDPA, or folded into the kernel's rows), a
+    # speculative step's consecutive rows and single decodes, in one step
+    qlens, clens = [7, 1, 4, 1], [40, 9, 30, 100]
+    kc, vc, tables = _caches(clens, 16, 3, 64)
+    q = torch.randn(sum(qlens), 9, 64, generator=torch.Generator().manual_seed(4)) * 3
+    meta = AttentionMetadata.build(qlens, clens, tables, 16, {None}, fold_upto=fold_upto)
+    assert bool(meta.prefills) == (fold_upto == 0)
+    got = paged_attention(q, kc, vc, meta, SCALE, None)
+    torch.testing.assert_close(got, reference_attention(q, kc, vc, meta, SCALE, None), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_kernel_checks_the_8bit_cache():
+    kc, vc, tables = _caches([20], 16, 3, 64)
+    q = torch.randn(1, 9, 64)
+    bt, lens = torch.tensor([tables[0]]), torch.tensor([20])
+    with pytest.raises(RuntimeError, match=r"head_dim of q \(64\) and cache \(64 bytes: head_dim \+ 4 for its scale\)"):
+        OPS.paged_attention_decode(q, kc[..., :64].contiguous(), vc[..., :64].contiguous(), bt, lens, SCALE, 0)
+    with pytest.raises(RuntimeError, match="must both have q.s dtype or both be int8"):
+        OPS.paged_attention_decode(q, kc, dequantize_kv(vc, torch.float32), bt, lens, SCALE, 0)
+    with pytest.raises(RuntimeError, match="k and v must be .* float32 or bfloat16"):
+        k = torch.randn(2, 3, 64).half()
+        OPS.write_kv_(kc, vc, k, k, torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match=r"k and v must be \(2, 3, 64\)"):
+        k = torch.randn(2, 3, 68)  # the cache's width, not head_dim
+        OPS.write_kv_(kc, vc, k, k, torch.tensor([0, 1]))
+
+
+@needs_kernels
+def test_nan_in_a_row_stays_in_that_row():
+    # a NaN makes that (token, head) row's values 0 where not a number; other rows keep theirs
+    x = torch.randn(2, 3, 8)
+    x[0, 1, 3] = float("nan")
+    kc = torch.zeros(2, 4, 3, 12, dtype=torch.int8)
+    OPS.write_kv_(kc, kc.clone(), x, x, torch.tensor([0, 5]))
+    rows = kc.view(-1, 3, 12)
+    assert rows[0, 1, 3] == 0
+    assert torch.equal(rows[5], quantize_kv(x[1])) and torch.equal(rows[0, 0], quantize_kv(x[0, 0]))
+
+
+def test_config_takes_auto_and_int8_only():
+    assert EngineConfig(kv_cache_dtype="int8").kv_cache_dtype == "int8"
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, int8, got 'fp8'"):
+        EngineConfig(kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, int8"):
+        CacheConfig(4, kv_cache_dtype="float16")
+
+
+def test_capacity_line_says_how_many_more_tokens_fit():
+    info = ModelInfo(max_model_len=2048, vocab_size=10, kv_cache_tokens=21920, max_num_seqs=8, dtype="bfloat16",
+                     device="cpu", kv_cache_dtype="int8", kv_cache_tokens_unquantized=11648)
+    assert info.kv_cache_summary() == "21,920 tokens in int8 (1.88x the 11,648 of bfloat16)"
+    same = ModelInfo(max_model_len=2048, vocab_size=10, kv_cache_tokens=11648, max_num_seqs=8, dtype="bfloat16",
+                     device="cpu", kv_cache_dtype="bfloat16", kv_cache_tokens_unquantized=11648)
+    assert same.kv_cache_summary() == "11,648 tokens"
