@@ -7,11 +7,13 @@ KV cache of one layer, K and V alike::
 
 A sequence's token at position p lives in slot block_table[p // block_size] * block_size + p % block_size.
 
-The 8-bit cache (``--kv-cache-dtype int8``) is int8 of shape (num_blocks, block_size, num_kv_heads,
-head_dim + 4): each (token, KV head) row is head_dim values and then its float32 scale's 4 bytes
-(``quantize_kv``: scale = max |x| / 127, values rounded to nearest), so K and V stay one tensor each
-per layer and a row is read with its scale in one place. Writes quantize, reads dequantize: the
-native kernels in place, the other paths through ``dequantize_kv`` after the gather.
+The 8-bit cache (``--kv-cache-dtype int8``) is int8, sized (num_blocks, block_size, num_kv_heads,
+head_dim + 4): each (token, KV head) row is head_dim int8 values and a float32 scale (``quantize_kv``:
+scale = max |x| / 127, values rounded to nearest), so K and V stay one tensor each per layer. Inside
+a block the bytes are head-major (``int8_cache_views``): the values (num_kv_heads, block_size,
+head_dim), so one KV head's rows of a block are contiguous and, at head_dim 64, each one cache line,
+then the scales (num_kv_heads, block_size). Writes quantize, reads dequantize: the native kernels
+in place, the other paths through ``dequantize_kv_blocks`` after the gather.
 
 The flat batch holds, for each scheduled sequence, its new tokens (positions
 ``context_len - query_len .. context_len - 1``) back to back. Each layer first writes the new
@@ -176,31 +178,52 @@ def _prefill_mask(q_len: int, ctx_len: int, window: int | None) -> torch.Tensor 
     return mask
 
 
-KV_SCALE_BYTES = 4  # the float32 scale at the end of each row of the 8-bit cache
+KV_SCALE_BYTES = 4  # the float32 scale of each row of the 8-bit cache
 
 
 def kv_row_width(head_dim: int, dtype: torch.dtype) -> int:
-    """Elements per (token, KV head) row of a cache of ``dtype``: head_dim, plus the scale in int8."""
+    """The cache's last dimension for ``dtype``: head_dim, or head_dim + 4 bytes (the scale) in int8."""
     return head_dim + KV_SCALE_BYTES if dtype == torch.int8 else head_dim
 
 
-def quantize_kv(x: torch.Tensor) -> torch.Tensor:
-    """(..., head_dim) float -> (..., head_dim + 4) int8 rows of the 8-bit cache: per row, scale =
-    max |x| / 127 in float32, values x / scale rounded to nearest even (0 where the scale is 0), then
-    the scale's bytes. The reference of the native write_kv_, bit for bit."""
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., head_dim) float -> the 8-bit cache's rows: int8 values (..., head_dim) and float32 scales
+    (...): per row, scale = max |x| / 127, values x / scale rounded to nearest even (0 where the scale
+    is 0 or the quotient is not a number). The reference of the native write_kv_, bit for bit."""
     x = x.float()
     scale = x.abs().amax(-1, keepdim=True) / 127
     values = torch.where(scale > 0, torch.round(x / scale), 0.0).nan_to_num(0.0).clamp(-127, 127).to(torch.int8)
-    return torch.cat([values, scale.view(torch.int8)], -1)
+    return values, scale[..., 0]
 
 
-def dequantize_kv(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Rows of a cache as ``dtype``: the 8-bit cache's (..., head_dim + 4) -> values * scale; a float
-    cache's rows just converted."""
-    if rows.dtype != torch.int8:
-        return rows.to(dtype)
-    scale = rows[..., -KV_SCALE_BYTES:].contiguous().view(torch.float32)  # (..., 1)
-    return (rows[..., :-KV_SCALE_BYTES].float() * scale).to(dtype)
+def int8_cache_views(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8-bit cache (num_blocks, block_size, num_kv_heads, head_dim + 4) as views of its bytes:
+    values (num_blocks, num_kv_heads, block_size, head_dim) int8 and scales (num_blocks, num_kv_heads,
+    block_size) float32; writing them writes the cache."""
+    nb, bs, kvh, width = cache.shape
+    flat = cache.view(nb, bs * kvh * width)
+    split = kvh * bs * (width - KV_SCALE_BYTES)
+    return flat[:, :split].view(nb, kvh, bs, width - KV_SCALE_BYTES), flat[:, split:].view(torch.float32).view(nb, kvh, bs)
+
+
+def quantize_kv_cache(x: torch.Tensor) -> torch.Tensor:
+    """(num_blocks, block_size, num_kv_heads, head_dim) float -> the 8-bit cache of those rows."""
+    nb, bs, kvh, d = x.shape
+    cache = torch.empty(nb, bs, kvh, d + KV_SCALE_BYTES, dtype=torch.int8, device=x.device)
+    values, scales = int8_cache_views(cache)
+    v, s = quantize_kv(x)
+    values.copy_(v.transpose(1, 2))
+    scales.copy_(s.transpose(1, 2))
+    return cache
+
+
+def dequantize_kv_blocks(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Whole blocks of a cache (n, block_size, num_kv_heads, width) as (n, block_size, num_kv_heads,
+    head_dim) of ``dtype``: the 8-bit cache's values times their scales, a float cache's converted."""
+    if blocks.dtype != torch.int8:
+        return blocks.to(dtype)
+    values, scales = int8_cache_views(blocks)
+    return (values.float() * scales[..., None]).to(dtype).transpose(1, 2)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -211,7 +234,11 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
         ops.write_kv_(k_cache, v_cache, k, v, slot_mapping)  # one native call for both (kernels/csrc/paged_attention.cpp)
         return
     if k_cache.dtype == torch.int8:
-        k, v = quantize_kv(k), quantize_kv(v)
+        block, offset = slot_mapping // k_cache.shape[1], slot_mapping % k_cache.shape[1]
+        for cache, x in ((k_cache, k), (v_cache, v)):
+            values, scales = int8_cache_views(cache)
+            values[block, :, offset], scales[block, :, offset] = quantize_kv(x)
+        return
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
@@ -224,7 +251,7 @@ def paged_attention(
     scale: float,
     window: int | None,
 ) -> torch.Tensor:  # (num_tokens, num_heads, head_dim)
-    _, block_size, num_kv_heads, width = k_cache.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
     head_dim = q.shape[-1]
     group = q.shape[1] // num_kv_heads
     ops = _decode_kernel(q, k_cache, v_cache) if meta.decode_rows is not None else None
@@ -242,15 +269,14 @@ def paged_attention(
         kd = _gather_blocks(k_cache, meta.decode_tables, ws and ws.get(0, k_cache, meta.decode_tables.numel()))
         vd = _gather_blocks(v_cache, meta.decode_tables, ws and ws.get(1, v_cache, meta.decode_tables.numel()))
         # (n, num_kv_heads, max_blocks * block_size, head_dim)
-        kd = dequantize_kv(kd.view(n, -1, num_kv_heads, width), q.dtype).transpose(1, 2)
-        vd = dequantize_kv(vd.view(n, -1, num_kv_heads, width), q.dtype).transpose(1, 2)
+        kd = _rows(kd, k_cache, q.dtype).view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
+        vd = _rows(vd, v_cache, q.dtype).view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_masks[window], scale=scale)
         out[meta.decode_rows] = od.reshape(n, -1, head_dim)
     for p in meta.prefills:
         qp = q[p.query_start:p.query_start + p.query_len].transpose(0, 1)  # (num_heads, query_len, head_dim)
-        kp = dequantize_kv(_gather_blocks(k_cache, p.blocks).view(-1, num_kv_heads, width)[:p.context_len], q.dtype)
-        vp = dequantize_kv(_gather_blocks(v_cache, p.blocks).view(-1, num_kv_heads, width)[:p.context_len], q.dtype)
-        kp, vp = kp.transpose(0, 1), vp.transpose(0, 1)
+        kp = _rows(_gather_blocks(k_cache, p.blocks), k_cache, q.dtype)[:p.context_len].transpose(0, 1)
+        vp = _rows(_gather_blocks(v_cache, p.blocks), v_cache, q.dtype)[:p.context_len].transpose(0, 1)
         mask = p.masks[window]
         # 4-D (a batch of one): on CPU only 4-D inputs take the flash kernel; 3-D ones fall back to
         # the math path, 2.6x (float32) to 4.4x (bfloat16) slower for a 100-token prompt
@@ -268,6 +294,12 @@ def _decode_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             and k_cache.is_cpu and q.shape[-1] % 8 == 0):
         return kernels.ops()
     return None
+
+
+def _rows(gathered: torch.Tensor, cache: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Gathered whole blocks of ``cache`` as token rows (tokens, num_kv_heads, head_dim) of ``dtype``."""
+    blocks = dequantize_kv_blocks(gathered.view(-1, *cache.shape[1:]), dtype)
+    return blocks.reshape(-1, *blocks.shape[2:])
 
 
 def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -308,8 +340,8 @@ def reference_attention(
     row = 0
     for q_len, ctx_len, table in zip(meta.query_lens, meta.context_lens, meta.block_tables):
         slots = _slots(table, ctx_len, meta.block_size).to(q.device)
-        k = dequantize_kv(k_cache.view(-1, *k_cache.shape[2:])[slots], torch.float32)  # (ctx_len, num_kv_heads, head_dim)
-        v = dequantize_kv(v_cache.view(-1, *v_cache.shape[2:])[slots], torch.float32)
+        k = _rows(k_cache, k_cache, torch.float32)[slots]  # (ctx_len, num_kv_heads, head_dim)
+        v = _rows(v_cache, v_cache, torch.float32)[slots]
         k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)  # (ctx_len, num_heads, head_dim)
         v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
         for i in range(q_len):

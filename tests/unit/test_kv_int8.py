@@ -12,43 +12,62 @@ from leanserve import kernels
 from leanserve.config import CacheConfig, EngineConfig
 from leanserve.engine.interface import ModelInfo
 from leanserve.model import attention
-from leanserve.model.attention import (AttentionMetadata, dequantize_kv, kv_row_width, paged_attention, quantize_kv,
-                                       reference_attention)
+from leanserve.model.attention import (AttentionMetadata, dequantize_kv_blocks, int8_cache_views, kv_row_width,
+                                       paged_attention, quantize_kv, quantize_kv_cache, reference_attention)
 
 OPS = kernels.ops()
 needs_kernels = pytest.mark.skipif(OPS is None, reason=f"native CPU kernels unavailable: {kernels.status()}")
 SCALE = 0.125
 
 
-def test_row_format_is_values_then_the_float32_scale():
+def _dequantize(values, scales):
+    return values.float() * scales[..., None]
+
+
+def test_rows_are_int8_values_and_a_float32_scale():
     x = torch.zeros(1, 8)
-    x[0, :6] = torch.tensor([127.0, -63.5, 0.5, 1.5, -2.5, 300.0 / 127 * 0])
-    x[0, 6] = 100.25  # 100.25 / 1 -> 100
-    row = quantize_kv(x)
-    assert row.dtype == torch.int8 and row.shape == (1, 12)
+    x[0, :5] = torch.tensor([127.0, -63.5, 0.5, 1.5, -2.5])
+    x[0, 6] = 100.25
+    values, scales = quantize_kv(x)
+    assert values.dtype == torch.int8 and scales.dtype == torch.float32 and values.shape == (1, 8) and scales.shape == (1,)
     # scale = 127 / 127 = 1.0; values rounded to nearest even: -63.5 -> -64, 0.5 -> 0, 1.5 -> 2, -2.5 -> -2
-    assert row[0, :8].tolist() == [127, -64, 0, 2, -2, 0, 100, 0]
-    assert row[0, 8:].tolist() == [0, 0, -128, 63]  # 1.0f little-endian: 00 00 80 3f
+    assert values[0].tolist() == [127, -64, 0, 2, -2, 0, 100, 0] and scales.tolist() == [1.0]
     assert kv_row_width(64, torch.int8) == 68 and kv_row_width(64, torch.bfloat16) == 64
 
 
+def test_block_bytes_are_head_major_values_then_scales():
+    # one block of 2 tokens x 2 KV heads x head_dim 4: values (head, token, dim), then scales (head, token)
+    x = torch.arange(1, 17, dtype=torch.float32).view(1, 2, 2, 4)  # token t, head h: 8t + 4h + 1 .. + 4
+    cache = quantize_kv_cache(x)
+    assert cache.shape == (1, 2, 2, 8) and cache.dtype == torch.int8
+    flat = cache.flatten()
+    want_rows = [(0, 0), (1, 0), (0, 1), (1, 1)]  # (token, head), head-major
+    for i, (t, h) in enumerate(want_rows):
+        v, sc = quantize_kv(x[0, t, h])
+        assert flat[4 * i:4 * i + 4].tolist() == v.tolist()
+        assert flat[16 + 4 * i:16 + 4 * i + 4].view(torch.float32).item() == sc.item()
+    assert flat[16:20].tolist() == list(torch.tensor([4 / 127], dtype=torch.float32).view(torch.int8).tolist())
+    values, scales = int8_cache_views(cache)
+    assert values.shape == (1, 2, 2, 4) and scales.shape == (1, 2, 2)
+    torch.testing.assert_close(dequantize_kv_blocks(cache, torch.float32), x, atol=0.02, rtol=0.01)
+
+
 def test_zero_row_has_scale_zero_and_dequantizes_to_zero():
-    row = quantize_kv(torch.zeros(2, 3, 16))
-    assert not row.any()
-    assert torch.equal(dequantize_kv(row, torch.float32), torch.zeros(2, 3, 16))
+    values, scales = quantize_kv(torch.zeros(2, 3, 16))
+    assert not values.any() and not scales.any()
+    assert not dequantize_kv_blocks(quantize_kv_cache(torch.zeros(2, 4, 3, 16)), torch.float32).any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_round_trip_error_is_at_most_half_a_step(dtype):
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(50, 3, 64, generator=g) * torch.logspace(-3, 2, 50)[:, None, None]).to(dtype)
-    rows = quantize_kv(x)
-    back = dequantize_kv(rows, torch.float32)
+    values, scales = quantize_kv(x)
+    back = _dequantize(values, scales)
     step = x.float().abs().amax(-1, keepdim=True) / 127
     # half a step, and the float32 roundings of x / scale and value * scale (each half an ulp of |x|)
     assert ((back - x.float()).abs() <= step / 2 + x.float().abs() * 2**-23).all()
-    assert dequantize_kv(rows, dtype).dtype == dtype
-    assert (rows[..., :64] == 127).logical_or(rows[..., :64] == -127).any(-1).all()  # each row's max hits 127
+    assert ((values == 127) | (values == -127)).any(-1).all()  # each row's max hits 127
 
 
 def _strided_kv(dtype, tokens=5, kv_heads=3, dim=64, heads=9, seed=5):
@@ -68,10 +87,20 @@ def test_native_write_quantizes_exactly_like_the_reference(dtype, monkeypatch):
     vc = kc.clone()
     slots = torch.tensor([0, 17, 95, 40, 3])
     OPS.write_kv_(kc, vc, k, v, slots)
-    assert torch.equal(kc.view(-1, 3, 68)[slots], quantize_kv(k)) and torch.equal(vc.view(-1, 3, 68)[slots], quantize_kv(v))
-    untouched = torch.ones(96, dtype=torch.bool)
-    untouched[slots] = False
-    assert (kc.view(-1, 3, 68)[untouched] == 7).all()  # nothing else written
+
+    def written(cache):  # the rows at the slots, as (values, scales) per token
+        values, scales = int8_cache_views(cache)
+        return values[slots // 16, :, slots % 16], scales[slots // 16, :, slots % 16]
+
+    for cache, x in ((kc, k), (vc, v)):
+        got, want = written(cache), quantize_kv(x)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert (written(kc)[1][1, 2] == 0).all()
+    touched = torch.zeros(6, 16, dtype=torch.bool)
+    touched.view(-1)[slots] = True
+    values, scales = int8_cache_views(kc)
+    assert (values.transpose(1, 2)[~touched] == 7).all()  # nothing else written
+    assert (scales.transpose(1, 2)[~touched].view(torch.int8) == 7).all()
     # attention.write_kv takes the native call, and without kernels writes the same bytes
     kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(vc)
     attention.write_kv(kc2, vc2, k, v, slots)
@@ -79,7 +108,7 @@ def test_native_write_quantizes_exactly_like_the_reference(dtype, monkeypatch):
     kc3, vc3 = torch.zeros_like(kc), torch.zeros_like(vc)
     attention.write_kv(kc3, vc3, k, v, slots)
     assert torch.equal(kc2, kc3) and torch.equal(vc2, vc3)
-    assert torch.equal(kc2.view(-1, 3, 68)[slots], quantize_kv(k))
+    assert torch.equal(written(kc2)[0], quantize_kv(k)[0])
 
 
 def _caches(context_lens, block_size, kv_heads, dim, seed=0, spare=7):
@@ -93,14 +122,16 @@ def _caches(context_lens, block_size, kv_heads, dim, seed=0, spare=7):
         n = -(-c // block_size)
         tables.append(perm[used:used + n])
         used += n
-    return quantize_kv(k), quantize_kv(v), tables
+    return quantize_kv_cache(k), quantize_kv_cache(v), tables
 
 
 @needs_kernels
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (8, 2, 256), (4, 4, 32), (6, 1, 8)])
 @pytest.mark.parametrize("window", [None, 5, 33])
-def test_kernel_reads_the_8bit_cache_like_the_reference(monkeypatch, q_dtype, heads, kv_heads, dim, window):
+@pytest.mark.parametrize("avx512", ["1", "0"], ids=["avx512-if-the-cpu-has-it", "avx2"])
+def test_kernel_reads_the_8bit_cache_like_the_reference(monkeypatch, q_dtype, heads, kv_heads, dim, window, avx512):
+    monkeypatch.setenv("LEANSERVE_AVX512", avx512)  # read per call: both code paths on an AVX-512 CPU
     clens = [1, 15, 16, 17, 70]
     kc, vc, tables = _caches(clens, 16, kv_heads, dim)
     q = (torch.randn(len(clens), heads, dim, generator=torch.Generator().manual_seed(2)) * 3).to(q_dtype)
@@ -141,7 +172,7 @@ def test_kernel_checks_the_8bit_cache():
     with pytest.raises(RuntimeError, match=r"head_dim of q \(64\) and cache \(64 bytes: head_dim \+ 4 for its scale\)"):
         OPS.paged_attention_decode(q, kc[..., :64].contiguous(), vc[..., :64].contiguous(), bt, lens, SCALE, 0)
     with pytest.raises(RuntimeError, match="must both have q.s dtype or both be int8"):
-        OPS.paged_attention_decode(q, kc, dequantize_kv(vc, torch.float32), bt, lens, SCALE, 0)
+        OPS.paged_attention_decode(q, kc, dequantize_kv_blocks(vc, torch.float32).contiguous(), bt, lens, SCALE, 0)
     with pytest.raises(RuntimeError, match="k and v must be .* float32 or bfloat16"):
         k = torch.randn(2, 3, 64).half()
         OPS.write_kv_(kc, vc, k, k, torch.tensor([0, 1]))
@@ -152,14 +183,16 @@ def test_kernel_checks_the_8bit_cache():
 
 @needs_kernels
 def test_nan_in_a_row_stays_in_that_row():
-    # a NaN makes that (token, head) row's values 0 where not a number; other rows keep theirs
+    # a NaN makes that (token, head) row's value 0 where not a number; other rows keep theirs
     x = torch.randn(2, 3, 8)
     x[0, 1, 3] = float("nan")
     kc = torch.zeros(2, 4, 3, 12, dtype=torch.int8)
     OPS.write_kv_(kc, kc.clone(), x, x, torch.tensor([0, 5]))
-    rows = kc.view(-1, 3, 12)
-    assert rows[0, 1, 3] == 0
-    assert torch.equal(rows[5], quantize_kv(x[1])) and torch.equal(rows[0, 0], quantize_kv(x[0, 0]))
+    values, scales = int8_cache_views(kc)
+    assert values[0, 1, 0, 3] == 0
+    want_v, want_s = quantize_kv(x[1])
+    assert torch.equal(values[1, :, 1], want_v) and torch.equal(scales[1, :, 1], want_s)
+    assert torch.equal(values[0, 0, 0], quantize_kv(x[0, 0])[0])
 
 
 def test_config_takes_auto_and_int8_only():

@@ -97,29 +97,19 @@ inline __m256 load8(const c10::BFloat16* p) {
 // (on one core of the dev machine: 5 -> 7.5 GB/s of K/V from DRAM).
 constexpr int64_t PF = 24;
 template <typename C>
-inline void prefetch_rows(const C* base, const int64_t* offs, int64_t W) {
-  for (int r = 0; r < 4; ++r) {  // one prefetch per 64-byte cache line the row touches
-    const uintptr_t first = reinterpret_cast<uintptr_t>(base + offs[r]) & ~uintptr_t{63};
-    const uintptr_t last = reinterpret_cast<uintptr_t>(base + offs[r] + W) - 1;
-    for (uintptr_t line = first; line <= last; line += 64) _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
-  }
-}
-
-// The 8-bit cache (kv_cache_dtype int8): a row of one token and KV head is D int8 values and then
-// the float32 scale (4 bytes), W = D + 4 bytes; the row's values are value[d] * scale. In a float
-// cache a row is D elements of q's type, W = D, and its scale is 1.
-template <typename C>
-inline float row_scale(const C* row, int64_t D) {
-  if constexpr (std::is_same_v<C, int8_t>) {
-    float s;
-    std::memcpy(&s, row + D, sizeof s);
-    return s;
-  } else {
-    return 1.0f;
-  }
+inline void prefetch_rows(const C* base, const int64_t* offs, int64_t D) {
+  for (int r = 0; r < 4; ++r)  // one prefetch per 64-byte cache line
+    for (int64_t d = 0; d < D; d += 64 / static_cast<int64_t>(sizeof(C)))
+      _mm_prefetch(reinterpret_cast<const char*>(base + offs[r] + d), _MM_HINT_T0);
 }
 
 // T: the element type of q and out (float or c10::BFloat16); C: the caches' (T, or int8_t).
+//
+// A float cache block is (block_size, KVH, D) elements. The 8-bit cache (kv_cache_dtype int8) is
+// sized (num_blocks, block_size, KVH, D + 4) bytes, and a block's bytes are laid out head-major:
+// first the int8 values (KVH, block_size, D), so one KV head's rows of a block are contiguous (at
+// D = 64, each row one 64-byte cache line), then the float32 scales (KVH, block_size); a row's
+// values are value[d] * scale. model/attention.py int8_cache_views is the same layout in Python.
 template <typename T, typename C = T>
 struct Problem {
   const T* q;
@@ -128,20 +118,53 @@ struct Problem {
   T* out;
   int64_t H, KVH, D, block_size, max_blocks, window;
   float scale;
-  int64_t W;  // elements of C per cache row: D, or D + 4 in the 8-bit cache
+  // row j of block b, KV head h starts at b * block_stride + h * head_stride + j * row_stride
+  int64_t block_stride, head_stride, row_stride;
 };
+
+template <typename T, typename C>
+Problem<T, C> make_problem(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const int64_t* tables, const int64_t* lens, at::Tensor& out, int64_t max_blocks,
+                           int64_t window, float scale) {
+  const int64_t bs = k_cache.size(1), KVH = k_cache.size(2), D = q.size(2);
+  const bool int8 = std::is_same_v<C, int8_t>;
+  return {q.data_ptr<T>(), k_cache.data_ptr<C>(), v_cache.data_ptr<C>(), tables, lens, out.data_ptr<T>(),
+          q.size(1), KVH, D, bs, max_blocks, window, scale,
+          bs * KVH * k_cache.size(3), int8 ? bs * D : D, int8 ? D : KVH * D};
+}
+
+// The 8-bit cache's scale of row j of block b, KV head h.
+inline float scale_of(const int8_t* cache, int64_t block_stride, int64_t bs, int64_t KVH, int64_t D, int64_t b,
+                      int64_t h, int64_t j) {
+  float s;
+  std::memcpy(&s, cache + b * block_stride + bs * KVH * D + (h * bs + j) * 4, sizeof s);
+  return s;
+}
 
 // Offset in the cache of each visible row of sequence s, KV head h (positions lo .. len-1); the
 // padding up to np repeats the last row so the four-row loops need no tail (its scores are
 // replaced by -inf, its probabilities are 0).
+// The 8-bit cache: also each row's K and V scales, into sc[0 .. np) and sc[np .. 2 np).
 template <typename T, typename C>
-void row_offsets(const Problem<T, C>& P, int64_t s, int64_t h, int64_t lo, int64_t np, std::vector<int64_t>& offs) {
+void row_offsets(const Problem<T, C>& P, int64_t s, int64_t h, int64_t lo, int64_t np, std::vector<int64_t>& offs,
+                 std::vector<float>& sc) {
   const int64_t bs = P.block_size, len = P.lens[s], n = len - lo;
+  constexpr bool int8 = std::is_same_v<C, int8_t>;
   offs.resize(np);
+  if (int8) sc.resize(2 * np);
   const int64_t* table = P.tables + s * P.max_blocks;
   for (int64_t b = lo / bs, t = lo; t < len; ++b)  // block by block: no division per row
-    for (int64_t j = t - b * bs; j < bs && t < len; ++j, ++t) offs[t - lo] = ((table[b] * bs + j) * P.KVH + h) * P.W;
-  for (int64_t t = n; t < np; ++t) offs[t] = offs[n - 1];
+    for (int64_t j = t - b * bs; j < bs && t < len; ++j, ++t) {
+      offs[t - lo] = table[b] * P.block_stride + h * P.head_stride + j * P.row_stride;
+      if constexpr (int8) {
+        sc[t - lo] = scale_of(P.k, P.block_stride, bs, P.KVH, P.D, table[b], h, j);
+        sc[np + t - lo] = scale_of(P.v, P.block_stride, bs, P.KVH, P.D, table[b], h, j);
+      }
+    }
+  for (int64_t t = n; t < np; ++t) {
+    offs[t] = offs[n - 1];
+    if constexpr (int8) sc[t] = sc[np + t] = 0.0f;
+  }
 }
 
 // scores (G, np), n of each row real: in place exp(score - row max), the padding -> 0; inv[g] = 1 / row sum.
@@ -175,11 +198,12 @@ inline void softmax_numerators(float* scores, int64_t G, int64_t n, int64_t np, 
 // columns only add exact zeros.
 // offs and buf are the calling thread's scratch, reused across its tasks.
 template <typename T, typename C>
-void attend(const Problem<T, C>& P, int64_t s, int64_t R, int64_t h, std::vector<int64_t>& offs, std::vector<float>& buf) {
+void attend(const Problem<T, C>& P, int64_t s, int64_t R, int64_t h, std::vector<int64_t>& offs, std::vector<float>& buf,
+            std::vector<float>& sc) {
   const int64_t G = P.H / P.KVH, D = P.D, len = P.lens[s + R - 1], GR = G * R;
   const int64_t lo = P.window > 0 ? std::max<int64_t>(0, P.lens[s] - P.window) : 0;
   const int64_t n = len - lo, np = (n + 7) / 8 * 8;  // visible rows of the group; padded to whole vectors
-  row_offsets(P, s + R - 1, h, lo, np, offs);
+  row_offsets(P, s + R - 1, h, lo, np, offs, sc);
   buf.resize(GR * np + 2 * GR * D + GR + 1 + 4 * GR);
   float* scores = buf.data();      // (GR, np)
   float* acc = scores + GR * np;   // (GR, D) unnormalized output
@@ -200,9 +224,7 @@ void attend(const Problem<T, C>& P, int64_t s, int64_t R, int64_t h, std::vector
 
   for (int64_t t = 0; t < np; t += 4) {  // pass 1: scores
     const C *k0 = P.k + offs[t], *k1 = P.k + offs[t + 1], *k2 = P.k + offs[t + 2], *k3 = P.k + offs[t + 3];
-    if (t + PF + 4 <= np) prefetch_rows(P.k, offs.data() + t + PF, P.W);
-    // the 8-bit cache: each row's dot product times the row's scale
-    const __m128 ks = _mm_setr_ps(row_scale(k0, D), row_scale(k1, D), row_scale(k2, D), row_scale(k3, D));
+    if (t + PF + 4 <= np) prefetch_rows(P.k, offs.data() + t + PF, D);
     for (int64_t g = 0; g < GR; ++g) {
       const float* qg = qs + g * D;
       __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
@@ -213,8 +235,8 @@ void attend(const Problem<T, C>& P, int64_t s, int64_t R, int64_t h, std::vector
         c2 = _mm256_fmadd_ps(x, load8(k2 + d), c2);
         c3 = _mm256_fmadd_ps(x, load8(k3 + d), c3);
       }
-      if constexpr (std::is_same_v<C, int8_t>)
-        _mm_storeu_ps(scores + g * np + t, _mm_mul_ps(hsum4(c0, c1, c2, c3), ks));
+      if constexpr (std::is_same_v<C, int8_t>)  // the 8-bit cache: each dot product times its K row's scale
+        _mm_storeu_ps(scores + g * np + t, _mm_mul_ps(hsum4(c0, c1, c2, c3), _mm_loadu_ps(sc.data() + t)));
       else
         _mm_storeu_ps(scores + g * np + t, hsum4(c0, c1, c2, c3));
     }
@@ -225,8 +247,9 @@ void attend(const Problem<T, C>& P, int64_t s, int64_t R, int64_t h, std::vector
   std::fill(acc, acc + GR * D, 0.0f);
   for (int64_t t = 0; t < np; t += 4) {  // pass 2: sum of p * v, four rows per accumulator update
     const C *v0 = P.v + offs[t], *v1 = P.v + offs[t + 1], *v2 = P.v + offs[t + 2], *v3 = P.v + offs[t + 3];
-    if (t + PF + 4 <= np) prefetch_rows(P.v, offs.data() + t + PF, P.W);
-    const float vs0 = row_scale(v0, D), vs1 = row_scale(v1, D), vs2 = row_scale(v2, D), vs3 = row_scale(v3, D);
+    if (t + PF + 4 <= np) prefetch_rows(P.v, offs.data() + t + PF, D);
+    float vs0 = 1.0f, vs1 = 1.0f, vs2 = 1.0f, vs3 = 1.0f;
+    if constexpr (std::is_same_v<C, int8_t>) vs0 = sc[np + t], vs1 = sc[np + t + 1], vs2 = sc[np + t + 2], vs3 = sc[np + t + 3];
     for (int64_t g = 0; g < GR; ++g) {
       const float* pg = scores + g * np + t;  // the 8-bit cache: each probability times its row's scale
       const __m256 p0 = _mm256_set1_ps(pg[0] * vs0), p1 = _mm256_set1_ps(pg[1] * vs1),
@@ -284,20 +307,24 @@ LS_AVX512 inline __m512 widen16(const c10::BFloat16* p) {  // 16 bf16 -> float32
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+LS_AVX512 inline __m512 widen16(const int8_t* p) {  // 16 int8 -> float32, exact
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
 LS_AVX512 inline __m512bh load32bh(const c10::BFloat16* p) {
   return (__m512bh)_mm512_loadu_si512(p);
 }
 
 // Query heads g0 .. g0+GN-1 of the task, dims d0 .. d0+16*NZ-1: sum over the n visible V rows of
 // p[g][t] * V[t], the accumulators held in GN x NZ registers; the result (unnormalized) into acc.
-template <int GN, int NZ>
-LS_AVX512 void pv_block(const c10::BFloat16* v, const int64_t* offs, int64_t n, const float* scores, int64_t np,
+template <int GN, int NZ, typename C>
+LS_AVX512 void pv_block(const C* v, const int64_t* offs, int64_t n, const float* scores, int64_t np,
                         int64_t g0, int64_t d0, int64_t D, float* acc) {
   __m512 a[GN][NZ];
   for (int g = 0; g < GN; ++g)
     for (int z = 0; z < NZ; ++z) a[g][z] = _mm512_setzero_ps();
   for (int64_t t = 0; t < n; ++t) {
-    const c10::BFloat16* row = v + offs[t] + d0;  // in cache: pass 1 prefetched it
+    const C* row = v + offs[t] + d0;  // in cache: pass 1 prefetched it
     __m512 x[NZ];
     for (int z = 0; z < NZ; ++z) x[z] = widen16(row + 16 * z);
     for (int g = 0; g < GN; ++g) {
@@ -309,8 +336,8 @@ LS_AVX512 void pv_block(const c10::BFloat16* v, const int64_t* offs, int64_t n, 
     for (int z = 0; z < NZ; ++z) _mm512_storeu_ps(acc + (g0 + g) * D + d0 + 16 * z, a[g][z]);
 }
 
-template <int NZ>
-LS_AVX512 void pv_all(const c10::BFloat16* v, const int64_t* offs, int64_t n, const float* scores, int64_t np,
+template <int NZ, typename C>
+LS_AVX512 void pv_all(const C* v, const int64_t* offs, int64_t n, const float* scores, int64_t np,
                       int64_t G, int64_t D, float* acc) {
   for (int64_t d0 = 0; d0 < D; d0 += 16 * NZ)
     for (int64_t g0 = 0; g0 < G; g0 += 4) {
@@ -325,12 +352,12 @@ LS_AVX512 void pv_all(const c10::BFloat16* v, const int64_t* offs, int64_t n, co
 
 // attend() for bfloat16 with D % 32 == 0, on a CPU with AVX512-BF16.
 LS_AVX512 void attend_bf16_avx512(const Problem<c10::BFloat16>& P, int64_t s, int64_t h, std::vector<int64_t>& offs,
-                                  std::vector<float>& buf) {
+                                  std::vector<float>& buf, std::vector<float>& sc) {
   using T = c10::BFloat16;
   const int64_t G = P.H / P.KVH, D = P.D, len = P.lens[s];
   const int64_t lo = P.window > 0 ? std::max<int64_t>(0, len - P.window) : 0;
   const int64_t n = len - lo, np = (n + 7) / 8 * 8;
-  row_offsets(P, s, h, lo, np, offs);
+  row_offsets(P, s, h, lo, np, offs, sc);
   buf.resize(G * np + G * D + G);
   float* scores = buf.data();    // (G, np)
   float* acc = scores + G * np;  // (G, D)
@@ -338,15 +365,15 @@ LS_AVX512 void attend_bf16_avx512(const Problem<c10::BFloat16>& P, int64_t s, in
   const T* q = P.q + (s * P.H + h * G) * D;
   const __m128 scale = _mm_set1_ps(P.scale);
   for (int64_t t = 0; t + 4 <= std::min(PF, np); t += 4) {  // the rows before the loop's prefetches reach
-    prefetch_rows(P.k, offs.data() + t, P.W);
-    prefetch_rows(P.v, offs.data() + t, P.W);
+    prefetch_rows(P.k, offs.data() + t, D);
+    prefetch_rows(P.v, offs.data() + t, D);
   }
 
   for (int64_t t = 0; t < np; t += 4) {  // pass 1: scores, four rows at a time; K and V rows PF ahead
     const T *k0 = P.k + offs[t], *k1 = P.k + offs[t + 1], *k2 = P.k + offs[t + 2], *k3 = P.k + offs[t + 3];
     if (t + PF + 4 <= np) {  // V too: pass 2 then reads it from cache
-      prefetch_rows(P.k, offs.data() + t + PF, P.W);
-      prefetch_rows(P.v, offs.data() + t + PF, P.W);
+      prefetch_rows(P.k, offs.data() + t + PF, D);
+      prefetch_rows(P.v, offs.data() + t + PF, D);
     }
     for (int64_t g = 0; g < G; ++g) {
       const T* qg = q + g * D;
@@ -374,31 +401,96 @@ LS_AVX512 void attend_bf16_avx512(const Problem<c10::BFloat16>& P, int64_t s, in
     for (int64_t d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(acc[g * D + d] * inv[g]);
 }
 
+// attend() over the 8-bit cache with D % 16 == 0, on a CPU with AVX-512: the same two passes as
+// attend_bf16_avx512 with the float32 queries (pre-scaled, as in attend()) against rows widened
+// 16 values at a time; a score is the dot product times the K row's scale, and the V rows' scales
+// are folded into the probabilities before the weighted sum.
+template <typename T>
+LS_AVX512 void attend_int8_avx512(const Problem<T, int8_t>& P, int64_t s, int64_t h, std::vector<int64_t>& offs,
+                                  std::vector<float>& buf, std::vector<float>& sc) {
+  const int64_t G = P.H / P.KVH, D = P.D, len = P.lens[s];
+  const int64_t lo = P.window > 0 ? std::max<int64_t>(0, len - P.window) : 0;
+  const int64_t n = len - lo, np = (n + 7) / 8 * 8;
+  row_offsets(P, s, h, lo, np, offs, sc);
+  buf.resize(G * np + 2 * G * D + G);
+  float* scores = buf.data();    // (G, np)
+  float* acc = scores + G * np;  // (G, D)
+  float* qs = acc + G * D;       // (G, D) the queries, pre-scaled
+  float* inv = qs + G * D;       // (G,)
+  const T* q = P.q + (s * P.H + h * G) * D;
+  for (int64_t i = 0; i < G * D; ++i) qs[i] = static_cast<float>(q[i]) * P.scale;
+  for (int64_t t = 0; t + 4 <= std::min(PF, np); t += 4) {
+    prefetch_rows(P.k, offs.data() + t, D);
+    prefetch_rows(P.v, offs.data() + t, D);
+  }
+
+  for (int64_t t = 0; t < np; t += 4) {  // pass 1: scores, four rows at a time; K and V rows PF ahead
+    const int8_t *k0 = P.k + offs[t], *k1 = P.k + offs[t + 1], *k2 = P.k + offs[t + 2], *k3 = P.k + offs[t + 3];
+    if (t + PF + 4 <= np) {
+      prefetch_rows(P.k, offs.data() + t + PF, D);
+      prefetch_rows(P.v, offs.data() + t + PF, D);
+    }
+    const __m128 ks = _mm_loadu_ps(sc.data() + t);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = qs + g * D;
+      __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+      for (int64_t d = 0; d < D; d += 16) {
+        const __m512 x = _mm512_loadu_ps(qg + d);
+        c0 = _mm512_fmadd_ps(x, widen16(k0 + d), c0);
+        c1 = _mm512_fmadd_ps(x, widen16(k1 + d), c1);
+        c2 = _mm512_fmadd_ps(x, widen16(k2 + d), c2);
+        c3 = _mm512_fmadd_ps(x, widen16(k3 + d), c3);
+      }
+      _mm_storeu_ps(scores + g * np + t, _mm_mul_ps(hsum4(half_sum(c0), half_sum(c1), half_sum(c2), half_sum(c3)), ks));
+    }
+  }
+
+  softmax_numerators(scores, G, n, np, inv);
+  for (int64_t g = 0; g < G; ++g)  // each probability times its V row's scale
+    for (int64_t t = 0; t < n; ++t) scores[g * np + t] *= sc[np + t];
+
+  if (D % 64 == 0)  // pass 2: p-weighted V rows
+    pv_all<4>(P.v, offs.data(), n, scores, np, G, D, acc);
+  else if (D % 32 == 0)
+    pv_all<2>(P.v, offs.data(), n, scores, np, G, D, acc);
+  else
+    pv_all<1>(P.v, offs.data(), n, scores, np, G, D, acc);
+  T* out = P.out + (s * P.H + h * G) * D;
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(acc[g * D + d] * inv[g]);
+}
+
 template <typename T, typename C = T>
 void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* tables,
          const int64_t* lens, at::Tensor& out, int64_t max_blocks, int64_t window, float scale, int64_t grain) {
   const int64_t KVH = k_cache.size(2);
-  const Problem<T, C> P{q.data_ptr<T>(), k_cache.data_ptr<C>(), v_cache.data_ptr<C>(), tables, lens, out.data_ptr<T>(),
-                        q.size(1), KVH, q.size(2), k_cache.size(1), max_blocks, window, scale, k_cache.size(3)};
+  const Problem<T, C> P = make_problem<T, C>(q, k_cache, v_cache, tables, lens, out, max_blocks, window, scale);
   bool wide = false;
-  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, T>)
+  if constexpr (std::is_same_v<C, int8_t>)
+    wide = P.D % 16 == 0 && leanserve_cpu::use_avx512_bf16();
+  else if constexpr (std::is_same_v<T, c10::BFloat16>)
     wide = P.D % 32 == 0 && leanserve_cpu::use_avx512_bf16();
-  // the AVX512-BF16 path takes one row at a time
+  // the AVX-512 paths take one row at a time
   const auto groups = row_groups(tables, lens, q.size(0), max_blocks, P.block_size, !wide);
   const int64_t NG = static_cast<int64_t>(groups.size());
   at::parallel_for(0, NG * KVH, std::max<int64_t>(1, grain * NG / std::max<int64_t>(1, q.size(0))),
                    [&](int64_t t0, int64_t t1) {
     std::vector<int64_t> offs;
-    std::vector<float> buf;
+    std::vector<float> buf, sc;
     for (int64_t i = t0; i < t1; ++i) {
       const auto [s, R] = groups[i / KVH];
-      if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, T>) {
+      if constexpr (std::is_same_v<C, int8_t>) {
         if (wide) {
-          attend_bf16_avx512(P, s, i % KVH, offs, buf);
+          attend_int8_avx512(P, s, i % KVH, offs, buf, sc);
+          continue;
+        }
+      } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (wide) {
+          attend_bf16_avx512(P, s, i % KVH, offs, buf, sc);
           continue;
         }
       }
-      attend(P, s, R, i % KVH, offs, buf);
+      attend(P, s, R, i % KVH, offs, buf, sc);
     }
   });
 }
@@ -465,10 +557,10 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
 }
 
 // The 8-bit cache's row of one token and KV head: scale = max |x| / 127 (float32), value[d] =
-// x[d] / scale rounded to nearest even (0 where the scale is 0 or the quotient is not a number),
-// then the scale's 4 bytes. model/attention.py quantize_kv is the reference, bit for bit.
+// x[d] / scale rounded to nearest even (0 where the scale is 0 or the quotient is not a number).
+// model/attention.py quantize_kv is the reference, bit for bit.
 template <typename S>
-void quantize_row(const S* x, int64_t D, int8_t* out) {
+void quantize_row(const S* x, int64_t D, int8_t* out, int8_t* scale_out) {
   float amax = 0.0f;
   for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(static_cast<float>(x[d])));
   const float scale = amax / 127.0f;
@@ -477,7 +569,7 @@ void quantize_row(const S* x, int64_t D, int8_t* out) {
     v = v == v ? std::min(127.0f, std::max(-127.0f, v)) : 0.0f;
     out[d] = static_cast<int8_t>(v);
   }
-  std::memcpy(out + D, &scale, sizeof scale);
+  std::memcpy(scale_out, &scale, sizeof scale);
 }
 
 // The new tokens' K and V rows into their cache slots: one call per layer for both, a memcpy of
@@ -490,8 +582,8 @@ void write_kv_(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::T
            "write_kv_: k_cache and v_cache must be contiguous CPU tensors of one shape and dtype, got ",
            k_cache.sizes(), " and ", v_cache.sizes());
   const bool int8 = k_cache.scalar_type() == at::kChar;
-  const int64_t T = slot_mapping.numel(), KVH = k_cache.size(2), W = k_cache.size(3), D = int8 ? W - 4 : W;
-  const int64_t slots = k_cache.size(0) * k_cache.size(1), row = KVH * D;
+  const int64_t T = slot_mapping.numel(), bs = k_cache.size(1), KVH = k_cache.size(2), W = k_cache.size(3);
+  const int64_t D = int8 ? W - 4 : W, slots = k_cache.size(0) * bs, row = KVH * D;
   for (const at::Tensor* t : {&k, &v})
     PA_CHECK(t->dim() == 3 && t->size(0) == T && t->size(1) == KVH && t->size(2) == D && D > 0 &&
                  (int8 ? t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16
@@ -508,12 +600,15 @@ void write_kv_(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::T
              slots, " slots)");
   if (int8) {
     int8_t *kc = k_cache.data_ptr<int8_t>(), *vc = v_cache.data_ptr<int8_t>();
-    auto quantize = [&](auto* kp, auto* vp) {
-      for (int64_t i = 0; i < T; ++i)
+    auto quantize = [&](auto* kp, auto* vp) {  // into the block's head-major values and scales (see Problem)
+      for (int64_t i = 0; i < T; ++i) {
+        const int64_t b = sp[i] / bs, j = sp[i] % bs, base = b * bs * KVH * W;
         for (int64_t h = 0; h < KVH; ++h) {
-          quantize_row(kp + i * k.stride(0) + h * D, D, kc + (sp[i] * KVH + h) * W);
-          quantize_row(vp + i * v.stride(0) + h * D, D, vc + (sp[i] * KVH + h) * W);
+          const int64_t value = base + (h * bs + j) * D, scale = base + bs * KVH * D + (h * bs + j) * 4;
+          quantize_row(kp + i * k.stride(0) + h * D, D, kc + value, kc + scale);
+          quantize_row(vp + i * v.stride(0) + h * D, D, vc + value, vc + scale);
         }
+      }
     };
     if (k.scalar_type() == at::kFloat)
       quantize(k.data_ptr<float>(), v.data_ptr<float>());
