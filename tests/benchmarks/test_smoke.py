@@ -155,6 +155,15 @@ def test_attention_kernel_against_gather_and_sdpa():
     assert all(min(numbers(r[2:])[:2]) > 0 for r in rows), out
 
 
+def test_attention_kernel_over_the_8bit_cache():
+    need_kernels()
+    out = run_script("attention.py", "--kv-cache-dtype", "int8", "--dtype", "bfloat16", "--batch", "2",
+                     "--context", "40", "--min-time", "0").stdout
+    assert "| kernel, bfloat16 cache ms | kernel, int8 cache ms |" in out, out
+    rows = table_rows(out, r"\d+")
+    assert [(r[0], r[1]) for r in rows] == [("2", "40")] and min(numbers(rows[0][2:])[:2]) > 0, out
+
+
 def test_amx_linear_runs_where_amx_is_and_says_why_not_elsewhere():
     from leanserve import kernels
 
