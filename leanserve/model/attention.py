@@ -8,12 +8,13 @@ KV cache of one layer, K and V alike::
 A sequence's token at position p lives in slot block_table[p // block_size] * block_size + p % block_size.
 
 The 8-bit cache (``--kv-cache-dtype int8``) is int8, sized (num_blocks, block_size, num_kv_heads,
-head_dim + 4): each (token, KV head) row is head_dim int8 values and a float32 scale (``quantize_kv``:
-scale = max |x| / 127, values rounded to nearest), so K and V stay one tensor each per layer. Inside
-a block the bytes are head-major (``int8_cache_views``): the values (num_kv_heads, block_size,
-head_dim), so one KV head's rows of a block are contiguous and, at head_dim 64, each one cache line,
-then the scales (num_kv_heads, block_size). Writes quantize, reads dequantize: the native kernels
-in place, the other paths through ``dequantize_kv_blocks`` after the gather.
+``kv_row_width``): each (token, KV head) row is head_dim int8 values with a float16 scale per 32 of
+them, GGUF's Q8_0 (``quantize_kv``: scale = max |x| / 127, values rounded to nearest; a head_dim that
+is not a multiple of 32 takes one scale), so K and V stay one tensor each per layer. Inside a block
+the bytes are head-major (``int8_cache_views``): the values (num_kv_heads, block_size, head_dim), so
+one KV head's rows of a block are contiguous and, at head_dim 64, each one cache line, then the
+scales (num_kv_heads, block_size, head_dim / 32). Writes quantize, reads dequantize: the native
+kernels in place, the other paths through ``dequantize_kv_blocks`` after the gather.
 
 The flat batch holds, for each scheduled sequence, its new tokens (positions
 ``context_len - query_len .. context_len - 1``) back to back. Each layer first writes the new
@@ -178,52 +179,66 @@ def _prefill_mask(q_len: int, ctx_len: int, window: int | None) -> torch.Tensor 
     return mask
 
 
-KV_SCALE_BYTES = 4  # the float32 scale of each row of the 8-bit cache
+KV_GROUP = 32  # values per float16 scale in the 8-bit cache (Q8_0's block)
+
+
+def kv_group(head_dim: int) -> int:
+    """Values per scale in the 8-bit cache: 32, or the whole row where head_dim is not a multiple of 32."""
+    return KV_GROUP if head_dim % KV_GROUP == 0 else head_dim
 
 
 def kv_row_width(head_dim: int, dtype: torch.dtype) -> int:
-    """The cache's last dimension for ``dtype``: head_dim, or head_dim + 4 bytes (the scale) in int8."""
-    return head_dim + KV_SCALE_BYTES if dtype == torch.int8 else head_dim
+    """The cache's last dimension for ``dtype``: head_dim, or in int8 head_dim bytes and 2 per scale."""
+    return head_dim + 2 * (head_dim // kv_group(head_dim)) if dtype == torch.int8 else head_dim
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., head_dim) float -> the 8-bit cache's rows: int8 values (..., head_dim) and float32 scales
-    (...): per row, scale = max |x| / 127, values x / scale rounded to nearest even (0 where the scale
-    is 0 or the quotient is not a number). The reference of the native write_kv_, bit for bit."""
-    x = x.float()
-    scale = x.abs().amax(-1, keepdim=True) / 127
-    values = torch.where(scale > 0, torch.round(x / scale), 0.0).nan_to_num(0.0).clamp(-127, 127).to(torch.int8)
-    return values, scale[..., 0]
+    """(..., head_dim) float -> the 8-bit cache's rows: int8 values (..., head_dim) and float16 scales
+    (..., head_dim / group): per group, scale = max |x| / 127 rounded to float16, values x / scale
+    rounded to nearest even (0 where the scale is 0 or the quotient is not a number), clamped to
+    [-127, 127]. The reference of the native write_kv_, bit for bit."""
+    d = x.shape[-1]
+    g = kv_group(d)
+    xg = x.float().reshape(*x.shape[:-1], d // g, g)
+    scale = (xg.abs().amax(-1, keepdim=True) / 127).half()
+    s = scale.float()
+    values = torch.where(s > 0, torch.round(xg / s), 0.0).nan_to_num(0.0).clamp(-127, 127).to(torch.int8)
+    return values.reshape(x.shape), scale[..., 0]
 
 
-def int8_cache_views(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 8-bit cache (num_blocks, block_size, num_kv_heads, head_dim + 4) as views of its bytes:
-    values (num_blocks, num_kv_heads, block_size, head_dim) int8 and scales (num_blocks, num_kv_heads,
-    block_size) float32; writing them writes the cache."""
+def int8_cache_views(cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8-bit cache (num_blocks, block_size, num_kv_heads, kv_row_width) as views of its bytes: values
+    (num_blocks, num_kv_heads, block_size, head_dim) int8 and scales (num_blocks, num_kv_heads,
+    block_size, head_dim / group) float16; writing them writes the cache."""
     nb, bs, kvh, width = cache.shape
+    if width != kv_row_width(head_dim, torch.int8):
+        raise ValueError(f"an 8-bit cache of {width}-byte rows does not hold head_dim {head_dim}")
     flat = cache.view(nb, bs * kvh * width)
-    split = kvh * bs * (width - KV_SCALE_BYTES)
-    return flat[:, :split].view(nb, kvh, bs, width - KV_SCALE_BYTES), flat[:, split:].view(torch.float32).view(nb, kvh, bs)
+    split = kvh * bs * head_dim
+    values = flat[:, :split].view(nb, kvh, bs, head_dim)
+    return values, flat[:, split:].view(torch.float16).view(nb, kvh, bs, head_dim // kv_group(head_dim))
 
 
 def quantize_kv_cache(x: torch.Tensor) -> torch.Tensor:
     """(num_blocks, block_size, num_kv_heads, head_dim) float -> the 8-bit cache of those rows."""
     nb, bs, kvh, d = x.shape
-    cache = torch.empty(nb, bs, kvh, d + KV_SCALE_BYTES, dtype=torch.int8, device=x.device)
-    values, scales = int8_cache_views(cache)
+    cache = torch.empty(nb, bs, kvh, kv_row_width(d, torch.int8), dtype=torch.int8, device=x.device)
+    values, scales = int8_cache_views(cache, d)
     v, s = quantize_kv(x)
     values.copy_(v.transpose(1, 2))
     scales.copy_(s.transpose(1, 2))
     return cache
 
 
-def dequantize_kv_blocks(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_kv_blocks(blocks: torch.Tensor, dtype: torch.dtype, head_dim: int) -> torch.Tensor:
     """Whole blocks of a cache (n, block_size, num_kv_heads, width) as (n, block_size, num_kv_heads,
     head_dim) of ``dtype``: the 8-bit cache's values times their scales, a float cache's converted."""
     if blocks.dtype != torch.int8:
         return blocks.to(dtype)
-    values, scales = int8_cache_views(blocks)
-    return (values.float() * scales[..., None]).to(dtype).transpose(1, 2)
+    values, scales = int8_cache_views(blocks, head_dim)
+    g = kv_group(head_dim)
+    grouped = values.float().view(*values.shape[:-1], head_dim // g, g) * scales.float()[..., None]
+    return grouped.view(values.shape).to(dtype).transpose(1, 2)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -236,7 +251,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     if k_cache.dtype == torch.int8:
         block, offset = slot_mapping // k_cache.shape[1], slot_mapping % k_cache.shape[1]
         for cache, x in ((k_cache, k), (v_cache, v)):
-            values, scales = int8_cache_views(cache)
+            values, scales = int8_cache_views(cache, x.shape[-1])
             values[block, :, offset], scales[block, :, offset] = quantize_kv(x)
         return
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
@@ -269,14 +284,14 @@ def paged_attention(
         kd = _gather_blocks(k_cache, meta.decode_tables, ws and ws.get(0, k_cache, meta.decode_tables.numel()))
         vd = _gather_blocks(v_cache, meta.decode_tables, ws and ws.get(1, v_cache, meta.decode_tables.numel()))
         # (n, num_kv_heads, max_blocks * block_size, head_dim)
-        kd = _rows(kd, k_cache, q.dtype).view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
-        vd = _rows(vd, v_cache, q.dtype).view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
+        kd = _rows(kd, k_cache, q.dtype, head_dim).view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
+        vd = _rows(vd, v_cache, q.dtype, head_dim).view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_masks[window], scale=scale)
         out[meta.decode_rows] = od.reshape(n, -1, head_dim)
     for p in meta.prefills:
         qp = q[p.query_start:p.query_start + p.query_len].transpose(0, 1)  # (num_heads, query_len, head_dim)
-        kp = _rows(_gather_blocks(k_cache, p.blocks), k_cache, q.dtype)[:p.context_len].transpose(0, 1)
-        vp = _rows(_gather_blocks(v_cache, p.blocks), v_cache, q.dtype)[:p.context_len].transpose(0, 1)
+        kp = _rows(_gather_blocks(k_cache, p.blocks), k_cache, q.dtype, head_dim)[:p.context_len].transpose(0, 1)
+        vp = _rows(_gather_blocks(v_cache, p.blocks), v_cache, q.dtype, head_dim)[:p.context_len].transpose(0, 1)
         mask = p.masks[window]
         # 4-D (a batch of one): on CPU only 4-D inputs take the flash kernel; 3-D ones fall back to
         # the math path, 2.6x (float32) to 4.4x (bfloat16) slower for a 100-token prompt
@@ -296,9 +311,9 @@ def _decode_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     return None
 
 
-def _rows(gathered: torch.Tensor, cache: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _rows(gathered: torch.Tensor, cache: torch.Tensor, dtype: torch.dtype, head_dim: int) -> torch.Tensor:
     """Gathered whole blocks of ``cache`` as token rows (tokens, num_kv_heads, head_dim) of ``dtype``."""
-    blocks = dequantize_kv_blocks(gathered.view(-1, *cache.shape[1:]), dtype)
+    blocks = dequantize_kv_blocks(gathered.view(-1, *cache.shape[1:]), dtype, head_dim)
     return blocks.reshape(-1, *blocks.shape[2:])
 
 
@@ -340,8 +355,8 @@ def reference_attention(
     row = 0
     for q_len, ctx_len, table in zip(meta.query_lens, meta.context_lens, meta.block_tables):
         slots = _slots(table, ctx_len, meta.block_size).to(q.device)
-        k = _rows(k_cache, k_cache, torch.float32)[slots]  # (ctx_len, num_kv_heads, head_dim)
-        v = _rows(v_cache, v_cache, torch.float32)[slots]
+        k = _rows(k_cache, k_cache, torch.float32, q.shape[-1])[slots]  # (ctx_len, num_kv_heads, head_dim)
+        v = _rows(v_cache, v_cache, torch.float32, q.shape[-1])[slots]
         k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)  # (ctx_len, num_heads, head_dim)
         v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
         for i in range(q_len):

@@ -91,8 +91,15 @@ class ModelShape:
         """K and V elements one token keeps, over all layers."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
+    def kv_row_bytes(self, kv_format: str) -> float:
+        """One token's K (or V) of one KV head: head_dim values, plus the float16 scales of leanserve's
+        8-bit cache (--kv-cache-dtype int8: one per 32 values, or one per row where head_dim is not a
+        multiple of 32)."""
+        scales = (self.head_dim // 32 if self.head_dim % 32 == 0 else 1) if kv_format == "int8" else 0
+        return self.head_dim * KV_FORMATS[kv_format] + 2 * scales
+
     def kv_bytes_per_token(self, kv_format: str) -> float:
-        return self.kv_elements_per_token() * KV_FORMATS[kv_format]
+        return 2 * self.num_layers * self.num_kv_heads * self.kv_row_bytes(kv_format)
 
     def weight_bytes(self, weight_format: str) -> float:
         """Resident weights in ``weight_format`` (norms and biases left out: under 0.1%)."""
@@ -206,7 +213,7 @@ def step_work(shape: ModelShape, step: Step, precision: Precision) -> StepWork:
     small = precision.small_step_bytes(tokens)
     linear_bytes = small if small is not None else shape.linear_params * bpw + (shape.head_params * bpw if samples else 0.0)
     linear_flops = 2.0 * shape.linear_params * tokens + 2.0 * shape.head_params * samples
-    kv_per_layer = 2 * shape.num_kv_heads * shape.head_dim * KV_FORMATS[precision.kv_cache]  # bytes per token
+    kv_per_layer = 2 * shape.num_kv_heads * shape.kv_row_bytes(precision.kv_cache)  # bytes per token
     flops_per_key = 4 * shape.num_heads * shape.head_dim
     groups = shape.window_groups()
     decode_kv = step.decode_kv or (0,) * len(groups)

@@ -4,7 +4,8 @@
 //
 //   q            : (S, H, D) float32 or bfloat16, D % 8 == 0
 //   k/v_cache    : (num_blocks, block_size, KVH, D) of q's dtype, contiguous; or the 8-bit cache:
-//                  (num_blocks, block_size, KVH, D + 4) int8, each row D values and a float32 scale
+//                  (num_blocks, block_size, KVH, D + D / 16) int8 bytes, a row D values and a
+//                  float16 scale per 32 of them, each block head-major (values, then scales: see Problem)
 //   block_tables : (S, max_blocks) int64; row s uses its first ceil(len_s / block_size) entries
 //   context_lens : (S,) int64, 1 <= len_s <= max_blocks * block_size
 //   window       : 0 = full attention, else position p sees positions p - window + 1 .. p
@@ -18,12 +19,13 @@
 // accumulator per four V rows instead of per row. bfloat16 runs the same code (a template over the
 // element type): each K/V load widens to float32 exactly, all the math is float32, and the output is
 // rounded to bfloat16 once at the end, to nearest even like torch's .to(torch.bfloat16). The 8-bit
-// cache too (a second template type): values widen exactly, a score is the dot product times the K
-// row's scale, and a probability is multiplied by the V row's scale before it weights the row.
+// cache too (a second template type): values widen exactly and are multiplied by their group's
+// scale as they are loaded, the rest as for a float cache.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
@@ -103,13 +105,19 @@ inline void prefetch_rows(const C* base, const int64_t* offs, int64_t D) {
       _mm_prefetch(reinterpret_cast<const char*>(base + offs[r] + d), _MM_HINT_T0);
 }
 
+// The 8-bit cache (kv_cache_dtype int8): a row's values in groups of kGroup (GGUF Q8_0's 32), each
+// with a float16 scale; a head_dim that is not a multiple of 32 is one group.
+constexpr int64_t kGroup = 32;
+inline int64_t kv_group(int64_t D) { return D % kGroup == 0 ? kGroup : D; }
+inline int64_t kv_int8_width(int64_t D) { return D + 2 * (D / kv_group(D)); }  // bytes of a row
+
 // T: the element type of q and out (float or c10::BFloat16); C: the caches' (T, or int8_t).
 //
-// A float cache block is (block_size, KVH, D) elements. The 8-bit cache (kv_cache_dtype int8) is
-// sized (num_blocks, block_size, KVH, D + 4) bytes, and a block's bytes are laid out head-major:
-// first the int8 values (KVH, block_size, D), so one KV head's rows of a block are contiguous (at
-// D = 64, each row one 64-byte cache line), then the float32 scales (KVH, block_size); a row's
-// values are value[d] * scale. model/attention.py int8_cache_views is the same layout in Python.
+// A float cache block is (block_size, KVH, D) elements. The 8-bit cache is sized (num_blocks,
+// block_size, KVH, kv_int8_width(D)) bytes, and a block's bytes are laid out head-major: first the
+// int8 values (KVH, block_size, D), so one KV head's rows of a block are contiguous (at D = 64, each
+// row one 64-byte cache line), then the float16 scales (KVH, block_size, D / G); value d of a row is
+// value[d] * scale[d / G]. model/attention.py int8_cache_views is the same layout in Python.
 template <typename T, typename C = T>
 struct Problem {
   const T* q;
@@ -120,6 +128,7 @@ struct Problem {
   float scale;
   // row j of block b, KV head h starts at b * block_stride + h * head_stride + j * row_stride
   int64_t block_stride, head_stride, row_stride;
+  int64_t G, NS;  // the 8-bit cache: values per scale, scales per row (a float cache: D and 1)
 };
 
 template <typename T, typename C>
@@ -128,43 +137,41 @@ Problem<T, C> make_problem(const at::Tensor& q, const at::Tensor& k_cache, const
                            int64_t window, float scale) {
   const int64_t bs = k_cache.size(1), KVH = k_cache.size(2), D = q.size(2);
   const bool int8 = std::is_same_v<C, int8_t>;
+  const int64_t G = int8 ? kv_group(D) : D;
   return {q.data_ptr<T>(), k_cache.data_ptr<C>(), v_cache.data_ptr<C>(), tables, lens, out.data_ptr<T>(),
           q.size(1), KVH, D, bs, max_blocks, window, scale,
-          bs * KVH * k_cache.size(3), int8 ? bs * D : D, int8 ? D : KVH * D};
+          bs * KVH * k_cache.size(3), int8 ? bs * D : D, int8 ? D : KVH * D, G, D / G};
 }
 
-// The 8-bit cache's scale of row j of block b, KV head h.
-inline float scale_of(const int8_t* cache, int64_t block_stride, int64_t bs, int64_t KVH, int64_t D, int64_t b,
-                      int64_t h, int64_t j) {
-  float s;
-  std::memcpy(&s, cache + b * block_stride + bs * KVH * D + (h * bs + j) * 4, sizeof s);
-  return s;
+// The 8-bit cache's NS scales of row j of block b, KV head h, as float32 into out.
+inline void scales_of(const int8_t* cache, int64_t block_stride, int64_t bs, int64_t KVH, int64_t D, int64_t NS,
+                      int64_t b, int64_t h, int64_t j, float* out) {
+  const auto* sp = reinterpret_cast<const uint16_t*>(cache + b * block_stride + bs * KVH * D) + (h * bs + j) * NS;
+  for (int64_t i = 0; i < NS; ++i) out[i] = _cvtsh_ss(sp[i]);  // F16C: exact
 }
 
 // Offset in the cache of each visible row of sequence s, KV head h (positions lo .. len-1); the
 // padding up to np repeats the last row so the four-row loops need no tail (its scores are
 // replaced by -inf, its probabilities are 0).
-// The 8-bit cache: also each row's K and V scales, into sc[0 .. np) and sc[np .. 2 np).
+// The 8-bit cache: also each row's K and V scales as float32, row t's at sc[t * NS ..] (K) and
+// sc[(np + t) * NS ..] (V); the padding's are 0.
 template <typename T, typename C>
 void row_offsets(const Problem<T, C>& P, int64_t s, int64_t h, int64_t lo, int64_t np, std::vector<int64_t>& offs,
                  std::vector<float>& sc) {
-  const int64_t bs = P.block_size, len = P.lens[s], n = len - lo;
+  const int64_t bs = P.block_size, len = P.lens[s], n = len - lo, NS = P.NS;
   constexpr bool int8 = std::is_same_v<C, int8_t>;
   offs.resize(np);
-  if (int8) sc.resize(2 * np);
+  if (int8) sc.assign(2 * np * NS, 0.0f);
   const int64_t* table = P.tables + s * P.max_blocks;
   for (int64_t b = lo / bs, t = lo; t < len; ++b)  // block by block: no division per row
     for (int64_t j = t - b * bs; j < bs && t < len; ++j, ++t) {
       offs[t - lo] = table[b] * P.block_stride + h * P.head_stride + j * P.row_stride;
       if constexpr (int8) {
-        sc[t - lo] = scale_of(P.k, P.block_stride, bs, P.KVH, P.D, table[b], h, j);
-        sc[np + t - lo] = scale_of(P.v, P.block_stride, bs, P.KVH, P.D, table[b], h, j);
+        scales_of(P.k, P.block_stride, bs, P.KVH, P.D, NS, table[b], h, j, sc.data() + (t - lo) * NS);
+        scales_of(P.v, P.block_stride, bs, P.KVH, P.D, NS, table[b], h, j, sc.data() + (np + t - lo) * NS);
       }
     }
-  for (int64_t t = n; t < np; ++t) {
-    offs[t] = offs[n - 1];
-    if constexpr (int8) sc[t] = sc[np + t] = 0.0f;
-  }
+  for (int64_t t = n; t < np; ++t) offs[t] = offs[n - 1];
 }
 
 // scores (G, np), n of each row real: in place exp(score - row max), the padding -> 0; inv[g] = 1 / row sum.
@@ -228,17 +235,32 @@ void attend(const Problem<T, C>& P, int64_t s, int64_t R, int64_t h, std::vector
     for (int64_t g = 0; g < GR; ++g) {
       const float* qg = qs + g * D;
       __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
-      for (int64_t d = 0; d < D; d += 8) {
-        const __m256 x = _mm256_loadu_ps(qg + d);
-        c0 = _mm256_fmadd_ps(x, load8(k0 + d), c0);
-        c1 = _mm256_fmadd_ps(x, load8(k1 + d), c1);
-        c2 = _mm256_fmadd_ps(x, load8(k2 + d), c2);
-        c3 = _mm256_fmadd_ps(x, load8(k3 + d), c3);
+      if constexpr (std::is_same_v<C, int8_t>) {  // the 8-bit cache: each group of values times its scale
+        const float* ks = sc.data() + t * P.NS;  // rows t .. t+3, NS scales each
+        for (int64_t i = 0; i < P.NS; ++i) {  // each group's dot products, then times the group's scales
+          __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0;
+          for (int64_t d = i * P.G; d < (i + 1) * P.G; d += 8) {
+            const __m256 x = _mm256_loadu_ps(qg + d);
+            p0 = _mm256_fmadd_ps(x, load8(k0 + d), p0);
+            p1 = _mm256_fmadd_ps(x, load8(k1 + d), p1);
+            p2 = _mm256_fmadd_ps(x, load8(k2 + d), p2);
+            p3 = _mm256_fmadd_ps(x, load8(k3 + d), p3);
+          }
+          c0 = _mm256_fmadd_ps(p0, _mm256_set1_ps(ks[i]), c0);
+          c1 = _mm256_fmadd_ps(p1, _mm256_set1_ps(ks[P.NS + i]), c1);
+          c2 = _mm256_fmadd_ps(p2, _mm256_set1_ps(ks[2 * P.NS + i]), c2);
+          c3 = _mm256_fmadd_ps(p3, _mm256_set1_ps(ks[3 * P.NS + i]), c3);
+        }
+      } else {
+        for (int64_t d = 0; d < D; d += 8) {
+          const __m256 x = _mm256_loadu_ps(qg + d);
+          c0 = _mm256_fmadd_ps(x, load8(k0 + d), c0);
+          c1 = _mm256_fmadd_ps(x, load8(k1 + d), c1);
+          c2 = _mm256_fmadd_ps(x, load8(k2 + d), c2);
+          c3 = _mm256_fmadd_ps(x, load8(k3 + d), c3);
+        }
       }
-      if constexpr (std::is_same_v<C, int8_t>)  // the 8-bit cache: each dot product times its K row's scale
-        _mm_storeu_ps(scores + g * np + t, _mm_mul_ps(hsum4(c0, c1, c2, c3), _mm_loadu_ps(sc.data() + t)));
-      else
-        _mm_storeu_ps(scores + g * np + t, hsum4(c0, c1, c2, c3));
+      _mm_storeu_ps(scores + g * np + t, hsum4(c0, c1, c2, c3));
     }
   }
 
@@ -248,20 +270,26 @@ void attend(const Problem<T, C>& P, int64_t s, int64_t R, int64_t h, std::vector
   for (int64_t t = 0; t < np; t += 4) {  // pass 2: sum of p * v, four rows per accumulator update
     const C *v0 = P.v + offs[t], *v1 = P.v + offs[t + 1], *v2 = P.v + offs[t + 2], *v3 = P.v + offs[t + 3];
     if (t + PF + 4 <= np) prefetch_rows(P.v, offs.data() + t + PF, D);
-    float vs0 = 1.0f, vs1 = 1.0f, vs2 = 1.0f, vs3 = 1.0f;
-    if constexpr (std::is_same_v<C, int8_t>) vs0 = sc[np + t], vs1 = sc[np + t + 1], vs2 = sc[np + t + 2], vs3 = sc[np + t + 3];
+    const float* vs = std::is_same_v<C, int8_t> ? sc.data() + (np + t) * P.NS : nullptr;  // rows t .. t+3
     for (int64_t g = 0; g < GR; ++g) {
-      const float* pg = scores + g * np + t;  // the 8-bit cache: each probability times its row's scale
-      const __m256 p0 = _mm256_set1_ps(pg[0] * vs0), p1 = _mm256_set1_ps(pg[1] * vs1),
-                   p2 = _mm256_set1_ps(pg[2] * vs2), p3 = _mm256_set1_ps(pg[3] * vs3);
+      const float* pg = scores + g * np + t;
       float* ag = acc + g * D;
-      for (int64_t d = 0; d < D; d += 8) {
-        __m256 a = _mm256_loadu_ps(ag + d);
-        a = _mm256_fmadd_ps(p0, load8(v0 + d), a);
-        a = _mm256_fmadd_ps(p1, load8(v1 + d), a);
-        a = _mm256_fmadd_ps(p2, load8(v2 + d), a);
-        a = _mm256_fmadd_ps(p3, load8(v3 + d), a);
-        _mm256_storeu_ps(ag + d, a);
+      for (int64_t i = 0; i < P.NS; ++i) {  // the 8-bit cache: each probability times the scale of the group
+        __m256 p0, p1, p2, p3;
+        if constexpr (std::is_same_v<C, int8_t>) {
+          p0 = _mm256_set1_ps(pg[0] * vs[i]), p1 = _mm256_set1_ps(pg[1] * vs[P.NS + i]);
+          p2 = _mm256_set1_ps(pg[2] * vs[2 * P.NS + i]), p3 = _mm256_set1_ps(pg[3] * vs[3 * P.NS + i]);
+        } else {
+          p0 = _mm256_set1_ps(pg[0]), p1 = _mm256_set1_ps(pg[1]), p2 = _mm256_set1_ps(pg[2]), p3 = _mm256_set1_ps(pg[3]);
+        }
+        for (int64_t d = i * P.G; d < (i + 1) * P.G; d += 8) {
+          __m256 a = _mm256_loadu_ps(ag + d);
+          a = _mm256_fmadd_ps(p0, load8(v0 + d), a);
+          a = _mm256_fmadd_ps(p1, load8(v1 + d), a);
+          a = _mm256_fmadd_ps(p2, load8(v2 + d), a);
+          a = _mm256_fmadd_ps(p3, load8(v3 + d), a);
+          _mm256_storeu_ps(ag + d, a);
+        }
       }
     }
   }
@@ -317,9 +345,10 @@ LS_AVX512 inline __m512bh load32bh(const c10::BFloat16* p) {
 
 // Query heads g0 .. g0+GN-1 of the task, dims d0 .. d0+16*NZ-1: sum over the n visible V rows of
 // p[g][t] * V[t], the accumulators held in GN x NZ registers; the result (unnormalized) into acc.
+// vsc (the 8-bit cache, else nullptr): row t's scales at vsc[t * NS ..], one per G values.
 template <int GN, int NZ, typename C>
 LS_AVX512 void pv_block(const C* v, const int64_t* offs, int64_t n, const float* scores, int64_t np,
-                        int64_t g0, int64_t d0, int64_t D, float* acc) {
+                        int64_t g0, int64_t d0, int64_t D, float* acc, const float* vsc, int64_t G, int64_t NS) {
   __m512 a[GN][NZ];
   for (int g = 0; g < GN; ++g)
     for (int z = 0; z < NZ; ++z) a[g][z] = _mm512_setzero_ps();
@@ -327,6 +356,8 @@ LS_AVX512 void pv_block(const C* v, const int64_t* offs, int64_t n, const float*
     const C* row = v + offs[t] + d0;  // in cache: pass 1 prefetched it
     __m512 x[NZ];
     for (int z = 0; z < NZ; ++z) x[z] = widen16(row + 16 * z);
+    if constexpr (std::is_same_v<C, int8_t>)
+      for (int z = 0; z < NZ; ++z) x[z] = _mm512_mul_ps(x[z], _mm512_set1_ps(vsc[t * NS + (d0 + 16 * z) / G]));
     for (int g = 0; g < GN; ++g) {
       const __m512 p = _mm512_set1_ps(scores[(g0 + g) * np + t]);
       for (int z = 0; z < NZ; ++z) a[g][z] = _mm512_fmadd_ps(p, x[z], a[g][z]);
@@ -338,14 +369,14 @@ LS_AVX512 void pv_block(const C* v, const int64_t* offs, int64_t n, const float*
 
 template <int NZ, typename C>
 LS_AVX512 void pv_all(const C* v, const int64_t* offs, int64_t n, const float* scores, int64_t np,
-                      int64_t G, int64_t D, float* acc) {
+                      int64_t G, int64_t D, float* acc, const float* vsc = nullptr, int64_t VG = 0, int64_t NS = 0) {
   for (int64_t d0 = 0; d0 < D; d0 += 16 * NZ)
     for (int64_t g0 = 0; g0 < G; g0 += 4) {
       switch (std::min<int64_t>(4, G - g0)) {
-        case 1: pv_block<1, NZ>(v, offs, n, scores, np, g0, d0, D, acc); break;
-        case 2: pv_block<2, NZ>(v, offs, n, scores, np, g0, d0, D, acc); break;
-        case 3: pv_block<3, NZ>(v, offs, n, scores, np, g0, d0, D, acc); break;
-        default: pv_block<4, NZ>(v, offs, n, scores, np, g0, d0, D, acc); break;
+        case 1: pv_block<1, NZ>(v, offs, n, scores, np, g0, d0, D, acc, vsc, VG, NS); break;
+        case 2: pv_block<2, NZ>(v, offs, n, scores, np, g0, d0, D, acc, vsc, VG, NS); break;
+        case 3: pv_block<3, NZ>(v, offs, n, scores, np, g0, d0, D, acc, vsc, VG, NS); break;
+        default: pv_block<4, NZ>(v, offs, n, scores, np, g0, d0, D, acc, vsc, VG, NS); break;
       }
     }
 }
@@ -403,12 +434,11 @@ LS_AVX512 void attend_bf16_avx512(const Problem<c10::BFloat16>& P, int64_t s, in
 
 // attend() over the 8-bit cache with D % 16 == 0, on a CPU with AVX-512: the same two passes as
 // attend_bf16_avx512 with the float32 queries (pre-scaled, as in attend()) against rows widened
-// 16 values at a time; a score is the dot product times the K row's scale, and the V rows' scales
-// are folded into the probabilities before the weighted sum.
+// 16 values at a time and multiplied by their group's scale.
 template <typename T>
 LS_AVX512 void attend_int8_avx512(const Problem<T, int8_t>& P, int64_t s, int64_t h, std::vector<int64_t>& offs,
                                   std::vector<float>& buf, std::vector<float>& sc) {
-  const int64_t G = P.H / P.KVH, D = P.D, len = P.lens[s];
+  const int64_t G = P.H / P.KVH, D = P.D, len = P.lens[s], NS = P.NS, VG = P.G;
   const int64_t lo = P.window > 0 ? std::max<int64_t>(0, len - P.window) : 0;
   const int64_t n = len - lo, np = (n + 7) / 8 * 8;
   row_offsets(P, s, h, lo, np, offs, sc);
@@ -430,31 +460,37 @@ LS_AVX512 void attend_int8_avx512(const Problem<T, int8_t>& P, int64_t s, int64_
       prefetch_rows(P.k, offs.data() + t + PF, D);
       prefetch_rows(P.v, offs.data() + t + PF, D);
     }
-    const __m128 ks = _mm_loadu_ps(sc.data() + t);
+    const float* ks = sc.data() + t * NS;  // rows t .. t+3, NS scales each
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = qs + g * D;
       __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
-      for (int64_t d = 0; d < D; d += 16) {
-        const __m512 x = _mm512_loadu_ps(qg + d);
-        c0 = _mm512_fmadd_ps(x, widen16(k0 + d), c0);
-        c1 = _mm512_fmadd_ps(x, widen16(k1 + d), c1);
-        c2 = _mm512_fmadd_ps(x, widen16(k2 + d), c2);
-        c3 = _mm512_fmadd_ps(x, widen16(k3 + d), c3);
+      for (int64_t i = 0; i < NS; ++i) {  // each group's dot products, then times the group's scales
+        __m512 p0 = _mm512_setzero_ps(), p1 = p0, p2 = p0, p3 = p0;
+        for (int64_t d = i * VG; d < (i + 1) * VG; d += 16) {
+          const __m512 x = _mm512_loadu_ps(qg + d);
+          p0 = _mm512_fmadd_ps(x, widen16(k0 + d), p0);
+          p1 = _mm512_fmadd_ps(x, widen16(k1 + d), p1);
+          p2 = _mm512_fmadd_ps(x, widen16(k2 + d), p2);
+          p3 = _mm512_fmadd_ps(x, widen16(k3 + d), p3);
+        }
+        c0 = _mm512_fmadd_ps(p0, _mm512_set1_ps(ks[i]), c0);
+        c1 = _mm512_fmadd_ps(p1, _mm512_set1_ps(ks[NS + i]), c1);
+        c2 = _mm512_fmadd_ps(p2, _mm512_set1_ps(ks[2 * NS + i]), c2);
+        c3 = _mm512_fmadd_ps(p3, _mm512_set1_ps(ks[3 * NS + i]), c3);
       }
-      _mm_storeu_ps(scores + g * np + t, _mm_mul_ps(hsum4(half_sum(c0), half_sum(c1), half_sum(c2), half_sum(c3)), ks));
+      _mm_storeu_ps(scores + g * np + t, hsum4(half_sum(c0), half_sum(c1), half_sum(c2), half_sum(c3)));
     }
   }
 
   softmax_numerators(scores, G, n, np, inv);
-  for (int64_t g = 0; g < G; ++g)  // each probability times its V row's scale
-    for (int64_t t = 0; t < n; ++t) scores[g * np + t] *= sc[np + t];
 
-  if (D % 64 == 0)  // pass 2: p-weighted V rows
-    pv_all<4>(P.v, offs.data(), n, scores, np, G, D, acc);
+  const float* vsc = sc.data() + np * NS;
+  if (D % 64 == 0)  // pass 2: p-weighted V rows (a register's 16 values lie in one group: VG % 16 == 0)
+    pv_all<4>(P.v, offs.data(), n, scores, np, G, D, acc, vsc, VG, NS);
   else if (D % 32 == 0)
-    pv_all<2>(P.v, offs.data(), n, scores, np, G, D, acc);
+    pv_all<2>(P.v, offs.data(), n, scores, np, G, D, acc, vsc, VG, NS);
   else
-    pv_all<1>(P.v, offs.data(), n, scores, np, G, D, acc);
+    pv_all<1>(P.v, offs.data(), n, scores, np, G, D, acc, vsc, VG, NS);
   T* out = P.out + (s * P.H + h * G) * D;
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(acc[g * D + d] * inv[g]);
@@ -504,7 +540,7 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
   PA_CHECK(q.dim() == 3 && (q.scalar_type() == at::kFloat || bf16) && q.is_cpu(),
            "q must be a (num_seqs, num_heads, head_dim) float32 or bfloat16 CPU tensor, got ", q.sizes(), " ",
            q.scalar_type());
-  const bool int8 = k_cache.scalar_type() == at::kChar;  // the 8-bit cache: rows of D values and a float32 scale
+  const bool int8 = k_cache.scalar_type() == at::kChar;  // the 8-bit cache: rows of D values and their scales
   PA_CHECK((k_cache.scalar_type() == q.scalar_type() || int8) && v_cache.scalar_type() == k_cache.scalar_type(),
            "k_cache and v_cache must both have q's dtype or both be int8 (the 8-bit cache), got q ", q.scalar_type(), ", k_cache ",
            k_cache.scalar_type(), ", v_cache ", v_cache.scalar_type());
@@ -515,8 +551,8 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
            "v_cache must be contiguous of k_cache's shape ", k_cache.sizes(), ", got ", v_cache.sizes());
   const int64_t S = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t num_blocks = k_cache.size(0), bs = k_cache.size(1), KVH = k_cache.size(2);
-  PA_CHECK(k_cache.size(3) == D + (int8 ? 4 : 0), "head_dim of q (", D, ") and cache (", k_cache.size(3),
-           int8 ? " bytes: head_dim + 4 for its scale" : "", ") differ");
+  PA_CHECK(k_cache.size(3) == (int8 ? kv_int8_width(D) : D), "head_dim of q (", D, ") and cache (", k_cache.size(3),
+           int8 ? " bytes: head_dim and 2 per 32 for the scales" : "", ") differ");
   PA_CHECK(D > 0 && D % 8 == 0, "head_dim must be a multiple of 8, got ", D);
   PA_CHECK(KVH > 0 && H % KVH == 0, "num_heads (", H, ") must be a multiple of num_kv_heads (", KVH, ")");
   PA_CHECK(block_tables.dim() == 2 && block_tables.size(0) == S && block_tables.scalar_type() == at::kLong,
@@ -556,20 +592,23 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
   return out;
 }
 
-// The 8-bit cache's row of one token and KV head: scale = max |x| / 127 (float32), value[d] =
-// x[d] / scale rounded to nearest even (0 where the scale is 0 or the quotient is not a number).
-// model/attention.py quantize_kv is the reference, bit for bit.
+// The 8-bit cache's row of one token and KV head, G values at a time: scale = max |x| / 127 rounded
+// to float16, value[d] = x[d] / scale rounded to nearest even (0 where the scale is 0 or the quotient
+// is not a number), clamped to [-127, 127]. model/attention.py quantize_kv is the reference, bit for bit.
 template <typename S>
-void quantize_row(const S* x, int64_t D, int8_t* out, int8_t* scale_out) {
-  float amax = 0.0f;
-  for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(static_cast<float>(x[d])));
-  const float scale = amax / 127.0f;
-  for (int64_t d = 0; d < D; ++d) {
-    float v = scale > 0.0f ? std::nearbyint(static_cast<float>(x[d]) / scale) : 0.0f;
-    v = v == v ? std::min(127.0f, std::max(-127.0f, v)) : 0.0f;
-    out[d] = static_cast<int8_t>(v);
+void quantize_row(const S* x, int64_t D, int64_t G, int8_t* out, c10::Half* scales) {
+  for (int64_t g0 = 0; g0 < D; g0 += G) {
+    float amax = 0.0f;
+    for (int64_t d = g0; d < g0 + G; ++d) amax = std::max(amax, std::fabs(static_cast<float>(x[d])));
+    const c10::Half half_scale(amax / 127.0f);
+    const float scale = static_cast<float>(half_scale);
+    for (int64_t d = g0; d < g0 + G; ++d) {
+      float v = scale > 0.0f ? std::nearbyint(static_cast<float>(x[d]) / scale) : 0.0f;
+      v = v == v ? std::min(127.0f, std::max(-127.0f, v)) : 0.0f;
+      out[d] = static_cast<int8_t>(v);
+    }
+    scales[g0 / G] = half_scale;
   }
-  std::memcpy(scale_out, &scale, sizeof scale);
 }
 
 // The new tokens' K and V rows into their cache slots: one call per layer for both, a memcpy of
@@ -583,7 +622,9 @@ void write_kv_(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::T
            k_cache.sizes(), " and ", v_cache.sizes());
   const bool int8 = k_cache.scalar_type() == at::kChar;
   const int64_t T = slot_mapping.numel(), bs = k_cache.size(1), KVH = k_cache.size(2), W = k_cache.size(3);
-  const int64_t D = int8 ? W - 4 : W, slots = k_cache.size(0) * bs, row = KVH * D;
+  const int64_t D = int8 ? (k.dim() > 0 ? k.size(-1) : 0) : W, slots = k_cache.size(0) * bs, row = KVH * D;
+  PA_CHECK(!int8 || (k.dim() == 3 && D > 0 && W == kv_int8_width(D)), "write_kv_: the 8-bit cache's rows are ",
+           W, " bytes, not those of head_dim ", D, " (head_dim and 2 per 32 for the scales)");
   for (const at::Tensor* t : {&k, &v})
     PA_CHECK(t->dim() == 3 && t->size(0) == T && t->size(1) == KVH && t->size(2) == D && D > 0 &&
                  (int8 ? t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16
@@ -600,13 +641,14 @@ void write_kv_(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::T
              slots, " slots)");
   if (int8) {
     int8_t *kc = k_cache.data_ptr<int8_t>(), *vc = v_cache.data_ptr<int8_t>();
+    const int64_t G = kv_group(D), NS = D / G;
     auto quantize = [&](auto* kp, auto* vp) {  // into the block's head-major values and scales (see Problem)
       for (int64_t i = 0; i < T; ++i) {
         const int64_t b = sp[i] / bs, j = sp[i] % bs, base = b * bs * KVH * W;
         for (int64_t h = 0; h < KVH; ++h) {
-          const int64_t value = base + (h * bs + j) * D, scale = base + bs * KVH * D + (h * bs + j) * 4;
-          quantize_row(kp + i * k.stride(0) + h * D, D, kc + value, kc + scale);
-          quantize_row(vp + i * v.stride(0) + h * D, D, vc + value, vc + scale);
+          const int64_t value = base + (h * bs + j) * D, scale = base + bs * KVH * D + (h * bs + j) * NS * 2;
+          quantize_row(kp + i * k.stride(0) + h * D, D, G, kc + value, reinterpret_cast<c10::Half*>(kc + scale));
+          quantize_row(vp + i * v.stride(0) + h * D, D, G, vc + value, reinterpret_cast<c10::Half*>(vc + scale));
         }
       }
     };
