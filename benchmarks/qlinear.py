@@ -12,6 +12,7 @@ the other, per shape and row count.
     .venv/bin/python benchmarks/qlinear.py --model-pass         # SmolLM2's own blocks, bf16 rows: AVX512-BF16 vs AVX2
     .venv/bin/python benchmarks/qlinear.py --dense --dtype bfloat16 --rows 1,8,16,32,64,128,256   # blocks only
     .venv/bin/python benchmarks/qlinear.py --dense --layers-only --layer-format Q8_0 --dtype bfloat16 --rows 8,12,16
+    .venv/bin/python benchmarks/qlinear.py --dense --layers-only --dtype bfloat16 --rows 64 --tile-rows 512
     for p in 0 1 0 1; do .venv/bin/python benchmarks/qlinear.py --model-pass --rows 1 --paths $p; done   # one path per process
 
 --model-pass times what one decode step of SmolLM2 asks of the kernel: every quantized matmul of
@@ -87,11 +88,11 @@ def model_pass(rows_list: list[int], repeats: int, paths: list[str]) -> None:
 
 
 def dense_pass(rows_list: list[int], repeats: int, dtype: torch.dtype, layer_format: str = "Q4_1",
-               head: bool = True) -> None:
+               head: bool = True, tile_rows: int = 0) -> None:
     """SmolLM2's matmuls (30 layers x 4 in ``layer_format``, then, with ``head``, the Q8_0 LM head;
     random values), one pass per step as a decode step asks them: the float copy (dense matmul),
     qlinear (the kernel reading the blocks) and qlinear_dense (tiles of the blocks dequantized, then
-    the dense matmul), in turn."""
+    the dense matmul), in turn; with ``tile_rows``, qlinear_dense with tiles of that many rows too."""
     ops = kernels.ops()
     rng = np.random.default_rng(0)
 
@@ -104,8 +105,9 @@ def dense_pass(rows_list: list[int], repeats: int, dtype: torch.dtype, layer_for
         _, fmt, n, k = SHAPES[-1]
         weights.append(weight(fmt, n, k))
     print(f"{layer_format} layers{', Q8_0 LM head' if head else ''}; {dtype}\n")
-    print("| rows | float copy ms | qlinear ms | qlinear_dense ms | dense / float copy |")
-    print("| --- | --- | --- | --- | --- |")
+    extra = f" qlinear_dense, {tile_rows}-row tiles ms | that / float copy |" if tile_rows else ""
+    print("| rows | float copy ms | qlinear ms | qlinear_dense ms | dense / float copy |" + extra)
+    print("| --- | --- | --- | --- | --- |" + (" --- | --- |" if tile_rows else ""))
     for rows in rows_list:
         xs = {k: torch.randn(rows, k).to(dtype) for k in {w.shape[1] for _, w in weights}}
         paths = {
@@ -113,6 +115,9 @@ def dense_pass(rows_list: list[int], repeats: int, dtype: torch.dtype, layer_for
             "qlinear": lambda: [ops.qlinear(xs[w.shape[1]], q.qs, q.scales, q.mins, q.bits) for q, w in weights],
             "dense": lambda: [ops.qlinear_dense(xs[w.shape[1]], q.qs, q.scales, q.mins, q.bits, 0) for q, w in weights],
         }
+        if tile_rows:
+            paths["tiles"] = lambda: [ops.qlinear_dense(xs[w.shape[1]], q.qs, q.scales, q.mins, q.bits, tile_rows)
+                                      for q, w in weights]
         times: dict[str, list[float]] = {p: [] for p in paths}
         for i in range(repeats + 2):  # paths in turn, pass by pass; two warm-up passes
             for name, fn in paths.items():
@@ -121,8 +126,9 @@ def dense_pass(rows_list: list[int], repeats: int, dtype: torch.dtype, layer_for
                 if i >= 2:
                     times[name].append(time.perf_counter() - t)
         med = {p: statistics.median(ts) * 1e3 for p, ts in times.items()}
+        tiles = f" {med['tiles']:.1f} | {med['tiles'] / med['float']:.2f} |" if tile_rows else ""
         print(f"| {rows} | {med['float']:.1f} | {med['qlinear']:.1f} | {med['dense']:.1f} | "
-              f"{med['dense'] / med['float']:.2f} |", flush=True)
+              f"{med['dense'] / med['float']:.2f} |" + tiles, flush=True)
 
 
 def main() -> None:
@@ -136,6 +142,8 @@ def main() -> None:
                     help="a model pass: float copy vs qlinear vs qlinear_dense (blocks only), --dtype rows")
     ap.add_argument("--layer-format", default="Q4_1", choices=["Q4_1", "Q8_0"], help="--dense: the layers' format")
     ap.add_argument("--layers-only", action="store_true", help="--dense: without the LM head")
+    ap.add_argument("--tile-rows", type=int, default=0,
+                    help="--dense: time qlinear_dense with tiles of this many rows too (0: only the default tiles)")
     ap.add_argument("--paths", default="0,1", choices=["0,1", "0", "1"],
                     help="--model-pass: LEANSERVE_AVX512 values to time (one alone: for alternating processes)")
     args = ap.parse_args()
@@ -149,7 +157,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     if args.dense:
         dense_pass([int(r) for r in args.rows.split(",")], args.repeats if args.repeats != 30 else 7, dtype,
-                   args.layer_format, not args.layers_only)
+                   args.layer_format, not args.layers_only, args.tile_rows)
         return
     d = {"float32": "fp32", "bfloat16": "bf16"}[args.dtype]
     print(f"| matmul | format | rows | qlinear µs | BLAS {d} µs | BLAS / qlinear | qlinear GB/s | {d} GB/s |")
