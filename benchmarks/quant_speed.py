@@ -2,11 +2,12 @@
 
 ``throughput``: the chat workload (MT-Bench first turns through the model's chat template, 128
 output tokens, EOS ignored, greedy), N prompts as one offline batch (the engine saturated as by N
-clients), the blocks-only engine and one with ``--float-weights`` (the float copy beside the blocks,
-as a GGUF's simple types were served before) alternating rounds, each run in a fresh process (big
-steps' timings are bimodal between processes, docs/quantization.md): output tokens/s. With
-``--kv``, the same workload with the model's 16-bit (or float32) KV cache against
-``--kv-cache-dtype int8`` instead, both with the blocks as the only copy of the weights.
+clients), through two engines in one process whose steps alternate, so both see the machine at the
+same speed (it switches between two speeds every few seconds to minutes, docs/quantization.md):
+each engine's output tokens/s is its tokens over the sum of its own step times. The engines: one
+with ``--float-weights`` (the float copy beside the blocks, as a GGUF's simple types were served
+before) and the blocks-only default; with ``--kv``, one loaded model with the model's 16-bit (or
+float32) KV cache and with ``--kv-cache-dtype int8``, in the same KV memory.
 
 ``kv-step``: decode steps over long contexts, the model's KV cache against ``--kv-cache-dtype
 int8``: B sequences of C random prompt tokens each, both engines in one process over one loaded
@@ -15,9 +16,9 @@ model, their decode steps alternating (median ms a step).
 ``step``: the median decode step at batch B, this checkout against another one (``--against PATH``,
 e.g. a ``git worktree`` of an older commit), each in its own child process, rounds alternating.
 
-    .venv/bin/python benchmarks/quant_speed.py throughput --model smollm2-135m --prompts 80 --rounds 3
-    .venv/bin/python benchmarks/quant_speed.py throughput --kv --model smollm2-135m --prompts 80 --rounds 3
-    .venv/bin/python benchmarks/quant_speed.py throughput --kv --kv-cache-memory 64MiB --prompts 80 --rounds 3
+    .venv/bin/python benchmarks/quant_speed.py throughput --model smollm2-135m --prompts 80 --rounds 2
+    .venv/bin/python benchmarks/quant_speed.py throughput --kv --model smollm2-135m --prompts 80 --rounds 2
+    .venv/bin/python benchmarks/quant_speed.py throughput --kv --kv-cache-memory 64MiB --prompts 80 --rounds 2
     .venv/bin/python benchmarks/quant_speed.py step --model gemma3-270m --batch 1,8 --against /tmp/base
     .venv/bin/python benchmarks/quant_speed.py kv-step --model smollm2-135m --batch 16 --context 2000
 """
@@ -73,27 +74,6 @@ def step(args: argparse.Namespace) -> None:
         print(f"| {b} | {a:.2f} | {t:.2f} | {a / t:.2f}x |")
 
 
-THROUGHPUT_CHILD = r"""
-import json, sys, time
-sys.path.insert(0, sys.argv[1])
-from benchmarks.quant_speed import workload
-from leanserve.engine.engine import LLM
-from leanserve.types import SamplingParams
-
-model, dtype, float_weights, n, max_tokens = sys.argv[2], sys.argv[3], sys.argv[4] == "1", int(sys.argv[5]), int(sys.argv[6])
-prompts = workload(model, n)
-memory = int(sys.argv[8]) or None  # 0: the engine's default
-llm = LLM(model, dtype=dtype, float_weights=float_weights, max_num_seqs=max(n, 1), kv_cache_dtype=sys.argv[7],
-          kv_cache_memory=memory)
-llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
-start = time.perf_counter()
-outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
-rate = sum(o.num_generated_tokens for o in outs) / (time.perf_counter() - start)
-info = llm.engine.info
-print(json.dumps({"rate": rate, "summary": f"{llm.engine.loaded.model.quantized_summary()}; KV cache {info.kv_cache_summary()}"}))
-"""
-
-
 def workload(model: str, n: int) -> list[list[int]]:
     """The chat workload's first n prompts; a model without a chat template (Gemma 3's GGUF) gets the
     questions as plain text."""
@@ -110,30 +90,63 @@ def workload(model: str, n: int) -> list[list[int]]:
 
 
 def throughput(args: argparse.Namespace) -> None:
-    # name -> (float copy, KV cache dtype); the first is the one compared against the second
-    runs = {"KV int8": ("0", "int8"), "KV model dtype": ("0", "auto")} if args.kv else \
-        {"blocks only": ("0", "auto"), "float copy": ("1", "auto")}
-    rates: dict[str, list[float]] = {name: [] for name in runs}
-    summaries = {}
+    from leanserve.config import EngineConfig
+    from leanserve.engine.engine import LLMEngine
+    from leanserve.types import SamplingParams
+
+    prompts = workload(args.model, args.prompts)
+    config = dict(model=args.model, dtype=args.dtype, max_num_seqs=max(args.prompts, 1))
+    if args.kv_cache_memory:
+        config["kv_cache_memory"] = args.kv_cache_memory
+    if args.kv:  # (baseline, measured): one loaded model, two caches
+        names = ("KV model dtype", "KV int8")
+        engines = {names[0]: LLMEngine(EngineConfig(**config))}
+        engines[names[1]] = LLMEngine(EngineConfig(**config, kv_cache_dtype="int8"), loaded=engines[names[0]].loaded)
+    else:  # two loaded models
+        names = ("float copy", "blocks only")
+        engines = {names[0]: LLMEngine(EngineConfig(**config, float_weights=True)),
+                   names[1]: LLMEngine(EngineConfig(**config))}
+    warm = SamplingParams(temperature=0.0, max_tokens=4)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    for engine in engines.values():  # warm-up
+        for p in prompts[:2]:
+            engine.add_request(engine.new_request_id(), p, warm)
+        while engine.has_unfinished():
+            engine.step()
+    rows = []
     for _ in range(args.rounds):
-        for name, (float_copy, kv) in runs.items():
-            out = subprocess.run([sys.executable, "-c", THROUGHPUT_CHILD, str(ROOT), args.model, args.dtype,
-                                  float_copy, str(args.prompts), str(args.max_tokens), kv, str(args.kv_cache_memory or 0)],
-                                 capture_output=True, text=True, cwd=ROOT, check=True)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            rates[name].append(r["rate"])
-            summaries[name] = r["summary"]
-    for name, summary in summaries.items():
-        print(f"{name}: {summary}")
-    memory = f", KV cache memory {args.kv_cache_memory / 2**20:.0f} MiB" if args.kv_cache_memory else ""
-    print(f"\n{args.model}, dtype {args.dtype}, {args.prompts} prompts x {args.max_tokens} tokens{memory}, {args.rounds} "
-          "rounds alternating, each run in its own process\n")
-    print("| engine | output tok/s (median) | each round |")
-    print("| --- | --- | --- |")
-    for name, r in rates.items():
-        print(f"| {name} | {statistics.median(r):.1f} | {', '.join(f'{x:.1f}' for x in r)} |")
-    first, second = runs
-    print(f"\n{first} / {second}: {statistics.median(rates[first]) / statistics.median(rates[second]):.3f}x")
+        seconds = {name: 0.0 for name in engines}
+        tokens = {name: 0 for name in engines}
+        steps = {name: 0 for name in engines}
+        batch = {name: 0 for name in engines}
+        preempted = {name: engine.scheduler.num_preemptions_total for name, engine in engines.items()}
+        for engine in engines.values():
+            for p in prompts:
+                engine.add_request(engine.new_request_id(), p, params)
+        while any(e.has_unfinished() for e in engines.values()):
+            for name, engine in engines.items():
+                if not engine.has_unfinished():
+                    continue
+                start = time.perf_counter()
+                result = engine.step()
+                seconds[name] += time.perf_counter() - start
+                steps[name] += 1
+                batch[name] += len(result.scheduled)
+                tokens[name] += sum(o.num_generated_tokens for o in result.outputs if o.finished)
+        rows.append({name: (tokens[name] / seconds[name], batch[name] / steps[name],
+                            engine.scheduler.num_preemptions_total - preempted[name])
+                     for name, engine in engines.items()})
+    for name, engine in engines.items():
+        print(f"{name}: {engine.loaded.model.quantized_summary()}; KV cache {engine.info.kv_cache_summary()}")
+    print(f"\n{args.model}, {engines[names[1]].info.dtype}, {args.prompts} prompts x {args.max_tokens} tokens, both "
+          f"engines in one process, steps alternating, {args.rounds} round(s)\n")
+    print("| round | engine | output tok/s | mean requests a step | preemptions |")
+    print("| --- | --- | --- | --- | --- |")
+    for i, row in enumerate(rows):
+        for name, (rate, mean_batch, preemptions) in row.items():
+            print(f"| {i + 1} | {name} | {rate:.1f} | {mean_batch:.1f} | {preemptions} |")
+    ratios = [row[names[1]][0] / row[names[0]][0] for row in rows]
+    print(f"\n{names[1]} / {names[0]}: {statistics.median(ratios):.3f}x (median of {', '.join(f'{r:.3f}' for r in ratios)})")
 
 
 def kv_step(args: argparse.Namespace) -> None:
@@ -175,15 +188,15 @@ def kv_step(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("throughput")
-    t.add_argument("--model", default="smollm2-135m")
-    t.add_argument("--dtype", default="auto")
-    t.add_argument("--prompts", type=int, default=80)
-    t.add_argument("--max-tokens", type=int, default=128)
-    t.add_argument("--rounds", type=int, default=3)
-    t.add_argument("--kv", action="store_true", help="compare the KV cache's dtypes (int8 / the model's), not the weights")
-    t.add_argument("--kv-cache-memory", type=parse_bytes, default=None, metavar="SIZE",
-                   help="the KV cache's bytes for every engine (default: the engine's), e.g. 64MiB")
+    kt = sub.add_parser("throughput")
+    kt.add_argument("--kv", action="store_true", help="compare the KV cache's dtypes (the model's / int8), not the weights")
+    kt.add_argument("--model", default="smollm2-135m")
+    kt.add_argument("--dtype", default="auto")
+    kt.add_argument("--prompts", type=int, default=80)
+    kt.add_argument("--max-tokens", type=int, default=128)
+    kt.add_argument("--rounds", type=int, default=1, help="the workload this many times through both engines")
+    kt.add_argument("--kv-cache-memory", type=parse_bytes, default=None, metavar="SIZE",
+                    help="the KV cache's bytes for both engines (default: the engine's), e.g. 64MiB")
     s = sub.add_parser("step")
     s.add_argument("--model", default="gemma3-270m")
     s.add_argument("--dtype", default="auto")

@@ -44,12 +44,12 @@ KERNEL_ROWS = {torch.float32: (24, 256), torch.bfloat16: (8, 4)}
 # whole bf16 decode steps of SmolLM2, 4 rows: qlinear 23.7 ms, AMX 27-29; 8 rows: qlinear 34.4, AMX 30-31.
 AMX_KERNEL_ROWS = 4
 # Without a float copy (the default for quantized weights on the CPU): rows of x up to which qlinear
-# beats qlinear_dense (tiles of W dequantized, then the dense matmul), per dtype of x and bits of the
-# values. benchmarks/qlinear.py --dense --layers-only over SmolLM2's layer shapes on the 2-vCPU AVX-512
-# EPYC (ms, qlinear vs tiles, in processes where the tiles run at full speed: docs/quantization.md):
-# bfloat16 Q4_1 20.1 vs 22.3 at 16 rows, 29.1 vs 26.1 at 24; Q8_0 (widened to float32 per row group)
-# 16.5 vs 17.6 at 8; float32 the kernel ahead up to ~96 rows.
-QUANT_ONLY_ROWS = {torch.float32: {4: 96, 8: 96}, torch.bfloat16: {4: 20, 8: 8}}
+# beats qlinear_dense (each core dequantizing L2-sized tiles of W, then the dense matmul), per dtype
+# of x and bits of the values. benchmarks/qlinear.py --dense --layers-only over SmolLM2's layer
+# shapes on the 2-vCPU AVX-512 EPYC (ms, qlinear vs tiles): bfloat16 Q4_1 20.0 vs 21.4 at 16 rows,
+# 25.2 vs 23.5 at 20; Q8_0 (widened to float32 per row group) 16.2 vs 16.6 at 8, 23.1 vs 18.9 at 12;
+# float32 Q4_1 and Q8_0 even at 32 rows (48.2 vs 46.1, 49.8 vs 51.9; 50.0 vs 51.8), tiles ahead at 48.
+QUANT_ONLY_ROWS = {torch.float32: {4: 32, 8: 32}, torch.bfloat16: {4: 16, 8: 8}}
 
 
 @dataclass

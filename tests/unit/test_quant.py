@@ -251,15 +251,21 @@ def test_qlinear_on_k_quants_is_the_exact_product_up_to_summation(name, rows, av
 @pytest.mark.parametrize("avx512", ["1", "0"])
 def test_qlinear_dense_dequantizes_each_tile_exactly(name, dtype, avx512, monkeypatch):
     """x = I: each output is one weight times 1 plus zeros, so y.T is the dequantized tile's values
-    bit for bit: gguf's float32 value, rounded once to x's dtype. Tiles of 16 rows over 40 rows
-    (a partial last tile)."""
+    bit for bit: gguf's float32 value, rounded once to x's dtype. Each thread's share of the 40 rows
+    in tiles of at most 16 or 7 (a partial last tile) or of the default size, on 2 threads and on 1."""
     monkeypatch.setenv("LEANSERVE_AVX512", avx512)
     raw, ref = _any(name, n=40, k=512, seed=3)
     qw = from_gguf_blocks(raw, name, *ref.shape)
     eye = torch.eye(512, dtype=dtype)
-    for tile in (16, 0):
-        got = kernels.ops().qlinear_dense(eye, qw.qs, qw.scales, qw.mins, qw.bits, tile)
-        assert got.dtype == dtype and torch.equal(got.t(), ref.to(dtype))
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (2, 1):
+            torch.set_num_threads(n_threads)
+            for tile in (16, 7, 0):
+                got = kernels.ops().qlinear_dense(eye, qw.qs, qw.scales, qw.mins, qw.bits, tile)
+                assert got.dtype == dtype and torch.equal(got.t(), ref.to(dtype))
+    finally:
+        torch.set_num_threads(threads)
 
 
 @needs_kernels
@@ -269,11 +275,13 @@ def test_qlinear_dense_is_the_dense_matmul_on_the_dequantized_weight(name, dtype
     raw, ref = _any(name, n=200, k=512, seed=4)
     qw = from_gguf_blocks(raw, name, *ref.shape)
     x = torch.randn(37, 512, generator=torch.Generator().manual_seed(5)).to(dtype)
-    got = kernels.ops().qlinear_dense(x, qw.qs, qw.scales, qw.mins, qw.bits, 64).double()
     w = ref.to(dtype).double()  # the values the dense matmul multiplies
     want, scale = x.double() @ w.t(), x.double().abs() @ w.abs().t()
     rounding = 0.0 if dtype == torch.float32 else 2.0 ** -8
-    assert ((got - want).abs() <= rounding * want.abs() + 2e-5 * scale).all()
+    with torch.inference_mode():  # as the engine calls it: the worker threads write an inference tensor
+        in_engine = kernels.ops().qlinear_dense(x, qw.qs, qw.scales, qw.mins, qw.bits, 64)
+    for got in (kernels.ops().qlinear_dense(x, qw.qs, qw.scales, qw.mins, qw.bits, 64), in_engine):
+        assert ((got.double() - want).abs() <= rounding * want.abs() + 2e-5 * scale).all()
 
 
 @needs_kernels

@@ -25,7 +25,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
+#include <unistd.h>
 
 #include "cpu_features.h"
 
@@ -367,13 +369,25 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
 // ---- many rows: dequantize a tile of W, then the dense matmul ----------------------------------------
 // Past a few dozen rows of x a matmul is bound by FLOPs, not by reading W, and BLAS (float32) or
 // oneDNN (bfloat16) multiply faster than a kernel that dequantizes in its inner loop. So W is
-// dequantized a tile of rows at a time into a buffer that stays in cache (at most kTileBytes), in x's
-// dtype, and the tile's columns of y come from one at::mm_out. The model keeps no float copy of W.
+// dequantized a tile of rows at a time into a buffer in x's dtype, and the tile's columns of y come
+// from one at::mm_out. The model keeps no float copy of W. Each thread takes an equal share of W's
+// rows and walks it in tiles that fit its core's L2 cache, dequantizing each and multiplying it at
+// once, single-threaded: the tile never leaves the core. (The first design, one tile of up to 8 MB
+// dequantized by all threads and then multiplied by all, ran as fast as the float copy while the
+// shared L3 was quiet and 1.3x slower than it when it was not: the tile went out to L3 and back,
+// docs/quantization.md; per-core tiles measured as fast as the float copy in both.)
 // A dequantized value is fma(q, scale, min) in float32, rounded once to bfloat16 for bfloat16 rows
 // (round to nearest even, as torch's .to()): the values a float copy made at load would hold, so
 // this is F.linear(x, dequantize(W).to(x.dtype)) up to the matmul's summation order.
 
-constexpr int64_t kTileBytes = 8 << 20;
+// a core's L2 bytes (sysconf; 1 MB where it does not say): a thread's tile is at most this
+inline int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v >= (64 << 10) ? static_cast<int64_t>(v) : int64_t{1} << 20;
+  }();
+  return bytes;
+}
 
 // 8 floats -> 8 bfloat16, round to nearest even (finite values: dequantized weights are)
 inline __m128i to_bf16(__m256 v) {
@@ -445,46 +459,49 @@ LS_AVX512 void dequant_row_avx512(const uint8_t* qs, const BlockParams<S>& P, in
   }
 }
 
-template <bool Q4, bool H, typename Out, typename S>
-void dequant_rows(const uint8_t* qs, const BlockParams<S>& P, int64_t K, int64_t n0, int64_t n1, Out* out) {
-  const bool wide = leanserve_cpu::use_avx512_bf16();
-  at::parallel_for(n0, n1, std::max<int64_t>(1, grain_rows(K) / 2), [&](int64_t a, int64_t b) {
-    for (int64_t n = a; n < b; ++n) {
-      if (wide) dequant_row_avx512<Q4, H, Out, S>(qs, P, K, n, out + (n - n0) * K);
-      else dequant_row<Q4, H, Out, S>(qs, P, K, n, out + (n - n0) * K);
-    }
-  });
-}
-
 at::Tensor qlinear_dense(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales, const at::Tensor& mins,
                          int64_t bits, int64_t tile_rows) {
   const auto [M, K, N] = check_args("qlinear_dense", x, qs, scales, mins, bits);
   const auto* q = reinterpret_cast<const uint8_t*>(qs.data_ptr());
   const at::Tensor xc = x.contiguous();
-  if (tile_rows <= 0) {  // a power of two: oneDNN ran a 3,632-row tile of SmolLM2's LM head at half the speed of 2,048 or 4,096
-    tile_rows = 16;
-    while (tile_rows * 2 * K * static_cast<int64_t>(x.element_size()) <= kTileBytes) tile_rows *= 2;
-  }
-  tile_rows = std::min(tile_rows, N);
-  // the tile buffer is the calling thread's, kept between calls: a fresh 4 MB buffer a call came from
-  // the OS each time (freed, then faulted in again page by page), which cost more than the dequantization
-  static thread_local at::Tensor scratch;
-  const int64_t need = tile_rows * K * static_cast<int64_t>(x.element_size());
-  if (!scratch.defined() || scratch.numel() < need) scratch = at::empty({need}, at::kByte);
-  at::Tensor w = scratch.narrow(0, 0, need).view(x.scalar_type()).view({tile_rows, K});
   at::Tensor y = at::empty({M, N}, x.options());
-  const int64_t k = K;
-  for (int64_t n0 = 0; n0 < N; n0 += tile_rows) {
-    const int64_t n1 = std::min(N, n0 + tile_rows);
-    with_format(scales, mins, bits, K, [&](auto q4, auto h, const auto& P) {
-      constexpr bool Q4 = decltype(q4)::value, H = decltype(h)::value;
-      using S = std::remove_const_t<std::remove_pointer_t<decltype(P.scales)>>;
-      if (x.scalar_type() == at::kFloat) dequant_rows<Q4, H, float, S>(q, P, k, n0, n1, w.data_ptr<float>());
-      else dequant_rows<Q4, H, c10::BFloat16, S>(q, P, k, n0, n1, w.data_ptr<c10::BFloat16>());
-    });
-    at::Tensor out = y.narrow(1, n0, n1 - n0);  // (M, tile) with row stride N: BLAS writes it in place
-    at::mm_out(out, xc, w.narrow(0, 0, n1 - n0).t());
-  }
+  const int64_t row_bytes = K * static_cast<int64_t>(x.element_size());
+  if (tile_rows <= 0) tile_rows = std::max<int64_t>(16, l2_bytes() / row_bytes);
+  // each thread's share of W's rows in equal tiles of at most tile_rows (a multiple of 16 where it can be)
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t share = (N + threads - 1) / threads, tiles = (share + tile_rows - 1) / tile_rows;
+  int64_t rows = (share + tiles - 1) / tiles;
+  if (rows > 16) rows = std::min(tile_rows, (rows + 15) / 16 * 16);
+  const bool inference = c10::InferenceMode::is_enabled();
+  const bool wide = leanserve_cpu::use_avx512_bf16();
+  const int64_t k = K, n_all = N;
+  at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
+    c10::InferenceMode guard(inference);  // the workers' own mode: y is an inference tensor where x is
+    // the thread's tile buffer, kept between calls: a fresh buffer a call came from the OS each time
+    // (freed, then faulted in again page by page), which cost more than the dequantization
+    static thread_local at::Tensor scratch;
+    if (!scratch.defined() || scratch.numel() < rows * row_bytes) scratch = at::empty({rows * row_bytes}, at::kByte);
+    at::Tensor w = scratch.narrow(0, 0, rows * row_bytes).view(x.scalar_type()).view({rows, k});
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * rows, n1 = std::min(n_all, n0 + rows);
+      with_format(scales, mins, bits, k, [&](auto q4, auto h, const auto& P) {
+        constexpr bool Q4 = decltype(q4)::value, H = decltype(h)::value;
+        using S = std::remove_const_t<std::remove_pointer_t<decltype(P.scales)>>;
+        for (int64_t n = n0; n < n1; ++n) {
+          if (x.scalar_type() == at::kFloat) {
+            float* out = w.data_ptr<float>() + (n - n0) * k;
+            wide ? dequant_row_avx512<Q4, H, float, S>(q, P, k, n, out) : dequant_row<Q4, H, float, S>(q, P, k, n, out);
+          } else {
+            c10::BFloat16* out = w.data_ptr<c10::BFloat16>() + (n - n0) * k;
+            wide ? dequant_row_avx512<Q4, H, c10::BFloat16, S>(q, P, k, n, out)
+                 : dequant_row<Q4, H, c10::BFloat16, S>(q, P, k, n, out);
+          }
+        }
+      });
+      at::Tensor out = y.narrow(1, n0, n1 - n0);  // (M, tile) with row stride N: the matmul writes it in place
+      at::mm_out(out, xc, w.narrow(0, 0, n1 - n0).t());  // single-threaded here, inside the parallel region
+    }
+  });
   return y;
 }
 
@@ -492,7 +509,8 @@ at::Tensor qlinear_dense(const at::Tensor& x, const at::Tensor& qs, const at::Te
 
 TORCH_LIBRARY_FRAGMENT(leanserve, m) {
   m.def("qlinear(Tensor x, Tensor qs, Tensor scales, Tensor mins, int bits) -> Tensor");
-  // the same product for many rows: tiles of W dequantized, then at::mm (tile_rows <= 0: the most rows, a power of two, within 8 MB)
+  // the same product for many rows: tiles of W dequantized, then at::mm, each thread its own tiles
+  // (tile_rows <= 0: as many rows as fit a core's L2 cache)
   m.def("qlinear_dense(Tensor x, Tensor qs, Tensor scales, Tensor mins, int bits, int tile_rows=0) -> Tensor");
   // whether the AVX512-BF16 paths (here, in paged_attention.cpp and fused.cpp) run; for start-up logs
   m.def("avx512_bf16_available() -> bool", [] { return leanserve_cpu::use_avx512_bf16(); });
