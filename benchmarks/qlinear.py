@@ -92,7 +92,7 @@ def dense_pass(rows_list: list[int], repeats: int, dtype: torch.dtype, layer_for
     """SmolLM2's matmuls (30 layers x 4 in ``layer_format``, then, with ``head``, the Q8_0 LM head;
     random values), one pass per step as a decode step asks them: the float copy (dense matmul),
     qlinear (the kernel reading the blocks) and qlinear_dense (tiles of the blocks dequantized, then
-    the dense matmul), in turn; with ``tile_rows``, qlinear_dense with tiles of that many rows too."""
+    the dense matmul), in turn; with ``tile_rows``, qlinear_dense with tiles of at most that many rows too."""
     ops = kernels.ops()
     rng = np.random.default_rng(0)
 
@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--layer-format", default="Q4_1", choices=["Q4_1", "Q8_0"], help="--dense: the layers' format")
     ap.add_argument("--layers-only", action="store_true", help="--dense: without the LM head")
     ap.add_argument("--tile-rows", type=int, default=0,
-                    help="--dense: time qlinear_dense with tiles of this many rows too (0: only the default tiles)")
+                    help="--dense: time qlinear_dense with tiles of at most this many rows too (0: only the default, a core's L2)")
     ap.add_argument("--paths", default="0,1", choices=["0,1", "0", "1"],
                     help="--model-pass: LEANSERVE_AVX512 values to time (one alone: for alternating processes)")
     args = ap.parse_args()
