@@ -476,7 +476,9 @@ at::Tensor qlinear_dense(const at::Tensor& x, const at::Tensor& qs, const at::Te
   const bool wide = leanserve_cpu::use_avx512_bf16();
   const int64_t k = K, n_all = N;
   at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
-    c10::InferenceMode guard(inference);  // the workers' own mode: y is an inference tensor where x is
+    // InferenceMode is per thread: the workers take the caller's (writing y, an inference tensor when
+    // the caller is in inference mode, from outside that mode fails)
+    c10::InferenceMode guard(inference);
     // the thread's tile buffer, kept between calls: a fresh buffer a call came from the OS each time
     // (freed, then faulted in again page by page), which cost more than the dequantization
     static thread_local at::Tensor scratch;
