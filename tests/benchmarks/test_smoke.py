@@ -147,6 +147,23 @@ def test_qlinear_model_pass_over_smollm2s_own_blocks():
     assert [r[0] for r in rows] == ["1"] and min(numbers(rows[0][1:])[:2]) > 0, out
 
 
+@pytest.mark.model
+@pytest.mark.parametrize("kv", [False, True])
+def test_quant_speed_throughput_alternates_two_engines_in_one_process(kv):
+    need_kernels()
+    require_model("smollm2-135m")
+    out = run_script("quant_speed.py", "throughput", "--prompts", "2", "--max-tokens", "3", "--rounds", "1",
+                     *(["--kv", "--kv-cache-memory", "16MiB"] if kv else [])).stdout
+    names = ["KV model dtype", "KV int8"] if kv else ["float copy", "blocks only"]
+    rows = table_rows(out, r"\d+")
+    assert [(r[0], r[1]) for r in rows] == [("1", n) for n in names], out
+    # output tok/s > 0, requests a step (2 prompts: at most 2), no preemptions with room for both
+    assert all(numbers(r[2:3])[0] > 0 and 0 < numbers(r[3:4])[0] <= 2 and numbers(r[4:5]) == [0.0] for r in rows), out
+    assert re.search(rf"{names[1]} / {names[0]}: \d+\.\d+x", out), out
+    if kv:
+        assert "KV cache " in out and "in int8" in out, out
+
+
 def test_attention_kernel_against_gather_and_sdpa():
     need_kernels()
     out = run_script("attention.py", "--batch", "1", "3", "--context", "16", "40", "--min-time", "0").stdout
