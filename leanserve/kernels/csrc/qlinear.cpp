@@ -459,6 +459,16 @@ LS_AVX512 void dequant_row_avx512(const uint8_t* qs, const BlockParams<S>& P, in
   }
 }
 
+// The calling thread's tile buffer, at least `bytes`, kept between calls: a fresh buffer a call came
+// from the OS each time (freed, then faulted in again page by page), which cost more than the
+// dequantization. 64-byte aligned.
+inline uint8_t* thread_tile(int64_t bytes) {
+  static thread_local std::vector<uint8_t> buffer;
+  if (static_cast<int64_t>(buffer.size()) < bytes + 64) buffer.resize(bytes + 64);
+  const auto addr = reinterpret_cast<uintptr_t>(buffer.data());
+  return buffer.data() + (64 - addr % 64) % 64;
+}
+
 at::Tensor qlinear_dense(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales, const at::Tensor& mins,
                          int64_t bits, int64_t tile_rows) {
   const auto [M, K, N] = check_args("qlinear_dense", x, qs, scales, mins, bits);
@@ -474,35 +484,29 @@ at::Tensor qlinear_dense(const at::Tensor& x, const at::Tensor& qs, const at::Te
   if (rows > 16) rows = std::min(tile_rows, (rows + 15) / 16 * 16);
   const bool inference = c10::InferenceMode::is_enabled();
   const bool wide = leanserve_cpu::use_avx512_bf16();
-  const int64_t k = K, n_all = N;
-  at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
-    // InferenceMode is per thread: the workers take the caller's (writing y, an inference tensor when
-    // the caller is in inference mode, from outside that mode fails)
-    c10::InferenceMode guard(inference);
-    // the thread's tile buffer, kept between calls: a fresh buffer a call came from the OS each time
-    // (freed, then faulted in again page by page), which cost more than the dequantization
-    static thread_local at::Tensor scratch;
-    if (!scratch.defined() || scratch.numel() < rows * row_bytes) scratch = at::empty({rows * row_bytes}, at::kByte);
-    at::Tensor w = scratch.narrow(0, 0, rows * row_bytes).view(x.scalar_type()).view({rows, k});
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * rows, n1 = std::min(n_all, n0 + rows);
-      with_format(scales, mins, bits, k, [&](auto q4, auto h, const auto& P) {
-        constexpr bool Q4 = decltype(q4)::value, H = decltype(h)::value;
-        using S = std::remove_const_t<std::remove_pointer_t<decltype(P.scales)>>;
-        for (int64_t n = n0; n < n1; ++n) {
-          if (x.scalar_type() == at::kFloat) {
-            float* out = w.data_ptr<float>() + (n - n0) * k;
-            wide ? dequant_row_avx512<Q4, H, float, S>(q, P, k, n, out) : dequant_row<Q4, H, float, S>(q, P, k, n, out);
-          } else {
-            c10::BFloat16* out = w.data_ptr<c10::BFloat16>() + (n - n0) * k;
-            wide ? dequant_row_avx512<Q4, H, c10::BFloat16, S>(q, P, k, n, out)
-                 : dequant_row<Q4, H, c10::BFloat16, S>(q, P, k, n, out);
-          }
+  const int64_t k = K, n_all = N, num_tiles = (N + rows - 1) / rows;
+  with_format(scales, mins, bits, K, [&](auto q4, auto h, const auto& P) {
+    constexpr bool Q4 = decltype(q4)::value, H = decltype(h)::value;
+    using S = std::remove_const_t<std::remove_pointer_t<decltype(P.scales)>>;
+    auto run = [&](auto out_type) {  // out_type: a value of x's element type
+      using Out = decltype(out_type);
+      const auto dequant = wide ? &dequant_row_avx512<Q4, H, Out, S> : &dequant_row<Q4, H, Out, S>;
+      at::parallel_for(0, num_tiles, 1, [&](int64_t t0, int64_t t1) {
+        // InferenceMode is per thread: the workers take the caller's (writing y, an inference tensor
+        // when the caller is in inference mode, from outside that mode fails)
+        c10::InferenceMode guard(inference);
+        Out* tile = reinterpret_cast<Out*>(thread_tile(rows * row_bytes));
+        const at::Tensor w = at::from_blob(tile, {rows, k}, x.options());
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t n0 = t * rows, n1 = std::min(n_all, n0 + rows);
+          for (int64_t n = n0; n < n1; ++n) dequant(q, P, k, n, tile + (n - n0) * k);
+          at::Tensor out = y.narrow(1, n0, n1 - n0);  // (M, tile) with row stride N: the matmul writes it in place
+          at::mm_out(out, xc, w.narrow(0, 0, n1 - n0).t());  // single-threaded here, inside the parallel region
         }
       });
-      at::Tensor out = y.narrow(1, n0, n1 - n0);  // (M, tile) with row stride N: the matmul writes it in place
-      at::mm_out(out, xc, w.narrow(0, 0, n1 - n0).t());  // single-threaded here, inside the parallel region
-    }
+    };
+    if (x.scalar_type() == at::kFloat) run(float{});
+    else run(c10::BFloat16{});
   });
   return y;
 }
