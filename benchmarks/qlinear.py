@@ -13,6 +13,7 @@ the other, per shape and row count.
     .venv/bin/python benchmarks/qlinear.py --dense --dtype bfloat16 --rows 1,8,16,32,64,128,256   # blocks only
     .venv/bin/python benchmarks/qlinear.py --dense --layers-only --layer-format Q8_0 --dtype bfloat16 --rows 8,12,16
     .venv/bin/python benchmarks/qlinear.py --dense --layers-only --dtype bfloat16 --rows 64 --tile-rows 512
+    .venv/bin/python benchmarks/qlinear.py --dense --layers-only --layer-format Q5_0 --dtype bfloat16 --rows 1,8,16,24
     for p in 0 1 0 1; do .venv/bin/python benchmarks/qlinear.py --model-pass --rows 1 --paths $p; done   # one path per process
 
 --model-pass times what one decode step of SmolLM2 asks of the kernel: every quantized matmul of
@@ -92,7 +93,9 @@ def dense_pass(rows_list: list[int], repeats: int, dtype: torch.dtype, layer_for
     """SmolLM2's matmuls (30 layers x 4 in ``layer_format``, then, with ``head``, the Q8_0 LM head;
     random values), one pass per step as a decode step asks them: the float copy (dense matmul),
     qlinear (the kernel reading the blocks) and qlinear_dense (tiles of the blocks dequantized, then
-    the dense matmul), in turn; with ``tile_rows``, qlinear_dense with tiles of at most that many rows too."""
+    the dense matmul), in turn; with ``tile_rows``, qlinear_dense with tiles of at most that many rows too;
+    Q5_0/Q5_1 layers (5-bit values): qlinear on the same values widened to 8 bits too, as they were read
+    before the 5-bit layout."""
     ops = kernels.ops()
     rng = np.random.default_rng(0)
 
@@ -105,9 +108,12 @@ def dense_pass(rows_list: list[int], repeats: int, dtype: torch.dtype, layer_for
         _, fmt, n, k = SHAPES[-1]
         weights.append(weight(fmt, n, k))
     print(f"{layer_format} layers{', Q8_0 LM head' if head else ''}; {dtype}\n")
+    five = layer_format.startswith("Q5")
     extra = f" qlinear_dense, {tile_rows}-row tiles ms | that / float copy |" if tile_rows else ""
+    extra += " qlinear, values as 8-bit ms | 8-bit / 5-bit |" if five else ""
     print("| rows | float copy ms | qlinear ms | qlinear_dense ms | dense / float copy |" + extra)
-    print("| --- | --- | --- | --- | --- |" + (" --- | --- |" if tile_rows else ""))
+    print("| --- | --- | --- | --- | --- |" + (" --- | --- |" if tile_rows else "") + (" --- | --- |" if five else ""))
+    wide = [(q.widened(8), w) for q, w in weights] if five else []
     for rows in rows_list:
         xs = {k: torch.randn(rows, k).to(dtype) for k in {w.shape[1] for _, w in weights}}
         paths = {
@@ -118,6 +124,8 @@ def dense_pass(rows_list: list[int], repeats: int, dtype: torch.dtype, layer_for
         if tile_rows:
             paths["tiles"] = lambda: [ops.qlinear_dense(xs[w.shape[1]], q.qs, q.scales, q.mins, q.bits, tile_rows)
                                       for q, w in weights]
+        if five:
+            paths["wide"] = lambda: [ops.qlinear(xs[w.shape[1]], q.qs, q.scales, q.mins, q.bits) for q, w in wide]
         times: dict[str, list[float]] = {p: [] for p in paths}
         for i in range(repeats + 2):  # paths in turn, pass by pass; two warm-up passes
             for name, fn in paths.items():
@@ -127,6 +135,7 @@ def dense_pass(rows_list: list[int], repeats: int, dtype: torch.dtype, layer_for
                     times[name].append(time.perf_counter() - t)
         med = {p: statistics.median(ts) * 1e3 for p, ts in times.items()}
         tiles = f" {med['tiles']:.1f} | {med['tiles'] / med['float']:.2f} |" if tile_rows else ""
+        tiles += f" {med['wide']:.1f} | {med['wide'] / med['qlinear']:.2f} |" if five else ""
         print(f"| {rows} | {med['float']:.1f} | {med['qlinear']:.1f} | {med['dense']:.1f} | "
               f"{med['dense'] / med['float']:.2f} |" + tiles, flush=True)
 
@@ -140,7 +149,8 @@ def main() -> None:
     ap.add_argument("--model-pass", action="store_true", help="SmolLM2's own blocks, one pass per step (see above)")
     ap.add_argument("--dense", action="store_true",
                     help="a model pass: float copy vs qlinear vs qlinear_dense (blocks only), --dtype rows")
-    ap.add_argument("--layer-format", default="Q4_1", choices=["Q4_1", "Q8_0"], help="--dense: the layers' format")
+    ap.add_argument("--layer-format", default="Q4_1", choices=["Q4_1", "Q5_0", "Q5_1", "Q8_0"],
+                    help="--dense: the layers' format")
     ap.add_argument("--layers-only", action="store_true", help="--dense: without the LM head")
     ap.add_argument("--tile-rows", type=int, default=0,
                     help="--dense: time qlinear_dense with tiles of at most this many rows too (0: only the default, a core's L2)")

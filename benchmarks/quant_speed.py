@@ -65,6 +65,7 @@ def step(args: argparse.Namespace) -> None:
                                  capture_output=True, text=True, cwd=tree, check=True)
             for b, ms in json.loads(out.stdout.strip().splitlines()[-1]).items():
                 results[name].setdefault(int(b), []).append(ms)
+    print("each round, ms:", {n: {b: [round(v, 2) for v in vs] for b, vs in r.items()} for n, r in results.items()})
     print(f"{args.model}, dtype {args.dtype}; median decode step ms of {args.rounds} rounds (each a median of 16 steps); "
           f"this = {trees['this']}, against = {trees['against']}\n")
     print("| batch | against ms | this ms | speed-up |")

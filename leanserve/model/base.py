@@ -13,7 +13,7 @@ from leanserve import env, kernels
 from leanserve.model.attention import AttentionMetadata
 from leanserve.model.config import ModelConfig
 from leanserve.model.native import NativeDecodePlan
-from leanserve.model.quant import AMX_KERNEL_ROWS, KERNEL_ROWS, QUANT_ONLY_ROWS, QuantWeight, qmatmul
+from leanserve.model.quant import AMX_KERNEL_ROWS, KERNEL_ROWS, QUANT_ONLY_ROWS, QuantWeight, five_bits_pay, qmatmul
 
 # HF checkpoint names of the separate projections -> (fused parameter, shard index)
 STACKED = {
@@ -260,10 +260,13 @@ class CausalLM(nn.Module):
         modules = dict(self.named_modules())
         dtype = self.model.embed_tokens.weight.dtype
         rows_with_copy, rows_alone = KERNEL_ROWS[dtype], QUANT_ONLY_ROWS[dtype]  # (layers, LM head); by bits
+        five_bits = five_bits_pay(dtype)
         for target, shards in blocks.items():
             module_name = target.removesuffix(".weight")
             parts = [shards[i] for i in range(len(shards))]
             qw = QuantWeight.cat(parts) if len(parts) > 1 else parts[0]
+            if qw is not None and qw.bits == 5 and not five_bits:
+                qw = qw.widened(8)
             head = target in ("model.embed_tokens.weight", "lm_head.weight")
             embedding = target == "model.embed_tokens.weight"
             keep_float = float_weights or qw is None

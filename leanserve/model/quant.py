@@ -7,15 +7,16 @@ blocks are a quantized weight's only copy: small batches read them (``qlinear``)
 FLOPs, dequantize tiles of them for the dense matmul (``qlinear_dense``; ``qmatmul`` picks).
 
 One format covers the GGUF types the kernels read, exactly: per block of 32, ``w = scale * q + min``
-with q of 4 bits (packed two to a byte, see ``_pack4``) or 8 bits (int8):
+with q of 4 bits (packed two to a byte, see ``_pack4``), 5 bits (those 4 bits, then a uint32 of
+high bits a block, see ``_pack5``) or 8 bits (int8):
 
     Q4_0  w = d * (q - 8)        -> 4-bit, scale d, min -8d
     Q4_1  w = d * q + m          -> 4-bit, scale d, min m
-    Q5_0  w = d * (q - 16)       -> 8-bit, q - 16, scale d, min 0
-    Q5_1  w = d * q + m          -> 8-bit, scale d, min m
+    Q5_0  w = d * (q - 16)       -> 5-bit, scale d, min -16d
+    Q5_1  w = d * q + m          -> 5-bit, scale d, min m
     Q8_0  w = d * q              -> 8-bit, scale d, min 0
     Q4_K  w = (d sc) q - dmin m  -> 4-bit, float32 scale d*sc and min -dmin*m per 32 (sc, m: 6 bits)
-    Q5_K  the same, 5-bit q      -> 8-bit
+    Q5_K  the same, 5-bit q      -> 5-bit
     Q6_K  w = (d sc) (q - 32)    -> 8-bit, float32 scale per 16 (``block`` 16), min 0
 
 GGUF's own float16 scales stay float16; a K-quant's products are exact in float32 only. Where every
@@ -47,16 +48,28 @@ AMX_KERNEL_ROWS = 4
 # beats qlinear_dense (each core dequantizing L2-sized tiles of W, then the dense matmul), per dtype
 # of x and bits of the values. benchmarks/qlinear.py --dense --layers-only over SmolLM2's layer
 # shapes on the 2-vCPU AVX-512 EPYC (ms, qlinear vs tiles): bfloat16 Q4_1 20.0 vs 21.4 at 16 rows,
-# 25.2 vs 23.5 at 20; Q8_0 (widened to float32 per row group) 16.2 vs 16.6 at 8, 23.1 vs 18.9 at 12;
-# float32 Q4_1 and Q8_0 even at 32 rows (48.2 vs 46.1, 49.8 vs 51.9; 50.0 vs 51.8), tiles ahead at 48.
-QUANT_ONLY_ROWS = {torch.float32: {4: 32, 8: 32}, torch.bfloat16: {4: 16, 8: 8}}
+# 25.2 vs 23.5 at 20; Q5_0 (5-bit) 20.9 vs 21.7 at 14, 23.8 vs 22.5 at 16; Q8_0 (widened to float32
+# per row group) 16.2 vs 16.6 at 8, 23.1 vs 18.9 at 12; float32 Q4_1 and Q8_0 even at 32 rows (48.2 vs
+# 46.1, 49.8 vs 51.9; 50.0 vs 51.8), tiles ahead at 48. (5-bit values only with bfloat16 rows: five_bits_pay.)
+QUANT_ONLY_ROWS = {torch.float32: {4: 32, 8: 32}, torch.bfloat16: {4: 16, 5: 14, 8: 8}}
+
+
+def five_bits_pay(dtype: torch.dtype) -> bool:
+    """Whether 5-bit values (Q5_0, Q5_1, Q5_K) stay in 5 bits for rows of ``dtype``, else they are
+    widened to 8 at load. The AVX512-BF16 kernel (bfloat16 rows) turns them into bf16 with one table
+    lookup and reads 30% fewer bytes: 1.18x faster than the same values in 8 bits at one row, 1.3x at
+    8 (benchmarks/qlinear.py --dense --layers-only --layer-format Q5_0, 2-vCPU AVX-512 EPYC). The AVX2
+    code (float32 rows, or no AVX512-BF16) spends ~10 instructions a value on them against 4 on 8-bit
+    ones: 0.54x at one row."""
+    ops = kernels.ops()
+    return dtype == torch.bfloat16 and ops is not None and ops.avx512_bf16_available()
 
 
 @dataclass
 class QuantWeight:
-    qs: torch.Tensor  # 4 bits: (N, ceil(K / 64) * 8) int32 holding bytes, see _pack4; 8 bits: (N, K) int8
+    qs: torch.Tensor  # 4 bits: (N, ceil(K / 64) * 8) int32 holding bytes, see _pack4; 5 bits: _pack5; 8 bits: (N, K) int8
     scales: torch.Tensor  # (N, K / block) float16 (GGUF's own scales) or float32 (K-quants' products)
-    mins: torch.Tensor  # (N, K / 32) in the scales' dtype, or (N, 0) where every min is zero (Q8_0, Q5_0, Q6_K)
+    mins: torch.Tensor  # (N, K / 32) in the scales' dtype, or (N, 0) where every min is zero (Q8_0, Q6_K)
     bits: int
     max_rows: int = KERNEL_ROWS[torch.float32][0]  # the Linear layer uses the kernel up to this many rows of x
     block: int = BLOCK  # values per scale: 32, or 16 (Q6_K; 8-bit, float32 scales; mins still per 32)
@@ -71,8 +84,8 @@ class QuantWeight:
 
     def dequantize(self) -> torch.Tensor:
         n, k = self.shape
-        if self.bits == 4:
-            q = torch.from_numpy(_unpack4(self.qs.numpy(), k)).view(n, k // self.block, self.block).float()
+        if self.bits != 8:
+            q = torch.from_numpy(_unpack(self.qs.numpy(), k, self.bits)).view(n, k // self.block, self.block).float()
         else:
             q = self.qs.view(n, k // self.block, self.block).float()
         w = q * self.scales.float()[..., None]  # exact: a float16 or K-quant scale times at most 8 bits
@@ -92,32 +105,40 @@ class QuantWeight:
         return QuantWeight(self.qs[idx].contiguous(), self.scales[idx].contiguous(), self.mins[idx].contiguous(),
                            self.bits, block=self.block)
 
-    def widened(self) -> "QuantWeight":
-        """The same values in the 8-bit layout (4-bit values as int8)."""
-        if self.bits == 8:
+    def widened(self, bits: int = 8) -> "QuantWeight":
+        """The same values in the layout of ``bits`` (4-bit values as 5-bit or int8, 5-bit as int8)."""
+        if self.bits == bits:
             return self
         n, k = self.shape
-        q = torch.from_numpy(_unpack4(self.qs.numpy(), k).astype(np.int8))
-        return QuantWeight(q, self.scales, self.mins, 8, self.max_rows, self.block)
+        q = _unpack(self.qs.numpy(), k, self.bits)
+        if bits != 8:
+            return QuantWeight(torch.from_numpy(_pack5(q)), self.scales, self.mins, bits, self.max_rows, self.block)
+        mins, centre = self.mins, 1 << (self.bits - 1)
+        if mins.numel() and torch.equal(mins.float(), -centre * self.scales.float()):
+            # Q4_0's -8 d, Q5_0's -16 d: signed values q - 8 or q - 16 need no mins at 8 bits (same values)
+            q, mins = q.astype(np.int16) - centre, mins[:, :0]
+        return QuantWeight(torch.from_numpy(q.astype(np.int8)), self.scales, mins.contiguous(), 8, self.max_rows, self.block)
 
     def halved(self) -> "QuantWeight":
         """The same values with a float32 scale per 16 (each block's scale twice; mins stay per 32), 8-bit."""
         if self.block == 16:
             return self
-        return QuantWeight(self.qs, self.scales.float().repeat_interleave(2, dim=1).contiguous(), self.mins.float(),
-                           self.bits, self.max_rows, 16)
+        wide = self.widened(8)  # the kernels read a scale per 16 with 8-bit values only
+        return QuantWeight(wide.qs, self.scales.float().repeat_interleave(2, dim=1).contiguous(), wide.mins.float(),
+                           8, self.max_rows, 16)
 
     @staticmethod
     def cat(parts: list["QuantWeight"]) -> "QuantWeight | None":
         """Row-wise concatenation (fused q/k/v, gate/up). Parts of different formats meet in the wider
-        one, exactly: 4-bit values widened to 8, a scale per 32 repeated per 16, float16 scales as
-        float32; None where the widths differ."""
+        one, exactly: values widened to the most bits, a scale per 32 repeated per 16, float16 scales
+        as float32; None where the widths differ."""
         if len({p.shape[1] for p in parts}) != 1:
             return None
         if len({p.bits for p in parts}) > 1:
-            parts = [p.widened() for p in parts]
+            bits = max(p.bits for p in parts)
+            parts = [p.widened(bits) for p in parts]
         if len({p.block for p in parts}) > 1:
-            parts = [p.halved() for p in parts]
+            parts = [p.halved() for p in parts]  # (8-bit values: the only ones with a scale per 16)
         dtype = torch.float16 if all(p.scales.dtype == torch.float16 for p in parts) else torch.float32
         mins = [p.mins for p in parts]
         if any(m.numel() for m in mins):  # some parts have mins: the others' zeros spelled out
@@ -144,27 +165,26 @@ def from_gguf_blocks(raw: np.ndarray, type_name: str, n: int, k: int) -> QuantWe
     b = np.asarray(raw, dtype=np.uint8).reshape(n, k // BLOCK, SIMPLE_TYPES[type_name])
     d = _f16(b[..., 0:2])
     none = np.zeros((n, 0), np.float16)  # all mins zero: none stored, none read
-    if type_name in ("Q4_0", "Q4_1"):
-        lo = b[..., 2:18] if type_name == "Q4_0" else b[..., 4:20]  # byte i: element i, i + 16
-        q = np.concatenate((lo & 0x0F, lo >> 4), axis=-1).reshape(n, k)
-        if type_name == "Q4_1":
-            mins = _f16(b[..., 2:4])
-        else:  # -8 d: exact in float16 unless it overflows (then float32, also exact)
-            mins32 = -8.0 * d.astype(np.float32)
-            mins = mins32.astype(np.float16) if np.isfinite(mins32.astype(np.float16)).all() else mins32
-            d = d if mins.dtype == np.float16 else d.astype(np.float32)
-        return _make(_pack4(q), d, mins, 4)
     if type_name == "Q8_0":
         return _make(b[..., 2:34].view(np.int8).reshape(n, k), d, none, 8)
-    # Q5_x: 16 bytes of low nibbles (as Q4) plus 32 high bits, element j's bit is bit j of qh
-    mins, qh_at, qs_at = (none, 2, 6) if type_name == "Q5_0" else (_f16(b[..., 2:4]), 4, 8)
-    qh = np.ascontiguousarray(b[..., qh_at:qh_at + 4]).view("<u4")  # (n, groups, 1)
-    high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4  # (n, groups, 32)
+    # Q4_x: 16 bytes, byte i holding element i and i + 16; Q5_x: the same for the low 4 bits, after 32
+    # high bits (element j's is bit j of qh); Q4_1/Q5_1 have a float16 min after d
+    bits = 4 if type_name in ("Q4_0", "Q4_1") else 5
+    with_min = type_name.endswith("_1")
+    qs_at = 2 + 2 * with_min + 4 * (bits == 5)
     lo = b[..., qs_at:qs_at + 16]
-    q = np.concatenate((lo & 0x0F, lo >> 4), axis=-1) | high  # 0..31
-    if type_name == "Q5_0":
-        q = q.astype(np.int16) - 16
-    return _make(q.astype(np.int8).reshape(n, k), d, mins, 8)
+    q = np.concatenate((lo & 0x0F, lo >> 4), axis=-1)  # (n, groups, 32)
+    if bits == 5:
+        qh = np.ascontiguousarray(b[..., qs_at - 4:qs_at]).view("<u4")  # (n, groups, 1)
+        q |= ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4  # 0..31
+    if with_min:
+        mins = _f16(b[..., 2:4])
+    else:  # -8 d or -16 d: exact in float16 unless it overflows (then float32, also exact)
+        mins32 = -float(1 << (bits - 1)) * d.astype(np.float32)
+        mins = mins32.astype(np.float16) if np.isfinite(mins32.astype(np.float16)).all() else mins32
+        d = d if mins.dtype == np.float16 else d.astype(np.float32)
+    q = q.reshape(n, k)
+    return _make(_pack4(q) if bits == 4 else _pack5(q), d, mins, bits)
 
 
 def _from_k_blocks(raw: np.ndarray, type_name: str, n: int, k: int) -> QuantWeight | None:
@@ -172,7 +192,7 @@ def _from_k_blocks(raw: np.ndarray, type_name: str, n: int, k: int) -> QuantWeig
     sub-scales. Each sub-block's scale ``d * sc`` (and min ``-dmin * m``) is exact in float32, so
     ``scale * q + min`` is the value gguf dequantizes to, bit for bit:
         Q4_K  8 x 32 values of 4 bits -> 4-bit, a float32 scale and min per 32
-        Q5_K  8 x 32 values of 5 bits -> 8-bit (0..31), a float32 scale and min per 32
+        Q5_K  8 x 32 values of 5 bits -> 5-bit, a float32 scale and min per 32
         Q6_K  16 x 16 values of 6 bits -> 8-bit (q - 32), a float32 scale per 16, no mins"""
     from gguf.quants import Q4_K
 
@@ -192,7 +212,7 @@ def _from_k_blocks(raw: np.ndarray, type_name: str, n: int, k: int) -> QuantWeig
         qh = b[:, 16:48].reshape(nb, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)  # bit i: sub-block i
         ql = b[:, 48:176].reshape(nb, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
         q = (ql & 0x0F).reshape(nb, 8, 32) | ((qh & 1) << 4)
-        return _make(q.astype(np.int8).reshape(n, k), scales, mins, 8)
+        return _make(_pack5(q.reshape(n, k)), scales, mins, 5)
     ql = b[:, 0:128].reshape(nb, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
     ql = (ql & 0x0F).reshape(nb, 2, 2, 2, 32)  # (half, nibble, 64-chunk, 32)
     ql = ql.reshape(nb, 2, 4, 32)
@@ -235,10 +255,25 @@ def _pack4(q: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, pairs * 32).view(np.int32)
 
 
-def _unpack4(qs: np.ndarray, k: int) -> np.ndarray:
-    b = np.ascontiguousarray(qs).view(np.uint8).reshape(qs.shape[0], -1, 1, 32)  # (N, pair, 1, i)
-    q = np.concatenate((b & 0xF, b >> 4), axis=2)  # (N, pair, block, i)
-    return q.reshape(qs.shape[0], -1)[:, :k]
+def _pack5(q: np.ndarray) -> np.ndarray:
+    """(N, K) values 0..31 -> the kernel's 5-bit layout: the low 4 bits as ``_pack4`` lays them out,
+    then a uint32 a block whose bit i is bit 4 of the block's value i (GGUF Q5's qh). int32 rows."""
+    n, k = q.shape
+    high = ((q.astype(np.uint32) >> 4) & 1).reshape(n, k // BLOCK, BLOCK) << np.arange(BLOCK, dtype=np.uint32)
+    return np.concatenate((_pack4(q & 0x0F), high.sum(axis=-1, dtype=np.uint32).view(np.int32)), axis=1)
+
+
+def _unpack(qs: np.ndarray, k: int, bits: int) -> np.ndarray:
+    """The 4- or 5-bit layout -> (N, K) values as uint8."""
+    n = qs.shape[0]
+    pairs = -(-k // 64)
+    b = np.ascontiguousarray(qs).view(np.uint8)
+    nib = b[:, :pairs * 32].reshape(n, pairs, 1, 32)  # (N, pair, 1, i)
+    q = np.concatenate((nib & 0xF, nib >> 4), axis=2).reshape(n, -1)[:, :k]  # (N, pair, block, i)
+    if bits == 5:
+        qh = np.ascontiguousarray(b[:, pairs * 32:]).view("<u4")  # (N, groups)
+        q = q | (((qh[..., None] >> np.arange(BLOCK, dtype=np.uint32)) & 1).astype(np.uint8) << 4).reshape(n, k)
+    return q
 
 
 def _make(qs: np.ndarray, scales: np.ndarray, mins: np.ndarray, bits: int) -> QuantWeight:

@@ -156,7 +156,7 @@ def test_gemma3_matches_transformers(gemma3_f32):
     greedy = SamplingParams(temperature=0.0, max_tokens=GEMMA_NEW_TOKENS, ignore_eos=True)
     llm = LLM("gemma3-270m", loaded=loaded)
     assert_same_greedy(_generate(llm, prompts, greedy), refs, prompts, hf, "gemma3 gguf, one batch")
-    _require_quantized(loaded)  # Q5_0 / Q8_0 / Q5_K layers in 8-bit blocks, Q4_K in 4-bit, Q6_K with scales per 16
+    _require_quantized(loaded)  # Q5_0 layers in 5-bit blocks (8-bit beside a Q8_0 v), Q4_K in 4-bit, Q6_K with scales per 16
     small = LLM("gemma3-270m", loaded=loaded, max_num_seqs=4)
     assert_same_greedy(_generate(small, prompts[:8], greedy), refs[:8], prompts[:8], hf, "gemma3 gguf, native kernels")
 
@@ -178,6 +178,29 @@ def test_gguf_weights_are_kept_only_in_their_blocks(name, request):
     if name == "gemma3-270m":
         formats = {(m.qweight.bits, m.qweight.block, m.qweight.scales.dtype) for m in linears}
         assert (4, 32, torch.float32) in formats and (8, 16, torch.float32) in formats  # Q4_K; Q6_K (down_proj)
+        # float32 rows: Q5_0 values widened to 8 bits (the AVX2 code reads those faster), signed, no mins
+        assert (8, 32, torch.float16) in formats and not any(b == 5 for b, _, _ in formats)
+        assert model.model.layers[0].mlp.gate_up_proj.qweight.mins.numel() == 0
+
+
+def test_gemma3_q5_0_layers_stay_5_bit_where_the_kernel_reads_them_faster():
+    """bfloat16 rows with AVX512-BF16: Q5_0 layers in 5-bit blocks (gate/up, q/k/v where v is Q5_0
+    too), the fused q/k/v beside a Q8_0 v in 8 bits; without AVX512-BF16 all of them in 8 bits."""
+    require_model("gemma3-270m")
+    from leanserve import kernels
+    from leanserve.model.layers import Linear
+    from leanserve.model.quant import five_bits_pay
+
+    if kernels.ops() is None:
+        pytest.skip(kernels.status())
+    model = load_model("gemma3-270m", torch.bfloat16).model
+    bits = {m.qweight.bits for m in model.modules() if isinstance(m, Linear)}
+    assert bits == ({4, 5, 8} if five_bits_pay(torch.bfloat16) else {4, 8})
+    if five_bits_pay(torch.bfloat16):
+        gate_up, qkv = model.model.layers[0].mlp.gate_up_proj.qweight, model.model.layers[0].self_attn.qkv_proj.qweight
+        assert gate_up.bits == 5 and gate_up.mins.dtype == torch.float16
+        assert {model.model.layers[i].self_attn.qkv_proj.qweight.bits for i in range(18)} == {5, 8}
+        assert qkv.bits in (5, 8) and gate_up.nbytes == 4096 * (640 // 2 + 640 // 32 * (4 + 2 + 2))  # values, qh, d, -16 d
 
 
 def test_float_copy_option_computes_the_same_model():

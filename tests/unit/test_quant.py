@@ -25,11 +25,12 @@ def _gguf(name: str, n: int = 48, k: int = 576, seed: int = 0) -> tuple[np.ndarr
 def test_blocks_dequantize_exactly_like_gguf(name):
     raw, ref = _gguf(name)
     qw = from_gguf_blocks(raw, name, *ref.shape)
-    assert qw.bits == (4 if name in ("Q4_0", "Q4_1") else 8)
+    assert qw.bits == {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8}[name]
     assert qw.shape == tuple(ref.shape)
     assert torch.equal(qw.dequantize(), ref)  # bit for bit, not approximately
     # GGUF's float16 scales kept as they are, and mins only where the format has nonzero ones
-    with_mins = name in ("Q4_0", "Q4_1", "Q5_1")
+    # (Q4_0's -8 d and Q5_0's -16 d: the kernels' values are unsigned)
+    with_mins = name != "Q8_0"
     assert qw.scales.dtype == qw.mins.dtype == torch.float16
     assert qw.mins.numel() == (ref.numel() // 32 if with_mins else 0)
     assert qw.nbytes == ref.numel() * qw.bits // 8 + (2 if with_mins else 1) * 2 * ref.numel() // 32
@@ -44,15 +45,30 @@ def test_unsupported_types_and_shapes_stay_float():
 
 @pytest.mark.parametrize("k", [32, 64, 96, 576])  # odd and even block counts
 def test_4bit_layout_round_trips(k):
-    from leanserve.model.quant import _pack4, _unpack4
+    from leanserve.model.quant import _pack4, _unpack
 
     q = np.random.default_rng(k).integers(0, 16, (3, k)).astype(np.uint8)
     packed = _pack4(q)
     assert packed.shape == (3, -(-k // 64) * 8) and packed.dtype == np.int32
-    assert np.array_equal(_unpack4(packed, k), q)
+    assert np.array_equal(_unpack(packed, k, 4), q)
     # byte i of a pair: weight i of its first block (low nibble), weight i of the second (high)
     pair = packed[0, :8].view(np.uint8)
     assert pair[5] & 0xF == q[0, 5] and (k < 64 or pair[5] >> 4 == q[0, 37])
+
+
+@pytest.mark.parametrize("k", [32, 64, 96, 576])
+def test_5bit_layout_round_trips(k):
+    from leanserve.model.quant import _pack4, _pack5, _unpack
+
+    q = np.random.default_rng(k).integers(0, 32, (3, k)).astype(np.uint8)
+    packed = _pack5(q)
+    pairs, groups = -(-k // 64), k // 32
+    assert packed.shape == (3, pairs * 8 + groups) and packed.dtype == np.int32
+    assert np.array_equal(_unpack(packed, k, 5), q)
+    # the low 4 bits laid out as 4-bit values, then a uint32 a block: bit i is bit 4 of value i
+    assert np.array_equal(packed[:, :pairs * 8], _pack4(q & 0xF))
+    high = packed[1, pairs * 8:].view(np.uint32)
+    assert all((int(high[g]) >> i) & 1 == q[1, 32 * g + i] >> 4 for g in range(groups) for i in range(32))
 
 
 def test_rows_and_cat():
@@ -65,12 +81,19 @@ def test_rows_and_cat():
     raw8, ref8 = _gguf("Q8_0", n=8)
     wide = QuantWeight.cat([qw, from_gguf_blocks(raw8, "Q8_0", *ref8.shape)])  # 4-bit + 8-bit: 8-bit
     assert wide.bits == 8 and torch.equal(wide.dequantize(), torch.cat([ref, ref8]))
-    # 8-bit with and without mins (Q5_1, Q5_0): the missing mins become zeros
+    # with and without mins (Q5_1 widened to 8 bits, Q8_0): the missing mins become zeros
     raw51, ref51 = _gguf("Q5_1", n=8, seed=1)
+    mixed = QuantWeight.cat([from_gguf_blocks(raw51, "Q5_1", *ref51.shape), from_gguf_blocks(raw8, "Q8_0", *ref8.shape)])
+    assert mixed.bits == 8 and mixed.mins.shape == mixed.scales.shape
+    assert torch.equal(mixed.dequantize(), torch.cat([ref51, ref8]))
+    # Q5_0 (-16 d as its min) widened to 8 bits: signed values, no mins, as Q8_0 beside it
     raw50, ref50 = _gguf("Q5_0", n=8, seed=2)
-    mixed = QuantWeight.cat([from_gguf_blocks(raw51, "Q5_1", *ref51.shape), from_gguf_blocks(raw50, "Q5_0", *ref50.shape)])
-    assert mixed.mins.shape == mixed.scales.shape
-    assert torch.equal(mixed.dequantize(), torch.cat([ref51, ref50]))
+    signed = QuantWeight.cat([from_gguf_blocks(raw50, "Q5_0", *ref50.shape), from_gguf_blocks(raw8, "Q8_0", *ref8.shape)])
+    assert signed.bits == 8 and signed.mins.numel() == 0 and int(signed.qs[:8].min()) >= -16
+    assert torch.equal(signed.dequantize(), torch.cat([ref50, ref8]))
+    # 4-bit + 5-bit: 5-bit
+    five = QuantWeight.cat([qw, from_gguf_blocks(raw50, "Q5_0", *ref50.shape)])
+    assert five.bits == 5 and torch.equal(five.dequantize(), torch.cat([ref, ref50]))
 
 
 needs_kernels = pytest.mark.skipif(kernels.ops() is None, reason=kernels.status())
@@ -147,8 +170,10 @@ def test_qlinear_rejects_bad_input():
         ops.qlinear(torch.randn(2, 48), qw.qs, qw.scales, qw.mins, 4)
     with pytest.raises(RuntimeError, match="qs must be contiguous int8 rows of 64 bytes"):
         ops.qlinear(torch.randn(2, 64), qw.qs, qw.scales, qw.mins, 8)  # 4-bit data read as 8-bit
-    with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
-        ops.qlinear(torch.randn(2, 64), qw.qs, qw.scales, qw.mins, 5)
+    with pytest.raises(RuntimeError, match="qs must be contiguous int32 rows of 40 bytes"):
+        ops.qlinear(torch.randn(2, 64), qw.qs, qw.scales, qw.mins, 5)  # 4-bit data read as 5-bit: no high bits
+    with pytest.raises(RuntimeError, match="bits must be 4, 5 or 8"):
+        ops.qlinear(torch.randn(2, 64), qw.qs, qw.scales, qw.mins, 6)
 
 
 @needs_kernels
@@ -203,7 +228,7 @@ def _any(name: str, n: int = 24, k: int = 512, seed: int = 0) -> tuple[np.ndarra
     return _kquant(name, n, k, seed) if name in K_TYPES else _gguf(name, n, k, seed)
 
 
-@pytest.mark.parametrize("name,bits,block,mins", [("Q4_K", 4, 32, True), ("Q5_K", 8, 32, True), ("Q6_K", 8, 16, False)])
+@pytest.mark.parametrize("name,bits,block,mins", [("Q4_K", 4, 32, True), ("Q5_K", 5, 32, True), ("Q6_K", 8, 16, False)])
 def test_k_quants_dequantize_exactly_like_gguf(name, bits, block, mins):
     raw, ref = _kquant(name)
     qw = from_gguf_blocks(raw, name, *ref.shape)
@@ -213,14 +238,16 @@ def test_k_quants_dequantize_exactly_like_gguf(name, bits, block, mins):
     assert from_gguf_blocks(raw[:, :-1], name, ref.shape[0], ref.shape[1] - 1) is None  # not whole super-blocks
 
 
-MIXES = [("Q5_0", "Q5_0", "Q6_K"), ("Q4_K", "Q4_K", "Q6_K"), ("Q4_K", "Q5_K"), ("Q4_1", "Q8_0"), ("Q5_1", "Q6_K")]
+MIXES = [("Q5_0", "Q5_0", "Q6_K"), ("Q4_K", "Q4_K", "Q6_K"), ("Q4_K", "Q5_K"), ("Q4_1", "Q8_0"), ("Q5_1", "Q6_K"),
+         ("Q5_0", "Q5_0", "Q8_0"), ("Q4_K", "Q5_0")]  # Gemma 3's q/k/v in half its layers; 4 + 5 bits meet in 5
 
 
 @pytest.mark.parametrize("mix", MIXES, ids="+".join)
 def test_fused_parts_of_different_formats_meet_exactly(mix):
     parts = [_any(name, n=8 * (i + 1), seed=i) for i, name in enumerate(mix)]
     qw = QuantWeight.cat([from_gguf_blocks(raw, name, *ref.shape) for (raw, ref), name in zip(parts, mix)])
-    assert qw is not None and qw.bits == (4 if set(mix) <= {"Q4_0", "Q4_1", "Q4_K"} else 8)
+    bits = 4 if set(mix) <= {"Q4_0", "Q4_1", "Q4_K"} else 8 if set(mix) & {"Q6_K", "Q8_0"} else 5
+    assert qw is not None and qw.bits == bits
     assert qw.block == (16 if "Q6_K" in mix else 32)
     assert torch.equal(qw.dequantize(), torch.cat([ref for _, ref in parts]))
 
@@ -254,9 +281,10 @@ def test_qlinear_dense_dequantizes_each_tile_exactly(name, dtype, avx512, monkey
     bit for bit: gguf's float32 value, rounded once to x's dtype. Each thread's share of the 40 rows
     in tiles of at most 16 or 7 (a partial last tile) or of the default size, on 2 threads and on 1."""
     monkeypatch.setenv("LEANSERVE_AVX512", avx512)
-    raw, ref = _any(name, n=40, k=512, seed=3)
+    k = 512 if name in K_TYPES else 544  # 17 blocks: an odd last block (K-quants: whole super-blocks)
+    raw, ref = _any(name, n=40, k=k, seed=3)
     qw = from_gguf_blocks(raw, name, *ref.shape)
-    eye = torch.eye(512, dtype=dtype)
+    eye = torch.eye(k, dtype=dtype)
     threads = torch.get_num_threads()
     try:
         for n_threads in (2, 1):

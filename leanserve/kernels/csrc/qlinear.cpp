@@ -1,5 +1,5 @@
 // y = x @ W^T with W kept in GGUF-style blocks of 32 along the input dimension, dequantized in
-// registers: w = scale * q + min. That is exact for GGUF Q4_0, Q4_1, Q5_0 and Q8_0 (scale * q is
+// registers: w = scale * q + min. That is exact for GGUF Q4_0/1, Q5_0/1 and Q8_0 (scale * q is
 // exact in float32 for q of at most 8 bits and a float16 scale, so fma(q, scale, min) rounds once,
 // like the reference dequantization), so the result differs from a float32 matmul over the
 // dequantized weights only in summation order. (The AVX512-BF16 path for bfloat16 rows, below,
@@ -10,6 +10,8 @@
 //            pair: byte i holds weight i of the first block in its low nibble and weight i of the
 //            second in its high one, so one widening load feeds both blocks (a mask or a shift
 //            apart). An odd last block leaves the high nibbles zero.
+//            5-bit: the 4-bit layout's bytes for the low 4 bits of each value (0..31), then a
+//            uint32 a block: bit i is bit 4 of the block's value i (GGUF Q5's qh).
 //            8-bit: (N, K) int8, in order.
 //   scales : (N, K / 32) float32 or float16 (GGUF's own scales are float16; K-quants' scale times
 //            sub-scale is exact only in float32). 8-bit only: (N, K / 16) float32, a scale per half
@@ -32,6 +34,7 @@
 #include "cpu_features.h"
 
 #include <algorithm>
+#include <cstring>
 #include <cstdlib>
 #include <string>
 #include <tuple>
@@ -115,12 +118,34 @@ inline void for_row_groups(int64_t M, F&& f) {
   }
 }
 
-// H (8-bit only): a scale per half block of 16 (Q6_K), the mins still per 32
-template <bool Q4, bool H, int MR, typename Out, typename S, int A = (MR == 1 ? 4 : MR <= 3 ? 2 : 1)>
+// A row's bytes of values: B = 4 or 5 bits in pairs of blocks (32 bytes a pair; 5 bits: then a
+// uint32 of high bits a block), 8 bits one byte a value
+template <int B>
+inline int64_t value_bytes(int64_t K) {
+  const int64_t groups = K / 32;
+  return B == 8 ? K : (groups + 1) / 2 * 32 + (B == 5 ? 4 * groups : 0);
+}
+
+// block g's high bits (5 bits: bit i is bit 4 of value i), where the row's nibble pairs end
+inline uint32_t high_bits(const uint8_t* q, int64_t groups, int64_t g) {
+  uint32_t h;
+  std::memcpy(&h, q + (groups + 1) / 2 * 32 + 4 * g, 4);
+  return h;
+}
+
+// 16 in the lanes of values 8j .. 8j + 7 of a block whose bit 4 is set in h, else 0 (AVX2)
+inline __m256i high8(uint32_t h, int j) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(((h >> (8 * j)) & 0xFF) << 4)), lane),
+                          _mm256_set1_epi32(16));
+}
+
+// B: bits of the values (4, 5 or 8); H (8-bit only): a scale per half block of 16 (Q6_K), the mins still per 32
+template <int B, bool H, int MR, typename Out, typename S, int A = (MR == 1 ? 4 : MR <= 3 ? 2 : 1)>
 void rows_kernel(const float* x, int64_t ldx, const uint8_t* qs, const BlockParams<S>& P, int64_t K, Out* y, int64_t ldy,
                  int64_t n0, int64_t n1) {
   const int64_t groups = K / 32, per_row = H ? 2 * groups : groups;
-  const int64_t row_bytes = Q4 ? (groups + 1) / 2 * 32 : K;
+  const int64_t row_bytes = value_bytes<B>(K);
   const __m256i nibble = _mm256_set1_epi32(0xF);
   alignas(64) float sbuf[kRowScales], mbuf[kRowScales];
   for (int64_t n = n0; n < n1; ++n) {
@@ -132,17 +157,22 @@ void rows_kernel(const float* x, int64_t ldx, const uint8_t* qs, const BlockPara
       prefetch_row(q, P.scales + n * per_row, P.mins ? P.mins + n * groups : nullptr, row_bytes, per_row, groups);
     const float* sc = as_float(P.scales + n * per_row, per_row, sbuf);
     const float* mn = P.mins ? as_float(P.mins + n * groups, groups, mbuf) : nullptr;
-    if constexpr (Q4) {
+    if constexpr (B != 8) {
       // a pair of blocks per 32 bytes: the low nibbles are block g, the high ones block g + 1
       for (int64_t g = 0; g < groups; g += 2) {
         const __m256 d0 = _mm256_set1_ps(sval(sc, g)), m0 = _mm256_set1_ps(mn ? sval(mn, g) : 0.f);
         const bool second = g + 1 < groups;
         const __m256 d1 = _mm256_set1_ps(second ? sval(sc, g + 1) : 0.f), m1 = _mm256_set1_ps(second && mn ? sval(mn, g + 1) : 0.f);
+        const uint32_t h0 = B == 5 ? high_bits(q, groups, g) : 0, h1 = B == 5 && second ? high_bits(q, groups, g + 1) : 0;
         for (int j = 0; j < 4; ++j) {
           const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + g * 16 + 8 * j)));
-          fma_rows<MR, A>(x + g * 32, ldx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, nibble)), d0, m0), j, acc);
-          if (second)
-            fma_rows<MR, A>(x + g * 32 + 32, ldx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), d1, m1), j, acc);
+          __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_srli_epi32(v, 4);
+          if constexpr (B == 5) {
+            lo = _mm256_or_si256(lo, high8(h0, j));
+            hi = _mm256_or_si256(hi, high8(h1, j));
+          }
+          fma_rows<MR, A>(x + g * 32, ldx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), d0, m0), j, acc);
+          if (second) fma_rows<MR, A>(x + g * 32 + 32, ldx, _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), d1, m1), j, acc);
         }
       }
     } else {
@@ -166,12 +196,12 @@ void rows_kernel(const float* x, int64_t ldx, const uint8_t* qs, const BlockPara
 // ~16 KB of 4-bit weights per task: small enough to balance, large enough to amortize the spawn
 inline int64_t grain_rows(int64_t K) { return std::max<int64_t>(8, 16384 / std::max<int64_t>(1, K / 2)); }
 
-template <bool Q4, bool H, typename Out, typename S>
+template <int B, bool H, typename Out, typename S>
 void qlinear_impl(const float* x, int64_t M, int64_t K, const uint8_t* qs, const BlockParams<S>& P, Out* y, int64_t N) {
   const int64_t grain = grain_rows(K);
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     for_row_groups(M, [&](auto mr, int64_t m) {
-      rows_kernel<Q4, H, decltype(mr)::value, Out, S>(x + m * K, K, qs, P, K, y + m * N, N, n0, n1);
+      rows_kernel<B, H, decltype(mr)::value, Out, S>(x + m * K, K, qs, P, K, y + m * N, N, n0, n1);
     });
   });
 }
@@ -189,11 +219,12 @@ void qlinear_impl(const float* x, int64_t M, int64_t K, const uint8_t* qs, const
 // once per call, and the min terms join the accumulators as one more 16-lane FMA per 16 blocks.
 
 // bf16(j & 15) for j < 32: a 4-bit value as bf16 (exact), looked up by VPERMW, which reads the low 5
-// bits of each 16-bit index (so a byte's high nibble may stay in bit 4)
+// bits of each 16-bit index (so a byte's high nibble may stay in bit 4); B = 5: bf16(j), a 5-bit value
+template <int B>
 const uint16_t* nibble_bf16() {
   alignas(64) static uint16_t table[32];
   static const bool filled = [] {
-    for (int j = 0; j < 32; ++j) table[j] = c10::BFloat16(static_cast<float>(j & 15)).x;
+    for (int j = 0; j < 32; ++j) table[j] = c10::BFloat16(static_cast<float>(B == 5 ? j : j & 15)).x;
     return true;
   }();
   (void)filled;
@@ -214,12 +245,13 @@ LS_AVX512 inline void block(const c10::BFloat16* x, int64_t ldx, int64_t g, __m5
 LS_AVX512 inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
 LS_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p)); }
 
-template <bool Q4, bool H, int MR, typename S, int A = (MR == 1 ? 2 : 1)>
+template <int B, bool H, int MR, typename S, int A = (MR == 1 ? 2 : 1)>
 LS_AVX512 void rows_bf16_avx512(const c10::BFloat16* x, const float* xf, int64_t ldx, const float* xsum, const uint8_t* qs,
                                 const BlockParams<S>& P, int64_t K, c10::BFloat16* y, int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t groups = K / 32, per_row = H ? 2 * groups : groups;
-  const int64_t row_bytes = Q4 ? (groups + 1) / 2 * 32 : K;
-  const __m512i low = _mm512_load_si512(nibble_bf16());
+  const int64_t row_bytes = value_bytes<B>(K);
+  const __m512i low = _mm512_load_si512(nibble_bf16<B>());
+  const __m512i nib = _mm512_set1_epi16(0xF), sixteen = _mm512_set1_epi16(16);
   alignas(64) float sbuf[kRowScales], mbuf[kRowScales];
   for (int64_t n = n0; n < n1; ++n) {
     __m512 acc[MR][A];
@@ -230,12 +262,18 @@ LS_AVX512 void rows_bf16_avx512(const c10::BFloat16* x, const float* xf, int64_t
       prefetch_row(q, P.scales + n * per_row, P.mins ? P.mins + n * groups : nullptr, row_bytes, per_row, groups);
     const float* sc = as_float(P.scales + n * per_row, per_row, sbuf);
     const float* mn = P.mins ? as_float(P.mins + n * groups, groups, mbuf) : nullptr;  // only where there are mins
-    if constexpr (Q4) {  // 32 bytes: block g in the low nibbles, block g + 1 in the high ones
+    if constexpr (B != 8) {  // 32 bytes: block g in the low nibbles, block g + 1 in the high ones
       for (int64_t g = 0; g < groups; g += 2) {
         const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * 16)));
-        block<MR, A>(x, ldx, g, (__m512bh)_mm512_permutexvar_epi16(v, low), sval(sc, g), acc[0] + 0);
+        __m512i lo = v, hi = _mm512_srli_epi16(v, 4);
+        if constexpr (B == 5) {  // bit 4 of each index from the block's high bits, a mask bit a value
+          lo = _mm512_and_si512(v, nib);
+          lo = _mm512_mask_add_epi16(lo, high_bits(q, groups, g), lo, sixteen);
+          if (g + 1 < groups) hi = _mm512_mask_add_epi16(hi, high_bits(q, groups, g + 1), hi, sixteen);
+        }
+        block<MR, A>(x, ldx, g, (__m512bh)_mm512_permutexvar_epi16(lo, low), sval(sc, g), acc[0] + 0);
         if (g + 1 < groups)
-          block<MR, A>(x, ldx, g + 1, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), low), sval(sc, g + 1), acc[0] + (1 % A));  // the second accumulator, where there are two
+          block<MR, A>(x, ldx, g + 1, (__m512bh)_mm512_permutexvar_epi16(hi, low), sval(sc, g + 1), acc[0] + (1 % A));  // the second accumulator, where there are two
       }
     } else {  // int8: widened to float32 (one conversion per 16, against two lookups and dot products)
       for (int64_t g = 0; g < groups; ++g) {
@@ -273,7 +311,7 @@ LS_AVX512 void rows_bf16_avx512(const c10::BFloat16* x, const float* xf, int64_t
   }
 }
 
-template <bool Q4, bool H, typename S>
+template <int B, bool H, typename S>
 LS_AVX512 void qlinear_bf16_avx512(const c10::BFloat16* x, int64_t M, int64_t K, const uint8_t* qs, const BlockParams<S>& P,
                                    c10::BFloat16* y, int64_t N) {
   const int64_t groups = K / 32;
@@ -284,14 +322,14 @@ LS_AVX512 void qlinear_bf16_avx512(const c10::BFloat16* x, int64_t M, int64_t K,
     xsum[i] = _mm512_reduce_add_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(x + 32 * i), ones));
   const float* xs = xsum.data();
   static thread_local std::vector<float> xw;  // 8-bit: the rows widened to float32
-  if (!Q4) {
+  if (B == 8) {
     xw.resize(M * K);
     for (int64_t i = 0; i < M * K; ++i) xw[i] = static_cast<float>(x[i]);
   }
   const float* xf = xw.data();  // thread-local: the pointer, not the name, goes to the workers
   at::parallel_for(0, N, grain_rows(K), [&](int64_t n0, int64_t n1) {
     for_row_groups(M, [&](auto mr, int64_t m) {
-      rows_bf16_avx512<Q4, H, decltype(mr)::value, S>(x + m * K, Q4 ? nullptr : xf + m * K, K, xs + m * groups, qs, P, K, y + m * N, N, n0, n1);
+      rows_bf16_avx512<B, H, decltype(mr)::value, S>(x + m * K, B == 8 ? xf + m * K : nullptr, K, xs + m * groups, qs, P, K, y + m * N, N, n0, n1);
     });
   });
 }
@@ -299,17 +337,17 @@ LS_AVX512 void qlinear_bf16_avx512(const c10::BFloat16* x, int64_t M, int64_t K,
 // The arguments' shapes, checked once for both ops; returns (M, K, N).
 std::tuple<int64_t, int64_t, int64_t> check_args(const char* op, const at::Tensor& x, const at::Tensor& qs,
                                                  const at::Tensor& scales, const at::Tensor& mins, int64_t bits) {
-  TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 8, op, ": bits must be 4, 5 or 8, got ", bits);
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               op, ": x must be a 2-D float32 or bfloat16 tensor");
   TORCH_CHECK(x.device().is_cpu() && qs.device().is_cpu(), op, ": CPU tensors only");
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
   TORCH_CHECK(K % 32 == 0 && K / 16 <= kRowScales, op, ": in_features must be a multiple of 32 and at most ", kRowScales * 16,
               ", got ", K);
-  const int64_t row_bytes = bits == 4 ? (K / 32 + 1) / 2 * 32 : K;
+  const int64_t row_bytes = bits == 4 ? value_bytes<4>(K) : bits == 5 ? value_bytes<5>(K) : value_bytes<8>(K);
   TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && qs.size(1) * qs.element_size() == row_bytes &&
-                  qs.element_size() == (bits == 4 ? 4 : 1),
-              op, ": qs must be contiguous ", bits == 4 ? "int32" : "int8", " rows of ", row_bytes, " bytes");
+                  qs.element_size() == (bits == 8 ? 1 : 4),
+              op, ": qs must be contiguous ", bits == 8 ? "int8" : "int32", " rows of ", row_bytes, " bytes");
   const bool half_blocks = bits == 8 && scales.numel() == N * (K / 16);
   TORCH_CHECK((scales.scalar_type() == at::kFloat || (scales.scalar_type() == at::kHalf && !half_blocks)) &&
                   scales.is_contiguous() && (scales.numel() == N * (K / 32) || half_blocks),
@@ -320,20 +358,23 @@ std::tuple<int64_t, int64_t, int64_t> check_args(const char* op, const at::Tenso
   return {M, K, N};
 }
 
-// Calls f(std::bool_constant<Q4>{}, std::bool_constant<H>{}, BlockParams<S>) for the weight's format
-// (K: x's columns; a scale per 16 values where there are K / 16 a row)
+// Calls f(std::integral_constant<int, B>{}, std::bool_constant<H>{}, BlockParams<S>) for the weight's
+// format (K: x's columns; a scale per 16 values where there are K / 16 a row: 8-bit only)
 template <typename F>
 void with_format(const at::Tensor& scales, const at::Tensor& mins, int64_t bits, int64_t K, F&& f) {
+  auto by_bits = [&](const auto& P, auto half_blocks) {
+    if (bits == 4) f(std::integral_constant<int, 4>{}, std::false_type{}, P);
+    else if (bits == 5) f(std::integral_constant<int, 5>{}, std::false_type{}, P);
+    else f(std::integral_constant<int, 8>{}, half_blocks, P);
+  };
   if (scales.scalar_type() == at::kHalf) {
-    const BlockParams<c10::Half> P{scales.data_ptr<c10::Half>(), mins.numel() ? mins.data_ptr<c10::Half>() : nullptr};
-    if (bits == 4) f(std::true_type{}, std::false_type{}, P);
-    else f(std::false_type{}, std::false_type{}, P);
+    by_bits(BlockParams<c10::Half>{scales.data_ptr<c10::Half>(), mins.numel() ? mins.data_ptr<c10::Half>() : nullptr},
+            std::false_type{});
     return;
   }
   const BlockParams<float> P{scales.data_ptr<float>(), mins.numel() ? mins.data_ptr<float>() : nullptr};
-  if (bits == 4) f(std::true_type{}, std::false_type{}, P);
-  else if (scales.numel() == scales.size(0) * (K / 16)) f(std::false_type{}, std::true_type{}, P);
-  else f(std::false_type{}, std::false_type{}, P);
+  if (scales.numel() == scales.size(0) * (K / 16)) by_bits(P, std::true_type{});
+  else by_bits(P, std::false_type{});
 }
 
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales, const at::Tensor& mins,
@@ -356,12 +397,13 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
     xf = xw.data();
   }
   const int64_t m = M, k = K, n = N;  // (structured bindings are not captured by lambdas before C++20)
-  with_format(scales, mins, bits, K, [&](auto q4, auto h, const auto& P) {
-    constexpr bool Q4 = decltype(q4)::value, H = decltype(h)::value;
+  with_format(scales, mins, bits, K, [&](auto b, auto h, const auto& P) {
+    constexpr int B = decltype(b)::value;
+    constexpr bool H = decltype(h)::value;
     using S = std::remove_const_t<std::remove_pointer_t<decltype(P.scales)>>;
-    if (x.scalar_type() == at::kFloat) qlinear_impl<Q4, H, float, S>(xf, m, k, q, P, y.data_ptr<float>(), n);
-    else if (avx512) qlinear_bf16_avx512<Q4, H, S>(xc.data_ptr<c10::BFloat16>(), m, k, q, P, y.data_ptr<c10::BFloat16>(), n);
-    else qlinear_impl<Q4, H, c10::BFloat16, S>(xf, m, k, q, P, y.data_ptr<c10::BFloat16>(), n);
+    if (x.scalar_type() == at::kFloat) qlinear_impl<B, H, float, S>(xf, m, k, q, P, y.data_ptr<float>(), n);
+    else if (avx512) qlinear_bf16_avx512<B, H, S>(xc.data_ptr<c10::BFloat16>(), m, k, q, P, y.data_ptr<c10::BFloat16>(), n);
+    else qlinear_impl<B, H, c10::BFloat16, S>(xf, m, k, q, P, y.data_ptr<c10::BFloat16>(), n);
   });
   return y;
 }
@@ -401,10 +443,10 @@ inline void store8(float* out, __m256 v) { _mm256_storeu_ps(out, v); }
 inline void store8(c10::BFloat16* out, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(out), to_bf16(v)); }
 
 // Row n of W, dequantized into out (K values of Out)
-template <bool Q4, bool H, typename Out, typename S>
+template <int B, bool H, typename Out, typename S>
 void dequant_row(const uint8_t* qs, const BlockParams<S>& P, int64_t K, int64_t n, Out* out) {
   const int64_t groups = K / 32, per_row = H ? 2 * groups : groups;
-  const int64_t row_bytes = Q4 ? (groups + 1) / 2 * 32 : K;
+  const int64_t row_bytes = value_bytes<B>(K);
   const uint8_t* q = qs + n * row_bytes;
   const S* sc = P.scales + n * per_row;
   const S* mn = P.mins ? P.mins + n * groups : nullptr;
@@ -412,11 +454,13 @@ void dequant_row(const uint8_t* qs, const BlockParams<S>& P, int64_t K, int64_t 
   for (int64_t g = 0; g < groups; ++g) {
     const __m256 d = _mm256_set1_ps(sval(sc, H ? 2 * g : g)), m = _mm256_set1_ps(mn ? sval(mn, g) : 0.f);
     const __m256 d1 = H ? _mm256_set1_ps(sval(sc, 2 * g + 1)) : d;
+    const uint32_t h = B == 5 ? high_bits(q, groups, g) : 0;
     for (int j = 0; j < 4; ++j) {
       __m256i v;
-      if constexpr (Q4) {  // block g: the low nibbles of its pair's 32 bytes if g is even, else the high ones
+      if constexpr (B != 8) {  // block g: the low nibbles of its pair's 32 bytes if g is even, else the high ones
         v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + (g / 2) * 32 + 8 * j)));
         v = _mm256_and_si256(g % 2 ? _mm256_srli_epi32(v, 4) : v, nibble);
+        if constexpr (B == 5) v = _mm256_or_si256(v, high8(h, j));
       } else {
         v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + g * 32 + 8 * j)));
       }
@@ -427,10 +471,10 @@ void dequant_row(const uint8_t* qs, const BlockParams<S>& P, int64_t K, int64_t 
 
 // The same with AVX-512: 32 weights (a block) per step, two 16-lane FMAs, and for bfloat16 one
 // VCVTNE2PS2BF16 (round to nearest even, like the AVX2 code's integer rounding for finite values)
-template <bool Q4, bool H, typename Out, typename S>
+template <int B, bool H, typename Out, typename S>
 LS_AVX512 void dequant_row_avx512(const uint8_t* qs, const BlockParams<S>& P, int64_t K, int64_t n, Out* out) {
   const int64_t groups = K / 32, per_row = H ? 2 * groups : groups;
-  const int64_t row_bytes = Q4 ? (groups + 1) / 2 * 32 : K;
+  const int64_t row_bytes = value_bytes<B>(K);
   const uint8_t* q = qs + n * row_bytes;
   const S* sc = P.scales + n * per_row;
   const S* mn = P.mins ? P.mins + n * groups : nullptr;
@@ -438,13 +482,19 @@ LS_AVX512 void dequant_row_avx512(const uint8_t* qs, const BlockParams<S>& P, in
     const __m512 d = _mm512_set1_ps(sval(sc, H ? 2 * g : g)), m = _mm512_set1_ps(mn ? sval(mn, g) : 0.f);
     const __m512 d1 = H ? _mm512_set1_ps(sval(sc, 2 * g + 1)) : d;
     __m512i lo, hi;  // the block's 32 values as 2 x 16 int32
-    if constexpr (Q4) {
+    if constexpr (B != 8) {
       const uint8_t* pair = q + (g / 2) * 32;
       lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair)));
       hi = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + 16)));
       const __m512i nib = _mm512_set1_epi32(0xF);
       lo = _mm512_and_si512(g % 2 ? _mm512_srli_epi32(lo, 4) : lo, nib);
       hi = _mm512_and_si512(g % 2 ? _mm512_srli_epi32(hi, 4) : hi, nib);
+      if constexpr (B == 5) {  // bit 4 of value i: bit i of the block's high bits
+        const uint32_t h = high_bits(q, groups, g);
+        const __m512i sixteen = _mm512_set1_epi32(16);
+        lo = _mm512_mask_add_epi32(lo, static_cast<__mmask16>(h & 0xFFFF), lo, sixteen);
+        hi = _mm512_mask_add_epi32(hi, static_cast<__mmask16>(h >> 16), hi, sixteen);
+      }
     } else {
       lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 32)));
       hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 32 + 16)));
@@ -485,12 +535,13 @@ at::Tensor qlinear_dense(const at::Tensor& x, const at::Tensor& qs, const at::Te
   const bool inference = c10::InferenceMode::is_enabled();
   const bool wide = leanserve_cpu::use_avx512_bf16();
   const int64_t k = K, n_all = N, num_tiles = (N + rows - 1) / rows;
-  with_format(scales, mins, bits, K, [&](auto q4, auto h, const auto& P) {
-    constexpr bool Q4 = decltype(q4)::value, H = decltype(h)::value;
+  with_format(scales, mins, bits, K, [&](auto b, auto h, const auto& P) {
+    constexpr int B = decltype(b)::value;
+    constexpr bool H = decltype(h)::value;
     using S = std::remove_const_t<std::remove_pointer_t<decltype(P.scales)>>;
     auto run = [&](auto out_type) {  // out_type: a value of x's element type
       using Out = decltype(out_type);
-      const auto dequant = wide ? &dequant_row_avx512<Q4, H, Out, S> : &dequant_row<Q4, H, Out, S>;
+      const auto dequant = wide ? &dequant_row_avx512<B, H, Out, S> : &dequant_row<B, H, Out, S>;
       at::parallel_for(0, num_tiles, 1, [&](int64_t t0, int64_t t1) {
         // InferenceMode is per thread: the workers take the caller's (writing y, an inference tensor
         // when the caller is in inference mode, from outside that mode fails)
