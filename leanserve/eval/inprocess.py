@@ -76,7 +76,8 @@ class InProcessBackend:
         model = loaded.model
         return {"backend": "in-process", "model": self.config.model, "model_path": str(path),
                 "model_sha256": _file_digest(path), "dtype": self.engine.info.dtype, "device": self.engine.info.device,
-                "quantization": model.quantized_summary() or None, "kv_cache_dtype": self.engine.info.kv_cache_dtype,
+                "quantization": None if self.config.quantization == "none" else self.config.quantization,
+                "weights": model.quantized_summary() or None, "kv_cache_dtype": self.engine.info.kv_cache_dtype,
                 "speculation": None if self.config.speculative == "off" else {
                     "method": self.config.speculative, "num_speculative_tokens": self.config.num_speculative_tokens,
                     "max_batch": self.config.speculative_max_batch,

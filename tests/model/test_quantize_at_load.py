@@ -101,6 +101,22 @@ def test_quantization_differs_from_the_float_model(tmp_path):
     assert (q4 - f32).abs().max() > 1e-3
 
 
+def test_eval_names_the_quantization_in_its_label(tmp_path):
+    """`leanserve eval --quantization int4`: the option in the run's description and default label (the
+    weights' summary, a sentence, stays in the description beside it)."""
+    from leanserve.config import EngineConfig
+    from leanserve.eval.inprocess import InProcessBackend
+    from leanserve.eval.run import default_label
+
+    _hf_folder(tmp_path)
+    for quantization in ("int4", "none"):
+        desc = InProcessBackend(EngineConfig(model=str(tmp_path), dtype="float32", quantization=quantization)).describe()
+        assert desc["quantization"] == (None if quantization == "none" else quantization)
+        assert default_label(desc) == f"{tmp_path.name} float32" + (" int4" if quantization == "int4" else "")
+        if kernels.ops() is not None:
+            assert ("GGUF blocks" in (desc["weights"] or "")) == (quantization == "int4")
+
+
 def test_a_gguf_file_is_not_quantized_again(tmp_path):
     path = tmp_path / "m.gguf"
     from gguf import GGUFWriter
