@@ -471,6 +471,20 @@ void dequant_row(const uint8_t* qs, const BlockParams<S>& P, int64_t K, int64_t 
 
 // The same with AVX-512: 32 weights (a block) per step, two 16-lane FMAs, and for bfloat16 one
 // VCVTNE2PS2BF16 (round to nearest even, like the AVX2 code's integer rounding for finite values)
+// block g's 32 values (2 x 16 int32 q) dequantized into out: fma(q, scale, min), stored in Out
+template <bool H, typename Out, typename S>
+LS_AVX512 inline void store_block(const S* sc, const S* mn, int64_t g, __m512i lo, __m512i hi, Out* out) {
+  const __m512 d = _mm512_set1_ps(sval(sc, H ? 2 * g : g)), m = _mm512_set1_ps(mn ? sval(mn, g) : 0.f);
+  const __m512 d1 = H ? _mm512_set1_ps(sval(sc, 2 * g + 1)) : d;
+  const __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), d, m), b = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), d1, m);
+  if constexpr (std::is_same_v<Out, float>) {
+    _mm512_storeu_ps(out + g * 32, a);
+    _mm512_storeu_ps(out + g * 32 + 16, b);
+  } else {
+    _mm512_storeu_si512(out + g * 32, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+  }
+}
+
 template <int B, bool H, typename Out, typename S>
 LS_AVX512 void dequant_row_avx512(const uint8_t* qs, const BlockParams<S>& P, int64_t K, int64_t n, Out* out) {
   const int64_t groups = K / 32, per_row = H ? 2 * groups : groups;
@@ -478,33 +492,33 @@ LS_AVX512 void dequant_row_avx512(const uint8_t* qs, const BlockParams<S>& P, in
   const uint8_t* q = qs + n * row_bytes;
   const S* sc = P.scales + n * per_row;
   const S* mn = P.mins ? P.mins + n * groups : nullptr;
-  for (int64_t g = 0; g < groups; ++g) {
-    const __m512 d = _mm512_set1_ps(sval(sc, H ? 2 * g : g)), m = _mm512_set1_ps(mn ? sval(mn, g) : 0.f);
-    const __m512 d1 = H ? _mm512_set1_ps(sval(sc, 2 * g + 1)) : d;
-    __m512i lo, hi;  // the block's 32 values as 2 x 16 int32
-    if constexpr (B != 8) {
-      const uint8_t* pair = q + (g / 2) * 32;
-      lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair)));
-      hi = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + 16)));
-      const __m512i nib = _mm512_set1_epi32(0xF);
-      lo = _mm512_and_si512(g % 2 ? _mm512_srli_epi32(lo, 4) : lo, nib);
-      hi = _mm512_and_si512(g % 2 ? _mm512_srli_epi32(hi, 4) : hi, nib);
+  if constexpr (B != 8) {  // a pair of blocks per 32 bytes, read once: block g the low nibbles, g + 1 the high ones
+    const __m512i nib = _mm512_set1_epi32(0xF), sixteen = _mm512_set1_epi32(16);
+    for (int64_t g = 0; g < groups; g += 2) {
+      const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 16)));
+      const __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 16 + 16)));
+      __m512i lo = _mm512_and_si512(v0, nib), hi = _mm512_and_si512(v1, nib);
       if constexpr (B == 5) {  // bit 4 of value i: bit i of the block's high bits
         const uint32_t h = high_bits(q, groups, g);
-        const __m512i sixteen = _mm512_set1_epi32(16);
         lo = _mm512_mask_add_epi32(lo, static_cast<__mmask16>(h & 0xFFFF), lo, sixteen);
         hi = _mm512_mask_add_epi32(hi, static_cast<__mmask16>(h >> 16), hi, sixteen);
       }
-    } else {
-      lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 32)));
-      hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 32 + 16)));
+      store_block<H>(sc, mn, g, lo, hi, out);
+      if (g + 1 == groups) break;
+      lo = _mm512_srli_epi32(v0, 4);  // bytes zero-extended: the high nibble alone
+      hi = _mm512_srli_epi32(v1, 4);
+      if constexpr (B == 5) {
+        const uint32_t h = high_bits(q, groups, g + 1);
+        lo = _mm512_mask_add_epi32(lo, static_cast<__mmask16>(h & 0xFFFF), lo, sixteen);
+        hi = _mm512_mask_add_epi32(hi, static_cast<__mmask16>(h >> 16), hi, sixteen);
+      }
+      store_block<H>(sc, mn, g + 1, lo, hi, out);
     }
-    const __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), d, m), b = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), d1, m);
-    if constexpr (std::is_same_v<Out, float>) {
-      _mm512_storeu_ps(out + g * 32, a);
-      _mm512_storeu_ps(out + g * 32 + 16, b);
-    } else {
-      _mm512_storeu_si512(out + g * 32, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+  } else {
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512i lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 32)));
+      const __m512i hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 32 + 16)));
+      store_block<H>(sc, mn, g, lo, hi, out);
     }
   }
 }
