@@ -13,12 +13,19 @@ float32) KV cache and with ``--kv-cache-dtype int8``, in the same KV memory.
 int8``: B sequences of C random prompt tokens each, both engines in one process over one loaded
 model, their decode steps alternating (median ms a step).
 
+``--five-bits``: blocks only, Q5_0/Q5_1/Q5_K values in the 5-bit layout (where ``five_bits_pay``) against the
+same values widened to 8 bits at load, as they were read before that layout.
+
+``five-step``: the same two engines' median decode step at batch B, alternating in one process.
+
 ``step``: the median decode step at batch B, this checkout against another one (``--against PATH``,
 e.g. a ``git worktree`` of an older commit), each in its own child process, rounds alternating.
 
     .venv/bin/python benchmarks/quant_speed.py throughput --model smollm2-135m --prompts 80 --rounds 2
     .venv/bin/python benchmarks/quant_speed.py throughput --kv --model smollm2-135m --prompts 80 --rounds 2
     .venv/bin/python benchmarks/quant_speed.py throughput --kv --kv-cache-memory 64MiB --prompts 80 --rounds 2
+    .venv/bin/python benchmarks/quant_speed.py throughput --five-bits --model gemma3-270m --prompts 80 --rounds 2
+    .venv/bin/python benchmarks/quant_speed.py five-step --model gemma3-270m --batch 1,8 --rounds 5
     .venv/bin/python benchmarks/quant_speed.py step --model gemma3-270m --batch 1,8 --against /tmp/base
     .venv/bin/python benchmarks/quant_speed.py kv-step --model smollm2-135m --batch 16 --context 2000
 """
@@ -90,6 +97,42 @@ def workload(model: str, n: int) -> list[list[int]]:
         return [tokenizer.encode(q["turns"][0]) for q in load_mt_bench(None)][:n]
 
 
+def five_bit_engines(config) -> tuple:
+    """(engine with Q5_x values widened to 8 bits at load, engine with the 5-bit layout where it pays)"""
+    import leanserve.model.base as base
+    from leanserve.engine.engine import LLMEngine
+
+    pays = base.five_bits_pay
+    base.five_bits_pay = lambda dtype: False
+    try:
+        wide = LLMEngine(config)
+    finally:
+        base.five_bits_pay = pays
+    return wide, LLMEngine(config)
+
+
+def five_step(args: argparse.Namespace) -> None:
+    from benchmarks.quantize_at_load import decode_step_ms
+
+    from leanserve.config import EngineConfig
+
+    engines = dict(zip(("5-bit as 8-bit", "5-bit"),
+                       five_bit_engines(EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=256 << 20))))
+    batches = [int(b) for b in args.batch.split(",")]
+    times = {(name, b): [] for name in engines for b in batches}
+    for _ in range(args.rounds):
+        for b in batches:
+            for name, engine in engines.items():
+                times[(name, b)].append(decode_step_ms(engine, b, engine.info.vocab_size))
+    print(f"{args.model}, {engines['5-bit'].info.dtype}; {engines['5-bit'].loaded.model.quantized_summary()}\n"
+          f"median decode step ms of {args.rounds} rounds alternating in one process (each a median of 16 steps)\n")
+    print("| batch | 5-bit as 8-bit ms | 5-bit ms | speed-up |")
+    print("| --- | --- | --- | --- |")
+    for b in batches:
+        w, f = (statistics.median(times[(n, b)]) for n in engines)
+        print(f"| {b} | {w:.2f} | {f:.2f} | {w / f:.3f}x |")
+
+
 def throughput(args: argparse.Namespace) -> None:
     from leanserve.config import EngineConfig
     from leanserve.engine.engine import LLMEngine
@@ -103,6 +146,9 @@ def throughput(args: argparse.Namespace) -> None:
         names = ("KV model dtype", "KV int8")
         engines = {names[0]: LLMEngine(EngineConfig(**config))}
         engines[names[1]] = LLMEngine(EngineConfig(**config, kv_cache_dtype="int8"), loaded=engines[names[0]].loaded)
+    elif args.five_bits:  # two loaded models, blocks only: 5-bit values widened to 8 at load, or not
+        names = ("5-bit as 8-bit", "5-bit")
+        engines = dict(zip(names, five_bit_engines(EngineConfig(**config))))
     else:  # two loaded models
         names = ("float copy", "blocks only")
         engines = {names[0]: LLMEngine(EngineConfig(**config, float_weights=True)),
@@ -191,6 +237,8 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     kt = sub.add_parser("throughput")
     kt.add_argument("--kv", action="store_true", help="compare the KV cache's dtypes (the model's / int8), not the weights")
+    kt.add_argument("--five-bits", action="store_true",
+                    help="compare Q5_x values in the 5-bit layout with the same values widened to 8 bits (blocks only)")
     kt.add_argument("--model", default="smollm2-135m")
     kt.add_argument("--dtype", default="auto")
     kt.add_argument("--prompts", type=int, default=80)
@@ -204,6 +252,11 @@ def main() -> None:
     s.add_argument("--batch", default="1,8")
     s.add_argument("--rounds", type=int, default=3)
     s.add_argument("--against", required=True, help="another checkout of leanserve (its own kernels and code)")
+    f = sub.add_parser("five-step")
+    f.add_argument("--model", default="gemma3-270m")
+    f.add_argument("--dtype", default="auto")
+    f.add_argument("--batch", default="1,8")
+    f.add_argument("--rounds", type=int, default=5)
     k = sub.add_parser("kv-step")
     k.add_argument("--model", default="smollm2-135m")
     k.add_argument("--dtype", default="auto")
@@ -214,7 +267,7 @@ def main() -> None:
     from leanserve.plan.calibrate import cpu_name
 
     print(f"CPU: {cpu_name()}")
-    {"throughput": throughput, "step": step, "kv-step": kv_step}[args.cmd](args)
+    {"throughput": throughput, "step": step, "five-step": five_step, "kv-step": kv_step}[args.cmd](args)
 
 
 if __name__ == "__main__":
