@@ -175,8 +175,7 @@ def from_gguf_blocks(raw: np.ndarray, type_name: str, n: int, k: int) -> QuantWe
     lo = b[..., qs_at:qs_at + 16]
     q = np.concatenate((lo & 0x0F, lo >> 4), axis=-1)  # (n, groups, 32)
     if bits == 5:
-        qh = np.ascontiguousarray(b[..., qs_at - 4:qs_at]).view("<u4")  # (n, groups, 1)
-        q |= ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4  # 0..31
+        q |= _high_bits(np.ascontiguousarray(b[..., qs_at - 4:qs_at]).view("<u4")[..., 0])  # 0..31
     if with_min:
         mins = _f16(b[..., 2:4])
     else:  # -8 d or -16 d: exact in float16 unless it overflows (then float32, also exact)
@@ -271,9 +270,13 @@ def _unpack(qs: np.ndarray, k: int, bits: int) -> np.ndarray:
     nib = b[:, :pairs * 32].reshape(n, pairs, 1, 32)  # (N, pair, 1, i)
     q = np.concatenate((nib & 0xF, nib >> 4), axis=2).reshape(n, -1)[:, :k]  # (N, pair, block, i)
     if bits == 5:
-        qh = np.ascontiguousarray(b[:, pairs * 32:]).view("<u4")  # (N, groups)
-        q = q | (((qh[..., None] >> np.arange(BLOCK, dtype=np.uint32)) & 1).astype(np.uint8) << 4).reshape(n, k)
+        q = q | _high_bits(np.ascontiguousarray(b[:, pairs * 32:]).view("<u4")).reshape(n, k)
     return q
+
+
+def _high_bits(qh: np.ndarray) -> np.ndarray:
+    """GGUF Q5 high bits, a uint32 a block (bit i: value i's bit 4) -> (..., 32) uint8 of 0 or 16."""
+    return ((qh[..., None] >> np.arange(BLOCK, dtype=np.uint32)) & 1).astype(np.uint8) << 4
 
 
 def _make(qs: np.ndarray, scales: np.ndarray, mins: np.ndarray, bits: int) -> QuantWeight:

@@ -164,6 +164,18 @@ def test_quant_speed_throughput_alternates_two_engines_in_one_process(kv):
         assert "KV cache " in out and "in int8" in out, out
 
 
+@pytest.mark.model
+def test_quant_speed_five_step_alternates_the_two_layouts():
+    """five-step on SmolLM2 (no Q5 layers: both engines hold the same blocks) runs both engines and
+    reports a step time for each batch."""
+    need_kernels()
+    require_model("smollm2-135m")
+    out = run_script("quant_speed.py", "five-step", "--model", "smollm2-135m", "--batch", "1,2", "--rounds", "1").stdout
+    rows = table_rows(out, r"\d+")
+    assert [r[0] for r in rows] == ["1", "2"], out
+    assert all(len(numbers(r[1:3])) == 2 and min(numbers(r[1:3])) > 0 for r in rows), out
+
+
 def test_attention_kernel_against_gather_and_sdpa():
     need_kernels()
     out = run_script("attention.py", "--batch", "1", "3", "--context", "16", "40", "--min-time", "0").stdout
